@@ -301,7 +301,7 @@ class Actor:
     addr: str | None
 
 
-SYSTEM_ACTOR = Actor(key_id=None, addr=None)
+SYSTEM_ACTOR = Actor(key_id=None, addr=None)  # the service's own housekeeping
 
 
 def now_iso() -> str:
@@ -1417,19 +1417,15 @@ def make_auth_middleware(config: Config) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Deny by default: every path but the public ones needs the key."""
+        if config.auth_disabled or (
+                request.path in PUBLIC_PATHS and request.method in ("GET", "HEAD")):
+            return await handler(request)
         key = presented_key(request)
-        if config.auth_disabled:
-            request["actor"] = Actor(key_id=None, addr=request.remote)
-            return await handler(request)
-        if request.path in PUBLIC_PATHS and request.method in ("GET", "HEAD"):
-            request["actor"] = Actor(key_id=None, addr=request.remote)
-            return await handler(request)
         if key is None or not hmac.compare_digest(
                 key.encode("utf-8", "surrogateescape"), expected):
             log.warning("auth: rejected %s %s from %s (%s)", request.method, request.path,
                         request.remote, "no key" if key is None else "wrong key")
             raise Unauthorized("Unauthorized")
-        request["actor"] = Actor(key_id=key_id(key), addr=request.remote)
         return await handler(request)
 
     return authenticate
@@ -1484,8 +1480,9 @@ class RedactingAccessLogger(AbstractAccessLogger):
 # ###########################################################################
 
 def actor(request: web.Request) -> Actor:
-    found = request.get("actor")
-    return found if isinstance(found, Actor) else SYSTEM_ACTOR
+    """Who is calling: the id of the key they presented (the middleware checked it)."""
+    key = presented_key(request)
+    return Actor(key_id=key_id(key) if key else None, addr=request.remote)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
