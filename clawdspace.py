@@ -35,6 +35,9 @@ CLAWDSPACE_PIDS_LIMIT       Process limit per space. Default ``1024``.
 CLAWDSPACE_AUDIT_MAX_BYTES  Audit file size that triggers rotation. Default ``52428800``.
 CLAWDSPACE_AUDIT_KEEP       Rotated audit files kept. Default ``5``.
 CLAWDSPACE_NVIDIA_SMI       nvidia-smi command used to detect GPUs. Default ``nvidia-smi``.
+CLAWDSPACE_HISTORY_INTERVAL Seconds between shell history ingestions (0: off). Default ``15``.
+CLAWDSPACE_ALLOWED_ORIGINS  Extra browser origins allowed to open terminals, comma-separated.
+CLAWDSPACE_FILE_READ_LIMIT  Largest JSON (base64) file read, in bytes. Default ``8388608``.
 DOCKER_HOST                 Honoured through the docker SDK (default: the local socket).
 
 Constraints
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import codecs
 import concurrent.futures
 import contextlib
@@ -59,6 +63,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -69,6 +74,7 @@ import signal
 import socket
 import struct
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypedDict, TypeVar
@@ -153,6 +159,9 @@ class Config:
     audit_max_bytes: int = 50 << 20
     audit_keep: int = 5
     nvidia_smi: str = "nvidia-smi"
+    history_interval: int = 15
+    allowed_origins: frozenset[str] = frozenset()
+    file_read_limit: int = 8 << 20
 
     @classmethod
     def from_env(cls) -> Config:
@@ -182,6 +191,12 @@ class Config:
                 "CLAWDSPACE_AUDIT_MAX_BYTES", cls.audit_max_bytes, minimum=4096),
             audit_keep=env_int("CLAWDSPACE_AUDIT_KEEP", cls.audit_keep, minimum=1),
             nvidia_smi=os.environ.get("CLAWDSPACE_NVIDIA_SMI", cls.nvidia_smi),
+            history_interval=env_int("CLAWDSPACE_HISTORY_INTERVAL", cls.history_interval),
+            allowed_origins=frozenset(
+                o.strip().rstrip("/") for o in
+                os.environ.get("CLAWDSPACE_ALLOWED_ORIGINS", "").split(",") if o.strip()),
+            file_read_limit=env_int(
+                "CLAWDSPACE_FILE_READ_LIMIT", cls.file_read_limit, minimum=1024),
         )
 
     def check(self) -> None:
@@ -249,6 +264,18 @@ class TooLarge(ClawdError):
     """The request body is over the limit (413)."""
 
     status, code = 413, "too_large"
+
+
+class InsufficientStorage(ClawdError):
+    """The space's disk is full (507)."""
+
+    status, code = 507, "no_space"
+
+
+class LengthRequired(ClawdError):
+    """A streamed upload did not say how long it is (411)."""
+
+    status, code = 411, "length_required"
 
 
 class Unavailable(ClawdError):
@@ -432,8 +459,9 @@ class AuditLog:
             os.close(fd)
 
     async def record(self, type_: str, space: str | None = None,
-                     meta: dict[str, Any] | None = None, actor: Actor = SYSTEM_ACTOR) -> None:
-        event: dict[str, Any] = {"ts": now_iso(), "type": type_}
+                     meta: dict[str, Any] | None = None, actor: Actor = SYSTEM_ACTOR,
+                     ts: str | None = None) -> None:
+        event: dict[str, Any] = {"ts": ts or now_iso(), "type": type_}
         if space is not None:
             event["space"] = space
         if meta:
@@ -849,7 +877,7 @@ class Spaces:
         self.engine = engine
         self.audit = audit
         self.last_activity: dict[str, float] = {}
-        self.running_execs: dict[str, int] = {}
+        self.busy_count: dict[str, int] = {}  # running execs and open terminals
         self.started_at: dict[str, str | None] = {}  # container id -> StartedAt
 
     # -- names and labels ---------------------------------------------------------------
@@ -937,6 +965,22 @@ class Spaces:
 
     def touch(self, name: str) -> None:
         self.last_activity[name] = time.time()
+
+    @contextlib.contextmanager
+    def busy(self, name: str) -> Iterator[None]:
+        """While inside, the space is in use (auto-sleep leaves it alone)."""
+        self.busy_count[name] = self.busy_count.get(name, 0) + 1
+        self.touch(name)
+        try:
+            yield
+        finally:
+            self.busy_count[name] -= 1
+            if not self.busy_count[name]:
+                del self.busy_count[name]
+            self.touch(name)
+
+    def is_busy(self, name: str) -> bool:
+        return self.busy_count.get(name, 0) > 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -1157,17 +1201,17 @@ class Spaces:
         await self.audit.record("space.exec", name, {
             "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
             "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}, actor)
-        self.running_execs[name] = self.running_execs.get(name, 0) + 1
-        self.touch(name)
-        try:
-            return await self._run_exec(info["Id"], user, req)
-        finally:
-            self.running_execs[name] -= 1
-            if not self.running_execs[name]:
-                del self.running_execs[name]
-            self.touch(name)
+        with self.busy(name):
+            return await self._run_exec(info["Id"], user, req, self.config.exec_output_limit)
 
-    async def _run_exec(self, container_id: str, user: str, req: ExecRequest) -> ExecResult:
+    async def run_internal(self, info: dict[str, Any], req: ExecRequest,
+                           output_limit: int) -> ExecResult:
+        """An exec of the service's own (files, probes): not audited, not activity."""
+        user = str((info.get("Config") or {}).get("User") or "")
+        return await self._run_exec(info["Id"], user, req, output_limit)
+
+    async def _run_exec(self, container_id: str, user: str, req: ExecRequest,
+                        output_limit: int) -> ExecResult:
         api = self.engine.api
         started = time.monotonic()
         try:
@@ -1179,14 +1223,14 @@ class Spaces:
         except docker.errors.APIError as err:
             raise Conflict(f"exec could not start: {api_message(err)}", "exec_failed") from None
         sock.settimeout(None)
-        reader = DemuxReader(sock, self.config.exec_output_limit)
+        reader = DemuxReader(sock, output_limit)
         task = asyncio.ensure_future(self.engine.stream(reader.run))
         timed_out = False
         try:
             await asyncio.wait_for(asyncio.shield(task), req.timeout)
         except asyncio.TimeoutError:
             timed_out = True
-            await self._kill_exec(container_id, exec_id)
+            await self.kill_exec(container_id, exec_id)
             try:
                 await asyncio.wait_for(asyncio.shield(task), 5)
             except asyncio.TimeoutError:
@@ -1211,7 +1255,8 @@ class Spaces:
             "stderrTruncated": reader.truncated[2],
         }
 
-    async def _kill_exec(self, container_id: str, exec_id: str) -> None:
+    async def kill_exec(self, container_id: str, exec_id: str) -> None:
+        """Kill an exec's whole process group (a timeout, a closed terminal)."""
         api = self.engine.api
         details = await self.engine.call(api.exec_inspect, exec_id)
         host_pid = details.get("Pid") or 0
@@ -1225,6 +1270,1105 @@ class Spaces:
                 api.exec_create, container_id, ["kill", "-s", "KILL", "--", f"-{container_pid}"],
                 user="0")
             await self.engine.call(api.exec_start, killer["Id"])
+
+
+# ###########################################################################
+# Stats and observability
+# ###########################################################################
+
+class SpaceStats(TypedDict):
+    cpuPercent: float
+    memoryUsageBytes: int
+    memoryLimitBytes: int
+    pids: int
+    networkRxBytes: int
+    networkTxBytes: int
+    blockReadBytes: int
+    blockWriteBytes: int
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CPU_SAMPLE_SECONDS = 0.04
+CPU_SAMPLE_MAX_AGE = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CgroupSample:
+    """Raw counters of one container, read from the host's cgroup files and /proc."""
+
+    cpu_ns: int
+    memory_usage: int
+    memory_limit: int
+    pids: int
+    net_rx: int
+    net_tx: int
+    block_read: int
+    block_write: int
+    taken: float
+
+
+def read_int(path: str, default: int = 0) -> int:
+    try:
+        with open(path, encoding="ascii") as source:
+            text = source.read().strip()
+    except OSError:
+        return default
+    return int(text) if text.isdigit() else default
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """``key value`` lines (memory.stat, cpu.stat) as a dict."""
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(path, encoding="ascii") as source:
+        for line in source:
+            key, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                values[key] = int(value)
+    return values
+
+
+def cgroup_paths(pid: int) -> dict[str, str]:
+    """Controller -> cgroup path of a process ('' is the cgroup v2 unified hierarchy)."""
+    paths: dict[str, str] = {}
+    with open(f"/proc/{pid}/cgroup", encoding="ascii") as source:
+        for line in source:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(","):
+                paths[controller] = path
+    return paths
+
+
+def v1_dir(controller: str, path: str) -> str:
+    for mount in (controller, "cpu,cpuacct" if controller in ("cpu", "cpuacct") else controller):
+        candidate = f"{CGROUP_ROOT}/{mount}{path}"
+        if os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(f"no cgroup v1 {controller} directory for {path}")
+
+
+def network_counters(pid: int) -> tuple[int, int]:
+    rx = tx = 0
+    with open(f"/proc/{pid}/net/dev", encoding="ascii") as source:
+        for line in source:
+            name, sep, rest = line.partition(":")
+            if not sep or name.strip() == "lo":
+                continue
+            fields = rest.split()
+            if len(fields) >= 9:
+                rx += int(fields[0])
+                tx += int(fields[8])
+    return rx, tx
+
+
+def read_cgroup_sample(pid: int, host_memory: int) -> CgroupSample:
+    """Counters of the container whose init has host ``pid``; cgroup v1 and v2 alike."""
+    paths = cgroup_paths(pid)
+    unified = os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
+    read_bytes = write_bytes = 0
+    if unified:
+        base = f"{CGROUP_ROOT}{paths['']}"
+        cpu_ns = read_keyed(f"{base}/cpu.stat").get("usage_usec", 0) * 1000
+        usage = read_int(f"{base}/memory.current")
+        inactive = read_keyed(f"{base}/memory.stat").get("inactive_file", 0)
+        limit = read_int(f"{base}/memory.max", host_memory)
+        pids = read_int(f"{base}/pids.current")
+        with contextlib.suppress(OSError), open(f"{base}/io.stat", encoding="ascii") as io_stat:
+            for line in io_stat:
+                for field in line.split()[1:]:
+                    key, _, value = field.partition("=")
+                    if key == "rbytes" and value.isdigit():
+                        read_bytes += int(value)
+                    elif key == "wbytes" and value.isdigit():
+                        write_bytes += int(value)
+    else:
+        cpu_ns = read_int(f"{v1_dir('cpuacct', paths['cpuacct'])}/cpuacct.usage")
+        memory = v1_dir("memory", paths["memory"])
+        usage = read_int(f"{memory}/memory.usage_in_bytes")
+        inactive = read_keyed(f"{memory}/memory.stat").get("total_inactive_file", 0)
+        limit = read_int(f"{memory}/memory.limit_in_bytes", host_memory)
+        pids = read_int(f"{v1_dir('pids', paths['pids'])}/pids.current")
+        blkio = v1_dir("blkio", paths["blkio"])
+        for name in ("blkio.throttle.io_service_bytes_recursive",
+                     "blkio.throttle.io_service_bytes"):
+            with contextlib.suppress(OSError), open(f"{blkio}/{name}", encoding="ascii") as io:
+                for line in io:
+                    fields = line.split()
+                    if len(fields) == 3 and fields[2].isdigit():
+                        if fields[1].lower() == "read":
+                            read_bytes += int(fields[2])
+                        elif fields[1].lower() == "write":
+                            write_bytes += int(fields[2])
+                break
+    rx, tx = network_counters(pid)
+    if host_memory and (limit <= 0 or limit > host_memory):
+        limit = host_memory
+    return CgroupSample(cpu_ns=cpu_ns, memory_usage=max(usage - inactive, 0),
+                        memory_limit=limit, pids=pids, net_rx=rx, net_tx=tx,
+                        block_read=read_bytes, block_write=write_bytes, taken=time.monotonic())
+
+
+def stats_from_docker(raw: dict[str, Any]) -> SpaceStats:
+    """The engine's own stats answer (used when the cgroup files are not reachable)."""
+    cpu, pre = raw.get("cpu_stats") or {}, raw.get("precpu_stats") or {}
+    cpu_delta = (cpu.get("cpu_usage", {}).get("total_usage", 0)
+                 - pre.get("cpu_usage", {}).get("total_usage", 0))
+    system_delta = cpu.get("system_cpu_usage", 0) - pre.get("system_cpu_usage", 0)
+    online = cpu.get("online_cpus") or 1
+    memory = raw.get("memory_stats") or {}
+    inner = memory.get("stats") or {}
+    cache = inner.get("total_inactive_file", inner.get("inactive_file", 0))
+    networks = (raw.get("networks") or {}).values()
+    blkio = (raw.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+    return {
+        "cpuPercent": round(cpu_delta / system_delta * online * 100, 2)
+        if system_delta > 0 and cpu_delta > 0 else 0.0,
+        "memoryUsageBytes": max(int(memory.get("usage", 0)) - int(cache), 0),
+        "memoryLimitBytes": int(memory.get("limit", 0)),
+        "pids": int((raw.get("pids_stats") or {}).get("current", 0) or 0),
+        "networkRxBytes": sum(int(n.get("rx_bytes", 0)) for n in networks),
+        "networkTxBytes": sum(int(n.get("tx_bytes", 0)) for n in
+                              (raw.get("networks") or {}).values()),
+        "blockReadBytes": sum(int(e.get("value", 0)) for e in blkio
+                              if str(e.get("op", "")).lower() == "read"),
+        "blockWriteBytes": sum(int(e.get("value", 0)) for e in blkio
+                               if str(e.get("op", "")).lower() == "write"),
+    }
+
+
+class StatsReader:
+    """Stats in milliseconds: cgroup files on the host instead of the engine's 1-2 s call.
+
+    CPU percent (100 = one core) is the usage since the previous call when that was recent,
+    else over a short sampling window.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.previous: dict[str, CgroupSample] = {}
+
+    async def read(self, container_id: str, pid: int) -> SpaceStats:
+        loop = asyncio.get_running_loop()
+        host_memory = host_memory_bytes()
+        try:
+            sample = await loop.run_in_executor(None, read_cgroup_sample, pid, host_memory)
+        except (OSError, KeyError, ValueError):
+            raw = await self.engine.call(self.engine.api.stats, container_id, stream=False)
+            return stats_from_docker(raw)
+        before = self.previous.get(container_id)
+        if before is None or sample.taken - before.taken > CPU_SAMPLE_MAX_AGE:
+            await asyncio.sleep(CPU_SAMPLE_SECONDS)
+            before, sample = sample, await loop.run_in_executor(
+                None, read_cgroup_sample, pid, host_memory)
+        self.previous[container_id] = sample
+        elapsed_ns = max(sample.taken - before.taken, 1e-6) * 1e9
+        cpu = max(sample.cpu_ns - before.cpu_ns, 0) / elapsed_ns * 100
+        return {
+            "cpuPercent": round(cpu, 2),
+            "memoryUsageBytes": sample.memory_usage,
+            "memoryLimitBytes": sample.memory_limit,
+            "pids": sample.pids,
+            "networkRxBytes": sample.net_rx,
+            "networkTxBytes": sample.net_tx,
+            "blockReadBytes": sample.block_read,
+            "blockWriteBytes": sample.block_write,
+        }
+
+    def forget(self, container_id: str) -> None:
+        self.previous.pop(container_id, None)
+
+
+OBSERVE_SEPARATOR = "----clawdspace----"
+OBSERVE_SCRIPT = (
+    "df -Pk /workspace 2>/dev/null | tail -n 1; echo {sep}; "
+    "du -sk /workspace 2>/dev/null | cut -f1; echo {sep}; "
+    "ps -eo pid=,pcpu=,pmem=,etime=,comm= --sort=-pcpu 2>/dev/null | head -n {top}; "
+    "echo {sep}; tail -n {lines} /workspace/.bash_history 2>/dev/null"
+)
+
+
+def parse_observation(text: str) -> dict[str, Any]:
+    """The sections printed by OBSERVE_SCRIPT; a missing tool leaves its part empty."""
+    parts = (text.split(OBSERVE_SEPARATOR + "\n") + ["", "", "", ""])[:4]
+    disk_fields = parts[0].split()
+    workspace_disk = None
+    if len(disk_fields) >= 6 and all(f.isdigit() for f in disk_fields[1:4]):
+        total, used, avail = (int(f) * 1024 for f in disk_fields[1:4])
+        workspace_disk = {"path": WORKSPACE, "totalBytes": total, "usedBytes": used,
+                          "availBytes": avail,
+                          "usedPercent": round(used / total * 100, 1) if total else 0.0}
+    size = parts[1].strip()
+    top = []
+    for line in parts[2].splitlines():
+        fields = line.split(None, 4)
+        if len(fields) == 5 and fields[0].isdigit():
+            with contextlib.suppress(ValueError):
+                top.append({"pid": int(fields[0]), "cpu": float(fields[1]),
+                            "mem": float(fields[2]), "etime": fields[3],
+                            "command": fields[4]})
+    return {"workspaceDisk": workspace_disk,
+            "workspaceSizeBytes": int(size) * 1024 if size.isdigit() else None,
+            "top": top, "bashHistoryTail": parts[3] or None}
+
+
+class Observer:
+    """Stats and observability of a space. Neither wakes a paused space nor counts as activity."""
+
+    def __init__(self, spaces: Spaces) -> None:
+        self.spaces = spaces
+        self.reader = StatsReader(spaces.engine)
+
+    async def stats(self, info: dict[str, Any]) -> SpaceStats:
+        state = info.get("State") or {}
+        pid = int(state.get("Pid") or 0)
+        if not state.get("Running") or pid <= 0:
+            self.reader.forget(info["Id"])
+            return {"cpuPercent": 0.0, "memoryUsageBytes": 0,
+                    "memoryLimitBytes": int((info.get("HostConfig") or {}).get("Memory") or 0),
+                    "pids": 0, "networkRxBytes": 0, "networkTxBytes": 0,
+                    "blockReadBytes": 0, "blockWriteBytes": 0}
+        return await self.reader.read(info["Id"], pid)
+
+    async def observe(self, name: str, top: int, history_lines: int) -> dict[str, Any]:
+        info = await self.spaces.inspect(name)
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        host = info.get("HostConfig") or {}
+        state = info.get("State") or {}
+        observation: dict[str, Any] = {"workspaceDisk": None, "workspaceSizeBytes": None,
+                                       "top": [], "bashHistoryTail": None}
+        if state.get("Running") and not state.get("Paused"):
+            script = OBSERVE_SCRIPT.format(sep=OBSERVE_SEPARATOR, top=top, lines=history_lines)
+            result = await self.spaces.run_internal(info, ExecRequest(
+                argv=["sh", "-c", script], env={}, workdir=WORKSPACE, timeout=10), 1 << 20)
+            observation = parse_observation(result["stdout"])
+            if observation["bashHistoryTail"]:
+                observation["bashHistoryTail"] = self.spaces.audit.redactor.text(
+                    observation["bashHistoryTail"])
+        return {
+            "stats": await self.stats(info),
+            **observation,
+            "status": "paused" if state.get("Paused") else space_status(
+                str(state.get("Status", ""))),
+            "settings": {
+                "template": labels.get(f"{LABEL}.template") or None,
+                "network": labels.get(f"{LABEL}.network", "internet"),
+                "writableRootfs": not host.get("ReadonlyRootfs", False),
+                "image": labels.get(f"{LABEL}.image", ""),
+                "user": labels.get(f"{LABEL}.user", ""),
+                "memory": int(host.get("Memory") or 0),
+                "cpus": (host.get("NanoCpus") or 0) / 1e9,
+                "pidsLimit": host.get("PidsLimit"),
+                "gpu": labels.get(f"{LABEL}.gpu") == "true",
+            },
+        }
+
+
+# ###########################################################################
+# Files
+# ###########################################################################
+
+# Go's os.FileMode type bits, as the engine's archive stat reports them.
+MODE_DIR = 1 << 31
+MODE_SYMLINK = 1 << 27
+MODE_TYPE_MASK = (1 << 31) | (1 << 30) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | \
+    (1 << 21) | (1 << 19)
+FILE_CHUNK = 256 << 10
+LIST_OUTPUT_LIMIT = 8 << 20
+
+
+class FileEntry(TypedDict):
+    name: str
+    path: str
+    type: str
+    size: int
+    mtimeMs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Where a workspace path really lands inside the container, checked component by component.
+
+    ``real`` is the absolute in-container path (symlinks resolved, always under /workspace);
+    ``stat`` is the engine's stat of it, or None when it does not exist; ``missing`` lists the
+    components below the deepest existing directory ``parent`` that a write has to create.
+    """
+
+    rel: str
+    real: str
+    stat: dict[str, Any] | None
+    parent: str
+    missing: tuple[str, ...]
+
+
+def workspace_rel(raw: str | None) -> str:
+    """A client path (relative to /workspace) in normal form ``/a/b``; ``..`` may not climb out."""
+    if raw is None or raw == "":
+        return "/"
+    if "\x00" in raw or len(raw) > 4096:
+        raise BadRequest("path must be at most 4096 characters without NUL", "invalid_path")
+    parts: list[str] = []
+    for component in raw.split("/"):
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if not parts:
+                raise Forbidden("path leads outside /workspace", "outside_workspace")
+            parts.pop()
+        else:
+            parts.append(component)
+    return "/" + "/".join(parts)
+
+
+def inside_workspace(path: str) -> bool:
+    return path == WORKSPACE or path.startswith(WORKSPACE + "/")
+
+
+def to_rel(real: str) -> str:
+    return real[len(WORKSPACE):] or "/"
+
+
+def mode_type(mode: int) -> str:
+    if mode & MODE_DIR:
+        return "dir"
+    if mode & MODE_SYMLINK:
+        return "symlink"
+    if mode & MODE_TYPE_MASK:
+        return "other"
+    return "file"
+
+
+class IterReader(io.RawIOBase):
+    """A file object over an HTTP response body, for tarfile's streaming mode."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def tar_header(name: str, size: int, uid: int, gid: int, kind: bytes = tarfile.REGTYPE,
+               mode: int = 0o644) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    info.mode = mode
+    info.uid, info.gid = uid, gid
+    info.mtime = int(time.time())
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def tar_stream(dirs: list[str], name: str, size: int, uid: int, gid: int,
+               chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A tar of the missing parent directories and one file, built while the body streams."""
+    for directory in dirs:
+        yield tar_header(directory, 0, uid, gid, tarfile.DIRTYPE, 0o755)
+    yield tar_header(name, size, uid, gid)
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if sent > size:
+            raise BadRequest("the body is longer than its Content-Length", "invalid_body")
+        yield chunk
+    if sent != size:
+        raise BadRequest(f"the body ended after {sent} of {size} bytes", "invalid_body")
+    yield b"\0" * ((512 - size % 512) % 512) + b"\0" * 1024
+
+
+def parse_ids(user: str, passwd: str, group: str) -> tuple[int, int]:
+    """uid and gid of a Docker ``User`` value, looked up in the image's passwd and group."""
+    name, _, group_name = user.partition(":")
+    users = {f[0]: (int(f[2]), int(f[3])) for f in
+             (line.split(":") for line in passwd.splitlines())
+             if len(f) >= 4 and f[2].isdigit() and f[3].isdigit()}
+    groups = {f[0]: int(f[2]) for f in (line.split(":") for line in group.splitlines())
+              if len(f) >= 3 and f[2].isdigit()}
+    if not name:
+        uid, gid = 0, 0
+    elif name.isdigit():
+        uid = int(name)
+        gid = next((g for u, g in users.values() if u == uid), uid)
+    else:
+        uid, gid = users.get(name, (0, 0))
+    if group_name:
+        gid = int(group_name) if group_name.isdigit() else groups.get(group_name, gid)
+    return uid, gid
+
+
+class Files:
+    """The files API: everything under /workspace, through the engine's archive API and execs.
+
+    No host path of a volume is ever touched. Every path is resolved one component at a time
+    with the engine's stat (which resolves symlinks inside the container), and anything whose
+    real location is outside /workspace is refused with 403.
+    """
+
+    def __init__(self, spaces: Spaces) -> None:
+        self.spaces = spaces
+        self.engine = spaces.engine
+        self.ids: dict[str, tuple[int, int]] = {}
+
+    # -- engine archive calls -------------------------------------------------------------
+
+    def _archive_url(self, container_id: str) -> str:
+        url: str = self.engine.api._url("/containers/{0}/archive", container_id)
+        return url
+
+    def _stat_blocking(self, container_id: str, path: str) -> dict[str, Any] | None:
+        response = self.engine.api.head(self._archive_url(container_id), params={"path": path})
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise Conflict(f"cannot stat {to_rel(path)}: HTTP {response.status_code}",
+                           "stat_failed")
+        header = response.headers.get("X-Docker-Container-Path-Stat", "")
+        stat: dict[str, Any] | None = json.loads(base64.b64decode(header)) if header else None
+        return stat
+
+    async def stat(self, container_id: str, path: str) -> dict[str, Any] | None:
+        return await self.engine.call(self._stat_blocking, container_id, path)
+
+    def open_archive(self, container_id: str, path: str) -> Any:
+        api = self.engine.api
+        # identity: the engine would otherwise gzip the tar, costing CPU on both sides.
+        response = api._get(self._archive_url(container_id), params={"path": path}, stream=True,
+                            headers={"Accept-Encoding": "identity"})
+        api._raise_for_status(response)
+        return response
+
+    # -- resolution -----------------------------------------------------------------------
+
+    async def resolve(self, container_id: str, raw_path: str | None,
+                      follow_last: bool = True) -> Resolved:
+        rel = workspace_rel(raw_path)
+        components = [c for c in rel.split("/") if c]
+        current = WORKSPACE
+        stat = await self.stat(container_id, WORKSPACE)
+        for index, component in enumerate(components):
+            last = index == len(components) - 1
+            candidate = f"{current}/{component}"
+            stat = await self.stat(container_id, candidate)
+            if stat is None:
+                return Resolved(rel, f"{current}/{'/'.join(components[index:])}", None, current,
+                                tuple(components[index:]))
+            if stat["mode"] & MODE_SYMLINK and (follow_last or not last):
+                target = stat.get("linkTarget") or ""
+                if not inside_workspace(target):
+                    raise Forbidden(f"{rel} leads outside /workspace", "outside_workspace")
+                stat = await self.stat(container_id, target)
+                if stat is None:
+                    if not last:
+                        raise NotFound(f"{rel}: no such file or directory")
+                    parent, _, base = target.rpartition("/")
+                    return Resolved(rel, target, None, parent or "/", (base,))
+                candidate = target
+            if not last and not stat["mode"] & MODE_DIR:
+                raise BadRequest(f"{rel}: {to_rel(candidate)} is not a directory", "not_a_dir")
+            current = candidate
+        return Resolved(rel, current, stat, current.rpartition("/")[0] or "/", ())
+
+    async def _resolved(self, name: str, raw_path: str | None, actor: Actor,
+                        follow_last: bool = True) -> tuple[dict[str, Any], Resolved]:
+        info = await self.spaces.running(name, actor)
+        self.spaces.touch(name)
+        return info, await self.resolve(info["Id"], raw_path, follow_last)
+
+    # -- list -----------------------------------------------------------------------------
+
+    async def list_dir(self, name: str, raw_path: str | None, limit: int,
+                   actor: Actor) -> dict[str, Any]:
+        info, where = await self._resolved(name, raw_path, actor)
+        if where.stat is None:
+            raise NotFound(f"{where.rel}: no such file or directory")
+        if not where.stat["mode"] & MODE_DIR:
+            raise BadRequest(f"{where.rel} is not a directory", "not_a_dir")
+        entries = await self._list_with_find(info, where.real)
+        if entries is None:
+            entries = await self.engine.stream(
+                lambda: self._list_with_archive(info["Id"], where.real))
+        entries.sort(key=lambda e: e["name"])
+        return {"path": where.rel, "entries": entries[:limit], "truncated": len(entries) > limit}
+
+    async def _list_with_find(self, info: dict[str, Any], real: str) -> list[FileEntry] | None:
+        """One exec of GNU find; None when the image has no GNU find."""
+        request = ExecRequest(
+            argv=["find", real, "-mindepth", "1", "-maxdepth", "1", "-printf",
+                  "%y\\t%s\\t%T@\\t%f\\0"],
+            env={}, workdir=WORKSPACE, timeout=30)
+        result = await self.spaces.run_internal(info, request, LIST_OUTPUT_LIMIT)
+        if result["exitCode"] != 0:
+            return None
+        base = to_rel(real).rstrip("/")
+        kinds = {"f": "file", "d": "dir", "l": "symlink"}
+        entries: list[FileEntry] = []
+        for record in result["stdout"].split("\0"):
+            fields = record.split("\t", 3)
+            if len(fields) != 4:
+                continue
+            kind, size, mtime, entry_name = fields
+            entries.append({"name": entry_name, "path": f"{base}/{entry_name}",
+                            "type": kinds.get(kind, "other"), "size": int(size),
+                            "mtimeMs": int(float(mtime) * 1000)})
+        return entries
+
+    def _list_with_archive(self, container_id: str, real: str) -> list[FileEntry]:
+        """Fallback for images without GNU find: read the directory's tar headers."""
+        response = self.open_archive(container_id, real)
+        base = to_rel(real).rstrip("/")
+        entries: list[FileEntry] = []
+        try:
+            with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+                for member in archive:
+                    parts = member.name.strip("/").split("/")
+                    if len(parts) != 2:
+                        continue
+                    kind = ("dir" if member.isdir() else "symlink" if member.issym()
+                            else "file" if member.isfile() else "other")
+                    entries.append({"name": parts[1], "path": f"{base}/{parts[1]}",
+                                    "type": kind, "size": member.size,
+                                    "mtimeMs": int(member.mtime * 1000)})
+        finally:
+            response.close()
+        return entries
+
+    # -- read -----------------------------------------------------------------------------
+
+    async def open_file(self, name: str, raw_path: str | None,
+                        actor: Actor) -> tuple[Resolved, Any, Any, int]:
+        """Resolve and open a regular file; returns (where, response, reader, size)."""
+        info, where = await self._resolved(name, raw_path, actor)
+        if where.stat is None:
+            raise NotFound(f"{where.rel}: no such file")
+        if mode_type(where.stat["mode"]) != "file":
+            raise BadRequest(f"{where.rel} is not a regular file", "not_a_file")
+
+        def open_member() -> tuple[Any, Any, int]:
+            response = self.open_archive(info["Id"], where.real)
+            archive = tarfile.open(fileobj=IterReader(response.raw), mode="r|")
+            member = archive.next()
+            reader = archive.extractfile(member) if member is not None else None
+            if member is None or not member.isfile() or reader is None:
+                response.close()
+                raise Conflict(f"{where.rel} changed while being read", "file_changed")
+            return response, reader, member.size
+
+        try:
+            response, reader, size = await self.engine.call(open_member)
+        except docker.errors.NotFound:
+            raise NotFound(f"{where.rel}: no such file") from None
+        return where, response, reader, size
+
+    async def read(self, name: str, raw_path: str | None, max_bytes: int,
+                   actor: Actor) -> dict[str, Any]:
+        where, response, reader, size = await self.open_file(name, raw_path, actor)
+        try:
+            data = await self.engine.call(reader.read, max_bytes)
+        finally:
+            await self.engine.call(response.close)
+        return {"path": where.rel, "contentBase64": base64.b64encode(data).decode("ascii"),
+                "truncated": size > len(data), "size": size}
+
+    async def read_raw(self, request: web.Request, name: str, raw_path: str | None,
+                       max_bytes: int | None, actor: Actor) -> web.StreamResponse:
+        where, response, reader, size = await self.open_file(name, raw_path, actor)
+        try:
+            length = size if max_bytes is None else min(size, max_bytes)
+            answer = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(length),
+                "X-Clawdspace-Size": str(size),
+                "X-Clawdspace-Truncated": "true" if length < size else "false",
+            })
+            await answer.prepare(request)
+            left = length
+            while left > 0:
+                want = min(FILE_CHUNK, left)
+                chunk = await self.engine.stream(lambda: reader.read(want))  # noqa: B023
+                if not chunk:
+                    break
+                left -= len(chunk)
+                await answer.write(chunk)
+                self.spaces.touch(name)
+            await answer.write_eof()
+            return answer
+        finally:
+            await self.engine.call(response.close)
+
+    # -- write ----------------------------------------------------------------------------
+
+    async def owner_ids(self, container_id: str, user: str) -> tuple[int, int]:
+        """The numeric owner of new files: the space user, from the image's own passwd."""
+        if container_id not in self.ids:
+            def read_text(path: str) -> str:
+                try:
+                    response = self.open_archive(container_id, path)
+                except docker.errors.NotFound:
+                    return ""
+                try:
+                    with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+                        member = archive.next()
+                        reader = archive.extractfile(member) if member else None
+                        return reader.read(1 << 20).decode("utf-8", "replace") if reader else ""
+                finally:
+                    response.close()
+
+            passwd = await self.engine.call(read_text, "/etc/passwd")
+            group = await self.engine.call(read_text, "/etc/group")
+            self.ids[container_id] = parse_ids(user, passwd, group)
+        return self.ids[container_id]
+
+    async def write(self, name: str, raw_path: str | None, size: int,
+                    chunks: Iterator[bytes], actor: Actor) -> dict[str, Any]:
+        """Write a file atomically: stream into a temporary name beside it, then rename."""
+        info, where = await self._resolved(name, raw_path, actor)
+        if where.rel == "/":
+            raise BadRequest("path must name a file inside /workspace", "invalid_path")
+        if where.stat is not None and mode_type(where.stat["mode"]) != "file":
+            raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
+        container_id = info["Id"]
+        uid, gid = await self.owner_ids(container_id, str(info["Config"].get("User") or ""))
+        missing = list(where.missing) if where.stat is None else [where.real.rpartition("/")[2]]
+        parent = where.parent if where.stat is None else where.real.rpartition("/")[0]
+        final = missing[-1]
+        temp = f".{final}.clawdspace-{os.urandom(6).hex()}"
+        dirs = ["/".join(missing[:i]) for i in range(1, len(missing))]
+        temp_member = "/".join([*missing[:-1], temp])
+        stream = tar_stream(dirs, temp_member, size, uid, gid, chunks)
+        try:
+            await self.engine.stream(
+                lambda: self.engine.api.put_archive(container_id, parent, stream))
+        except docker.errors.APIError as err:
+            await self._remove_quietly(info, f"{parent}/{temp_member}")
+            message = api_message(err)
+            if "no space left" in message.lower():
+                raise InsufficientStorage(f"{where.rel}: no space left in the space") from None
+            raise Conflict(f"{where.rel} could not be written: {message}", "write_failed") \
+                from None
+        except BaseException:
+            await self._remove_quietly(info, f"{parent}/{temp_member}")
+            raise
+        target = f"{parent}/{'/'.join(missing)}"
+        moved = await self.spaces.run_internal(info, ExecRequest(
+            argv=["mv", "-f", "--", f"{parent}/{temp_member}", target], env={},
+            workdir=WORKSPACE, timeout=30), 65536)
+        if moved["exitCode"] != 0:
+            await self._remove_quietly(info, f"{parent}/{temp_member}")
+            raise Conflict(f"{where.rel} could not be renamed into place: "
+                           f"{moved['stderr'].strip() or 'mv failed'}", "write_failed")
+        await self.spaces.audit.record("space.file.write", name,
+                                       {"path": where.rel, "bytes": size}, actor)
+        return {"message": "OK", "path": where.rel, "bytes": size}
+
+    async def _remove_quietly(self, info: dict[str, Any], real: str) -> None:
+        with contextlib.suppress(ClawdError, docker.errors.APIError):
+            await self.spaces.run_internal(info, ExecRequest(
+                argv=["rm", "-f", "--", real], env={}, workdir=WORKSPACE, timeout=30), 4096)
+
+    # -- delete ---------------------------------------------------------------------------
+
+    async def delete(self, name: str, raw_path: str | None, recursive: bool,
+                     actor: Actor) -> dict[str, Any]:
+        info, where = await self._resolved(name, raw_path, actor, follow_last=False)
+        if where.rel == "/":
+            raise BadRequest("the workspace root cannot be deleted", "invalid_path")
+        if where.stat is None:
+            raise NotFound(f"{where.rel}: no such file or directory")
+        is_dir = mode_type(where.stat["mode"]) == "dir"
+        if is_dir and recursive:
+            argv = ["rm", "-rf", "--", where.real]
+        elif is_dir:
+            argv = ["rmdir", "--", where.real]
+        else:
+            argv = ["rm", "-f", "--", where.real]
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
+        if result["exitCode"] != 0:
+            detail = result["stderr"].strip() or "failed"
+            if is_dir and not recursive:
+                raise Conflict(f"{where.rel} is a directory that is not empty; pass "
+                               "recursive=true", "dir_not_empty")
+            raise Conflict(f"{where.rel} could not be deleted: {detail}", "delete_failed")
+        await self.spaces.audit.record("space.file.delete", name,
+                                       {"path": where.rel, "recursive": recursive}, actor)
+        return {"message": "OK", "path": where.rel}
+
+
+# ###########################################################################
+# Terminal
+# ###########################################################################
+
+TERMINAL_QUEUE_CHUNKS = 16  # x 64 KiB: the most output held per terminal for a slow client
+TERMINAL_MAX_FRAME = 1 << 20
+
+
+def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    """Browsers send Origin on upgrades: only this node's own origin and configured ones pass."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser (curl, SDKs): the key is the guard
+    if origin in allowed:
+        return True
+    return origin in (f"http://{request.host}", f"https://{request.host}")
+
+
+class Terminals:
+    """Websocket terminals: a TTY exec of ``bash -l`` (or ``sh``) bridged to a websocket.
+
+    Output flows through a bounded queue: a client that stops reading stalls the shell (the
+    kernel and the engine hold a little), never the service's memory.
+    """
+
+    def __init__(self, spaces: Spaces) -> None:
+        self.spaces = spaces
+        self.engine = spaces.engine
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.shells: dict[str, list[str]] = {}
+
+    async def shell(self, info: dict[str, Any]) -> list[str]:
+        """``bash -l`` where the image has bash, else ``sh -l``."""
+        if info["Id"] not in self.shells:
+            probe = await self.spaces.run_internal(info, ExecRequest(
+                argv=["bash", "-c", "exit 0"], env={}, workdir=WORKSPACE, timeout=10), 1024)
+            self.shells[info["Id"]] = ["bash", "-l"] if probe["exitCode"] == 0 else ["sh", "-l"]
+        return self.shells[info["Id"]]
+
+    async def serve(self, request: web.Request, name: str, actor: Actor) -> web.WebSocketResponse:
+        api = self.engine.api
+        cols = query_int(request, "cols", 80, 1, 500)
+        rows = query_int(request, "rows", 24, 1, 200)
+        info = await self.spaces.running(name, actor)
+        user = str(info["Config"].get("User") or "")
+        argv = await self.shell(info)
+        try:
+            exec_id = (await self.engine.call(
+                api.exec_create, info["Id"], argv, stdin=True, tty=True, stdout=True,
+                stderr=True, environment={"TERM": "xterm-256color"}, workdir=WORKSPACE,
+                user=user))["Id"]
+            sock = raw_socket(await self.engine.call(api.exec_start, exec_id, socket=True,
+                                                     tty=True))
+        except docker.errors.APIError as err:
+            raise Conflict(f"terminal could not start: {api_message(err)}", "exec_failed") \
+                from None
+        sock.settimeout(None)
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        self.sockets.add(ws)
+        opened = time.monotonic()
+        await self.spaces.audit.record("terminal.open", name, {"shell": argv[0]}, actor)
+        with contextlib.suppress(docker.errors.APIError, ClawdError):
+            await self.engine.call(api.exec_resize, exec_id, height=rows, width=cols)
+        exit_code: int | None = None
+        with self.spaces.busy(name):
+            pump = asyncio.ensure_future(self._pump_output(name, sock, ws))
+            try:
+                await self._pump_input(name, exec_id, sock, ws)
+            finally:
+                if not pump.done():
+                    await self._end_shell(info["Id"], exec_id, sock)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pump, 10)
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self.sockets.discard(ws)
+                with contextlib.suppress(docker.errors.APIError, ClawdError):
+                    exit_code = (await self.engine.call(api.exec_inspect, exec_id)).get(
+                        "ExitCode")
+        await self.spaces.audit.record("terminal.close", name, {
+            "durationMs": int((time.monotonic() - opened) * 1000), "exitCode": exit_code},
+            actor)
+        return ws
+
+    async def _pump_output(self, name: str, sock: socket.socket,
+                           ws: web.WebSocketResponse) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
+
+        def read_shell() -> None:
+            try:
+                while True:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    future = asyncio.run_coroutine_threadsafe(queue.put(data or None), loop)
+                    future.result()
+                    if not data:
+                        return
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # the loop is gone (shutdown)
+
+        reader = loop.run_in_executor(self.engine.streams, read_shell)
+        try:
+            while True:
+                data = await queue.get()
+                if data is None:
+                    break
+                self.spaces.touch(name)
+                await ws.send_bytes(data)
+            await ws.close(code=1000, message=b"shell exited")
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client went away; input pumping notices and ends the shell
+        finally:
+            while not reader.done():  # unblock the reader if it waits on a full queue
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                await asyncio.sleep(0.01)
+
+    async def _pump_input(self, name: str, exec_id: str, sock: socket.socket,
+                          ws: web.WebSocketResponse) -> None:
+        async for message in ws:
+            self.spaces.touch(name)
+            if message.type == web.WSMsgType.BINARY:
+                await self._send(sock, message.data)
+            elif message.type == web.WSMsgType.TEXT:
+                await self._control(exec_id, sock, ws, message.data)
+            elif message.type == web.WSMsgType.ERROR:
+                break
+
+    async def _control(self, exec_id: str, sock: socket.socket, ws: web.WebSocketResponse,
+                       text: str) -> None:
+        try:
+            command = json.loads(text)
+        except ValueError:
+            command = None
+        if not isinstance(command, dict):
+            await self._send(sock, text.encode())  # plain text is typed, as before
+            return
+        kind = command.get("type")
+        if kind == "input" and isinstance(command.get("data"), str):
+            await self._send(sock, command["data"].encode())
+        elif kind == "resize":
+            cols, rows = command.get("cols"), command.get("rows")
+            if not (isinstance(cols, int) and isinstance(rows, int)) or isinstance(
+                    cols, bool) or isinstance(rows, bool):
+                await ws.send_json({"type": "error", "error": "resize needs integer cols and rows"})
+                return
+            with contextlib.suppress(docker.errors.APIError, ClawdError):
+                await self.engine.call(self.engine.api.exec_resize, exec_id,
+                                       height=min(max(rows, 1), 200), width=min(max(cols, 1), 500))
+        elif kind == "ping":
+            await ws.send_json({"type": "pong"})
+        else:
+            await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
+
+    async def _send(self, sock: socket.socket, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            await self.engine.stream(lambda: sock.sendall(data))
+
+    async def _end_shell(self, container_id: str, exec_id: str, sock: socket.socket) -> None:
+        """The client left: hang up the shell (EOF), then kill what is left of its group."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.2)
+        await self.spaces.kill_exec(container_id, exec_id)
+
+    async def close_all(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close(code=1001, message=b"server shutting down")
+
+
+# ###########################################################################
+# Housekeeping: activity, auto-sleep, shell history
+# ###########################################################################
+
+HISTORY_FILE = f"{WORKSPACE}/.bash_history"
+HISTORY_READ_LIMIT = 256 << 10  # new bytes read per space per tick
+HISTORY_SPACES_PER_TICK = 64
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """Temp file + rename: a crash leaves the old file or the new one, never half of one."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as out:
+        json.dump(value, out, separators=(",", ":"))
+    os.replace(temp, path)
+
+
+def read_json_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as source:
+            return json.load(source)
+    except (OSError, ValueError):
+        return None
+
+
+def parse_history(text: str) -> list[tuple[float | None, str]]:
+    """Commands of a bash history chunk: ``#<epoch>`` lines stamp the command that follows."""
+    commands: list[tuple[float | None, str]] = []
+    stamp: float | None = None
+    lines: list[str] = []
+
+    def flush() -> None:
+        if lines:
+            commands.append((stamp, "\n".join(lines)))
+            lines.clear()
+
+    for line in text.split("\n"):
+        if re.fullmatch(r"#\d{9,12}", line):
+            flush()
+            stamp = float(line[1:])
+            continue
+        if not line.strip():
+            continue
+        if stamp is None:
+            commands.append((None, line))  # no timestamps: one line, one command
+        else:
+            lines.append(line)
+    flush()
+    return commands
+
+
+class Housekeeper:
+    """Background work of the node: auto-sleep of idle spaces and shell history ingestion.
+
+    Neither counts as activity nor wakes a paused space. Activity times and history read
+    positions live in small JSON files in the data directory, so a restart neither pauses every
+    space at once nor emits a history line twice.
+    """
+
+    def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
+        self.config = config
+        self.spaces = spaces
+        self.files = files
+        self.activity_path = os.path.join(config.data_dir, "activity.json")
+        self.cursor_path = os.path.join(config.data_dir, "history-cursors.json")
+        self.cursors: dict[str, dict[str, Any]] = {}
+        self.saved_activity: dict[str, float] = {}
+
+    def load(self) -> None:
+        activity = read_json_file(self.activity_path)
+        if isinstance(activity, dict):
+            for name, when in activity.items():
+                if isinstance(when, (int, float)):
+                    self.spaces.last_activity.setdefault(str(name), float(when))
+        cursors = read_json_file(self.cursor_path)
+        if isinstance(cursors, dict):
+            self.cursors = {str(k): v for k, v in cursors.items() if isinstance(v, dict)}
+
+    async def save_activity(self) -> None:
+        current = dict(self.spaces.last_activity)
+        if current != self.saved_activity:
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self.activity_path, current)
+            self.saved_activity = current
+
+    # -- auto-sleep -----------------------------------------------------------------------
+
+    async def sleep_idle(self) -> None:
+        now = time.time()
+        for space in await self.spaces.list_all():
+            name = space["name"]
+            if space["status"] != "running" or self.spaces.is_busy(name):
+                continue
+            last = self.spaces.last_activity.get(name)
+            if last is None:
+                self.spaces.last_activity[name] = now  # first sight (e.g. after an upgrade)
+                continue
+            if now - last >= self.config.idle_timeout:
+                try:
+                    await self.spaces.pause(name, SYSTEM_ACTOR, reason="idle")
+                    log.info("paused %s after %.0f s idle", name, now - last)
+                except ClawdError as err:
+                    log.warning("auto-sleep could not pause %s: %s", name, err.message)
+
+    # -- shell history --------------------------------------------------------------------
+
+    async def ingest_history(self) -> None:
+        spaces = [s for s in await self.spaces.list_all() if s["status"] == "running"]
+        for space in spaces[:HISTORY_SPACES_PER_TICK]:
+            try:
+                await self._ingest_one(space)
+            except (ClawdError, docker.errors.APIError, OSError, tarfile.TarError) as err:
+                log.warning("history of %s: %s", space["name"], err)
+        if spaces:
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self.cursor_path, self.cursors)
+
+    async def _ingest_one(self, space: SpaceInfo) -> None:
+        name = space["name"]
+        stat = await self.files.stat(space["id"], HISTORY_FILE)
+        if stat is None or mode_type(stat["mode"]) != "file":
+            return  # absent, or a symlink/FIFO planted to make us read something else
+        cursor = self.cursors.get(name) or {}
+        offset = int(cursor.get("offset", 0))
+        size = int(stat["size"])
+        if size == offset and cursor.get("mtime") == stat["mtime"]:
+            return
+        first, chunk = await self.engine_read(space["id"], offset)
+        head_len = int(cursor.get("headLen", 0))
+        if size < offset or hashlib.sha256(first[:head_len]).hexdigest() != cursor.get(
+                "head", hashlib.sha256(b"").hexdigest()):
+            offset = 0  # truncated or replaced: start again from the top
+            first, chunk = await self.engine_read(space["id"], 0)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        complete = chunk[:end + 1]
+        for stamp, command in parse_history(complete.decode("utf-8", "replace")):
+            await self.spaces.audit.record(
+                "space.shell", name, {"command": command, "source": "bash_history"},
+                ts=epoch_to_iso(stamp) if stamp else None)
+        new_offset = offset + len(complete)
+        head_len = min(64, new_offset)
+        self.cursors[name] = {"offset": new_offset, "mtime": stat["mtime"], "headLen": head_len,
+                              "head": hashlib.sha256(first[:head_len]).hexdigest()}
+
+    async def engine_read(self, container_id: str, offset: int) -> tuple[bytes, bytes]:
+        """(the file's first 64 bytes, up to HISTORY_READ_LIMIT bytes from offset)."""
+
+        def read() -> tuple[bytes, bytes]:
+            response = self.files.open_archive(container_id, HISTORY_FILE)
+            try:
+                with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+                    member = archive.next()
+                    reader = archive.extractfile(member) if member and member.isfile() else None
+                    if reader is None:
+                        return b"", b""
+                    first = reader.read(64)
+                    skip = offset - len(first)
+                    while skip > 0:
+                        skipped = reader.read(min(skip, FILE_CHUNK))
+                        if not skipped:
+                            break
+                        skip -= len(skipped)
+                    data = first[offset:] if offset < len(first) else b""
+                    data += reader.read(HISTORY_READ_LIMIT - len(data))
+                    return first, data
+            finally:
+                response.close()
+
+        return await self.spaces.engine.call(read)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        sleep_every = min(30.0, max(0.5, self.config.idle_timeout / 4))
+        history_every = float(self.config.history_interval)
+        next_sleep = next_history = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                if self.config.idle_timeout > 0 and now >= next_sleep:
+                    next_sleep = now + sleep_every
+                    await self.sleep_idle()
+                if history_every > 0 and now >= next_history:
+                    next_history = now + history_every
+                    await self.ingest_history()
+                await self.save_activity()
+            except ClawdError as err:
+                log.warning("housekeeping: %s", err.message)
+            except (docker.errors.APIError, OSError) as err:
+                log.warning("housekeeping: %s", err)
+            await asyncio.sleep(max(0.2, min(next_sleep, next_history) - time.monotonic()))
 
 
 # ###########################################################################
@@ -1394,6 +2538,10 @@ CONFIG_KEY = web.AppKey("config", Config)
 ENGINE_KEY = web.AppKey("engine", Engine)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 SPACES_KEY = web.AppKey("spaces", Spaces)
+FILES_KEY = web.AppKey("files", Files)
+TERMINALS_KEY = web.AppKey("terminals", Terminals)
+OBSERVER_KEY = web.AppKey("observer", Observer)
+HOUSEKEEPER_KEY = web.AppKey("housekeeper", Housekeeper)
 PUBLIC_PATHS = frozenset({"/api/health", "/api/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -1581,6 +2729,110 @@ async def exec_space(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     req = parse_exec(await json_body(request), request.app[CONFIG_KEY])
     return web.json_response(await request.app[SPACES_KEY].exec(name, req, actor(request)))
+
+
+async def touch_space(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    spaces = request.app[SPACES_KEY]
+    await spaces.running(name, actor(request))
+    spaces.touch(name)
+    return web.json_response({"message": "OK",
+                              "lastActivity": epoch_to_iso(spaces.last_activity[name])})
+
+
+async def space_stats(request: web.Request) -> web.Response:
+    info = await request.app[SPACES_KEY].inspect(request.match_info["name"])
+    return web.json_response({"stats": await request.app[OBSERVER_KEY].stats(info)})
+
+
+async def space_observability(request: web.Request) -> web.Response:
+    top = query_int(request, "top", 8, 1, 25)
+    lines = query_int(request, "historyLines", 50, 1, 500)
+    observation = await request.app[OBSERVER_KEY].observe(request.match_info["name"], top, lines)
+    return web.json_response({"observability": observation})
+
+
+def wants_raw(request: web.Request) -> bool:
+    if query_bool(request, "raw"):
+        return True
+    accept = request.headers.get("Accept", "")
+    return accept.split(";")[0].strip() == "application/octet-stream"
+
+
+async def list_files(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    limit = query_int(request, "limit", 1000, 1, 10000)
+    listing = await request.app[FILES_KEY].list_dir(name, request.query.get("path"), limit,
+                                                    actor(request))
+    return web.json_response(listing)
+
+
+async def read_file(request: web.Request) -> web.StreamResponse:
+    name = check_space_name(request.match_info["name"])
+    files = request.app[FILES_KEY]
+    path = request.query.get("path")
+    if not path:
+        raise BadRequest("path required", "invalid_path")
+    limit = request.app[CONFIG_KEY].file_read_limit
+    if wants_raw(request):
+        max_bytes = (query_int(request, "maxBytes", 0, 0, 1 << 62)
+                     if "maxBytes" in request.query else None)
+        return await files.read_raw(request, name, path, max_bytes, actor(request))
+    max_bytes = query_int(request, "maxBytes", 262144, 0, limit)
+    return web.json_response(await files.read(name, path, max_bytes, actor(request)))
+
+
+async def write_file(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    path = request.query.get("path")
+    if not path:
+        raise BadRequest("path required", "invalid_path")
+    files = request.app[FILES_KEY]
+    if request.content_type == "application/octet-stream":
+        size = request.content_length
+        if size is None:
+            raise LengthRequired("raw uploads need a Content-Length header")
+        loop = asyncio.get_running_loop()
+
+        def body() -> Iterator[bytes]:
+            while True:
+                chunk = asyncio.run_coroutine_threadsafe(request.content.readany(), loop).result()
+                if not chunk:
+                    return
+                yield chunk
+
+        return web.json_response(await files.write(name, path, size, body(), actor(request)))
+    payload = await json_body(request)
+    check_fields(payload, {"contentBase64"})
+    encoded = payload.get("contentBase64")
+    if not isinstance(encoded, str):
+        raise BadRequest("contentBase64 required (a base64 string; empty for an empty file)",
+                         "invalid_content")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise BadRequest("contentBase64 is not valid base64", "invalid_content") from None
+    return web.json_response(await files.write(name, path, len(data), iter([data]),
+                                               actor(request)))
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    path = request.query.get("path")
+    if not path:
+        raise BadRequest("path required", "invalid_path")
+    recursive = query_bool(request, "recursive")
+    return web.json_response(await request.app[FILES_KEY].delete(name, path, recursive,
+                                                                 actor(request)))
+
+
+async def terminal(request: web.Request) -> web.StreamResponse:
+    name = check_space_name(request.match_info["name"])
+    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins):
+        log.warning("terminal: refused upgrade from origin %s", request.headers.get("Origin"))
+        raise Forbidden("this Origin may not open terminals (see CLAWDSPACE_ALLOWED_ORIGINS)",
+                        "bad_origin")
+    return await request.app[TERMINALS_KEY].serve(request, name, actor(request))
 
 
 async def get_audit(request: web.Request) -> web.Response:
@@ -1796,17 +3048,37 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/api/spaces/{name}/stop", stop_space),
     ("POST", "/api/spaces/{name}/start", start_space),
     ("POST", "/api/spaces/{name}/exec", exec_space),
+    ("POST", "/api/spaces/{name}/touch", touch_space),
+    ("GET", "/api/spaces/{name}/stats", space_stats),
+    ("GET", "/api/spaces/{name}/observability", space_observability),
+    ("GET", "/api/spaces/{name}/files", list_files),
+    ("GET", "/api/spaces/{name}/file", read_file),
+    ("PUT", "/api/spaces/{name}/file", write_file),
+    ("DELETE", "/api/spaces/{name}/file", delete_file),
+    ("GET", "/api/spaces/{name}/terminal", terminal),
     ("GET", "/api/audit", get_audit),
 ]
 
 
 async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Open what the service owns at start; close it at shutdown."""
+    """Open what the service owns at start, run the housekeeper; undo it all at shutdown."""
     audit = app[AUDIT_KEY]
     audit.open()
+    housekeeper = app[HOUSEKEEPER_KEY]
+    housekeeper.load()
+    task = asyncio.create_task(housekeeper.run())
     yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(OSError):
+        await housekeeper.save_activity()
     audit.close()
     app[ENGINE_KEY].close()
+
+
+async def close_terminals(app: web.Application) -> None:
+    await app[TERMINALS_KEY].close_all()
 
 
 def create_app(config: Config) -> web.Application:
@@ -1825,10 +3097,17 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine
     app[AUDIT_KEY] = audit
-    app[SPACES_KEY] = Spaces(config, engine, audit)
+    spaces = Spaces(config, engine, audit)
+    files = Files(spaces)
+    app[SPACES_KEY] = spaces
+    app[FILES_KEY] = files
+    app[TERMINALS_KEY] = Terminals(spaces)
+    app[OBSERVER_KEY] = Observer(spaces)
+    app[HOUSEKEEPER_KEY] = Housekeeper(config, spaces, files)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(service_lifecycle)
+    app.on_shutdown.append(close_terminals)
     return app
 
 
