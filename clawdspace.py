@@ -879,6 +879,9 @@ class Spaces:
         self.last_activity: dict[str, float] = {}
         self.busy_count: dict[str, int] = {}  # running execs and open terminals
         self.started_at: dict[str, str | None] = {}  # container id -> StartedAt
+        # name -> (container id, user): fixed for the life of a container, so an exec can go
+        # straight to the engine without an inspect first.
+        self.known: dict[str, tuple[str, str]] = {}
 
     # -- names and labels ---------------------------------------------------------------
 
@@ -938,8 +941,10 @@ class Spaces:
                                           self.container_name(name))
         except docker.errors.NotFound:
             raise NotFound("Space not found") from None
-        if not self.is_ours((info.get("Config") or {}).get("Labels"), name):
+        config = info.get("Config") or {}
+        if not self.is_ours(config.get("Labels"), name):
             raise NotFound("Space not found")
+        self.known[name] = (info["Id"], str(config.get("User") or ""))
         return info  # type: ignore[no-any-return]
 
     async def get(self, name: str) -> SpaceInfo:
@@ -1116,6 +1121,7 @@ class Spaces:
                 if api_status(err) != 409:  # 409: removal already in progress
                     raise
             self.started_at.pop(info["Id"], None)
+        self.known.pop(name, None)
         if remove_volume:
             await self._remove_volume(volume)
         self.last_activity.pop(name, None)
@@ -1179,6 +1185,8 @@ class Spaces:
         self.touch(name)
         await self.audit.record("space.start", name, {"reason": reason} if reason else None,
                                 actor)
+        if state.get("Paused"):  # unpausing changes nothing else the caller reads
+            return {**info, "State": {**state, "Paused": False, "Status": "running"}}
         fresh = await self.engine.call(api.inspect_container, info["Id"])
         self.view_inspected(fresh)
         return fresh  # type: ignore[no-any-return]
@@ -1196,38 +1204,73 @@ class Spaces:
     # -- exec -----------------------------------------------------------------------------
 
     async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
-        info = await self.running(name, actor)
-        user = (info.get("Config") or {}).get("User") or ""
-        await self.audit.record("space.exec", name, {
-            "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
-            "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}, actor)
+        """Run a command; a paused space is resumed first, a stopped one refused."""
+        check_space_name(name)
         with self.busy(name):
-            return await self._run_exec(info["Id"], user, req, self.config.exec_output_limit)
+            started = time.monotonic()
+            container_id, exec_id, sock = await self._start_exec(name, req, actor)
+            await self.audit.record("space.exec", name, {
+                "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+                "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout},
+                actor)
+            return await self._collect(container_id, exec_id, sock, req.timeout,
+                                       self.config.exec_output_limit, started)
+
+    async def _start_exec(self, name: str, req: ExecRequest,
+                          actor: Actor) -> tuple[str, str, socket.socket]:
+        """Start an exec on the known container id, inspecting only when that fails."""
+        for _ in range(3):
+            if name not in self.known:
+                await self.running(name, actor)
+            container_id, user = self.known[name]
+            try:
+                exec_id, sock = await self.engine.call(self._open_exec, container_id, user, req)
+                return container_id, exec_id, sock
+            except docker.errors.APIError as err:
+                message = api_message(err)
+                if api_status(err) == 404:
+                    self.known.pop(name, None)  # re-created or gone: look again
+                elif "paused" in message:
+                    await self.running(name, actor)
+                elif "not running" in message:
+                    raise Conflict(f"Space is stopped; start it with POST /api/spaces/{name}"
+                                   "/start", "space_stopped") from None
+                else:
+                    raise Conflict(f"exec could not start: {message}", "exec_failed") from None
+        raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
 
     async def run_internal(self, info: dict[str, Any], req: ExecRequest,
                            output_limit: int) -> ExecResult:
         """An exec of the service's own (files, probes): not audited, not activity."""
         user = str((info.get("Config") or {}).get("User") or "")
-        return await self._run_exec(info["Id"], user, req, output_limit)
-
-    async def _run_exec(self, container_id: str, user: str, req: ExecRequest,
-                        output_limit: int) -> ExecResult:
-        api = self.engine.api
         started = time.monotonic()
         try:
-            exec_id = (await self.engine.call(
-                api.exec_create, container_id, req.argv, stdout=True, stderr=True,
-                stdin=False, tty=False, environment=req.env or None, workdir=req.workdir,
-                user=user))["Id"]
-            sock = raw_socket(await self.engine.call(api.exec_start, exec_id, socket=True))
+            exec_id, sock = await self.engine.call(self._open_exec, info["Id"], user, req)
         except docker.errors.APIError as err:
             raise Conflict(f"exec could not start: {api_message(err)}", "exec_failed") from None
+        return await self._collect(info["Id"], exec_id, sock, req.timeout, output_limit,
+                                   started)
+
+    def _open_exec(self, container_id: str, user: str,
+                   req: ExecRequest) -> tuple[str, socket.socket]:
+        """Create and start an exec in one executor job (blocking)."""
+        api = self.engine.api
+        exec_id: str = api.exec_create(
+            container_id, req.argv, stdout=True, stderr=True, stdin=False, tty=False,
+            environment=req.env or None, workdir=req.workdir, user=user)["Id"]
+        sock = raw_socket(api.exec_start(exec_id, socket=True))
         sock.settimeout(None)
+        return exec_id, sock
+
+    async def _collect(self, container_id: str, exec_id: str, sock: socket.socket,
+                       timeout: float, output_limit: int, started: float) -> ExecResult:
+        """Read an exec's output (capped), enforce its timeout, and report how it ended."""
+        api = self.engine.api
         reader = DemuxReader(sock, output_limit)
         task = asyncio.ensure_future(self.engine.stream(reader.run))
         timed_out = False
         try:
-            await asyncio.wait_for(asyncio.shield(task), req.timeout)
+            await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
             timed_out = True
             await self.kill_exec(container_id, exec_id)
@@ -2859,14 +2902,19 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    words = {400: "Invalid input", 401: "Missing or wrong API key", 404: "Not found",
-             409: "Conflict with the space's state", 413: "Body too large",
+    words = {400: "Invalid input", 401: "Missing or wrong API key",
+             403: "Outside /workspace, or a foreign Origin", 404: "Not found",
+             409: "Conflict with the space's state", 411: "Content-Length required",
+             413: "Body too large", 507: "The space's disk is full",
              503: "The Docker engine or the audit log is unavailable"}
     return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
 
 
 NAME_PARAM = {"name": "name", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63}}
+PATH_PARAM = {"name": "path", "in": "query", "required": True,
+              "description": "Path relative to /workspace, e.g. /src/main.py",
+              "schema": {"type": "string", "maxLength": 4096}}
 MESSAGE = {"type": "object", "required": ["message"],
            "properties": {"message": {"type": "string"}}}
 
@@ -2954,6 +3002,51 @@ def openapi_document() -> dict[str, Any]:
                            "space": {"type": "string"}, "meta": {"type": "object"},
                            "keyId": {"type": "string"}, "clientAddr": {"type": "string"}},
         },
+        "Stats": {
+            "type": "object",
+            "required": ["cpuPercent", "memoryUsageBytes", "memoryLimitBytes", "pids",
+                         "networkRxBytes", "networkTxBytes", "blockReadBytes",
+                         "blockWriteBytes"],
+            "properties": {"cpuPercent": {"type": "number"},
+                           **{k: {"type": "integer"} for k in (
+                               "memoryUsageBytes", "memoryLimitBytes", "pids", "networkRxBytes",
+                               "networkTxBytes", "blockReadBytes", "blockWriteBytes")}},
+        },
+        "Observability": {
+            "type": "object",
+            "required": ["stats", "workspaceDisk", "workspaceSizeBytes", "top",
+                         "bashHistoryTail", "status", "settings"],
+            "properties": {
+                "stats": _ref("Stats"),
+                "workspaceDisk": {"type": ["object", "null"]},
+                "workspaceSizeBytes": {"type": ["integer", "null"]},
+                "top": {"type": "array", "items": {"type": "object"}},
+                "bashHistoryTail": {"type": ["string", "null"]},
+                "status": {"type": "string"}, "settings": {"type": "object"},
+            },
+        },
+        "Listing": {
+            "type": "object", "required": ["path", "entries", "truncated"],
+            "properties": {
+                "path": {"type": "string"}, "truncated": {"type": "boolean"},
+                "entries": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "path", "type", "size", "mtimeMs"],
+                    "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                                   "type": {"enum": ["file", "dir", "symlink", "other"]},
+                                   "size": {"type": "integer"},
+                                   "mtimeMs": {"type": "integer"}}}},
+            },
+        },
+        "FileContent": {
+            "type": "object", "required": ["path", "contentBase64", "truncated", "size"],
+            "properties": {"path": {"type": "string"}, "contentBase64": {"type": "string"},
+                           "truncated": {"type": "boolean"}, "size": {"type": "integer"}},
+        },
+        "FileWritten": {
+            "type": "object", "required": ["message", "path", "bytes"],
+            "properties": {"message": {"type": "string"}, "path": {"type": "string"},
+                           "bytes": {"type": "integer"}},
+        },
         "Capabilities": {
             "type": "object",
             "required": ["gpu", "gpuName", "gpuMemory", "gpuCount", "gpus", "arch", "platform"],
@@ -3007,6 +3100,73 @@ def openapi_document() -> dict[str, Any]:
         "/api/spaces/{name}/exec": space_op | {
             "post": _operation("Run a command", _json(_ref("ExecResult"), "Finished"),
                                404, 409, body=_ref("Exec"))},
+        "/api/spaces/{name}/touch": space_op | {
+            "post": _operation("Mark a space active (resumes a paused one)", _json(
+                {"type": "object", "required": ["message", "lastActivity"],
+                 "properties": {"message": {"type": "string"},
+                                "lastActivity": {"type": "string"}}}, "Touched"),
+                400, 404, 409)},
+        "/api/spaces/{name}/stats": space_op | {
+            "get": _operation("Resource usage now", _json(
+                {"type": "object", "required": ["stats"], "properties": {"stats": _ref("Stats")}},
+                "Stats"), 400, 404)},
+        "/api/spaces/{name}/observability": space_op | {
+            "get": _operation("Stats, disk, top processes, history tail, settings", _json(
+                {"type": "object", "required": ["observability"],
+                 "properties": {"observability": _ref("Observability")}}, "Observability"),
+                400, 404, params=[
+                    {"name": "top", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 25}},
+                    {"name": "historyLines", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 500}}])},
+        "/api/spaces/{name}/files": space_op | {
+            "get": _operation("List a directory of /workspace", _json(
+                _ref("Listing"), "Entries"), 400, 403, 404, 409, params=[
+                    PATH_PARAM | {"required": False},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}])},
+        "/api/spaces/{name}/file": space_op | {
+            "get": _operation(
+                "Read a file (JSON base64, or raw bytes with raw=true or Accept: "
+                "application/octet-stream)", {
+                    **_json(_ref("FileContent"), "Content"),
+                    "content": {"application/json": {"schema": _ref("FileContent")},
+                                "application/octet-stream": {"schema": {
+                                    "type": "string", "format": "binary"}}}},
+                400, 403, 404, 409, params=[
+                    PATH_PARAM,
+                    {"name": "maxBytes", "in": "query", "schema": {"type": "integer",
+                                                                  "minimum": 0}},
+                    {"name": "raw", "in": "query", "schema": {"type": "boolean"}}]),
+            "put": _operation(
+                "Write a file atomically (JSON base64, or a raw application/octet-stream "
+                "body with Content-Length)", _json(_ref("FileWritten"), "Written"),
+                400, 403, 404, 409, 411, 413, 507, params=[PATH_PARAM]) | {
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {
+                            "type": "object", "required": ["contentBase64"],
+                            "additionalProperties": False,
+                            "properties": {"contentBase64": {"type": "string",
+                                                             "contentEncoding": "base64"}}}},
+                        "application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}}}}},
+            "delete": _operation("Delete a file, or a directory with recursive=true", _json(
+                {"type": "object", "required": ["message", "path"],
+                 "properties": {"message": {"type": "string"}, "path": {"type": "string"}}},
+                "Deleted"), 400, 403, 404, 409, params=[
+                    PATH_PARAM,
+                    {"name": "recursive", "in": "query", "schema": {"type": "boolean"}}]),
+        },
+        "/api/spaces/{name}/terminal": space_op | {
+            "get": _operation(
+                "Websocket terminal (bash -l). Binary frames are stdin and output; text frames "
+                "are JSON {type: input|resize|ping}", {"description": "Switching protocols"},
+                400, 403, 404, 409, params=[
+                    {"name": "cols", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                    {"name": "rows", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 200}}],
+                ok_status="101")},
         "/api/audit": {"get": _operation("Audit events, oldest first", _json(
             {"type": "object", "required": ["events"],
              "properties": {"events": {"type": "array", "items": _ref("AuditEvent")}}},
