@@ -604,9 +604,36 @@ def api_message(err: docker.errors.APIError) -> str:
     return str(explanation or err).strip()
 
 
-def raw_socket(sock: Any) -> socket.socket:
-    """The plain socket under docker-py's exec/attach socket wrapper."""
-    return getattr(sock, "_sock", sock)  # type: ignore[no-any-return]
+class ExecSocket:
+    """The hijacked socket of an exec stream, and the HTTP response that owns it.
+
+    Both must be closed, or the engine connection leaks (docker-py keeps the response on the
+    wrapper it returns from ``exec_start(socket=True)``).
+    """
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+        self.sock: ExecSocket = getattr(wrapper, "_sock", wrapper)
+        self.sock.settimeout(None)
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def shutdown(self, how: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(how)
+
+    def close(self) -> None:
+        response = getattr(self.wrapper, "_response", None)
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.close()
+        for closable in (self.wrapper, self.sock):
+            with contextlib.suppress(OSError):
+                closable.close()
 
 
 class DemuxReader:
@@ -618,7 +645,7 @@ class DemuxReader:
 
     HEADER = struct.Struct(">BxxxL")
 
-    def __init__(self, sock: socket.socket, limit: int) -> None:
+    def __init__(self, sock: ExecSocket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
         self.out = {1: bytearray(), 2: bytearray()}
@@ -659,8 +686,7 @@ class DemuxReader:
             self.truncated[stream] = True
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.shutdown(socket.SHUT_RDWR)
 
 
 def decode_output(data: bytes | bytearray, truncated: bool) -> str:
@@ -816,7 +842,7 @@ def parse_create(body: dict[str, Any], config: Config) -> CreateRequest:
     gpu = check_bool("gpu", body.get("gpu", False))
     image = body.get("image")
     if image is None:
-        image = config.gpu_image if gpu else config.image
+        image = (config.gpu_image or config.image) if gpu else config.image
     return CreateRequest(
         name=check_space_name(body["name"]),
         memory=parse_memory(body.get("memory", "2g")),
@@ -1217,7 +1243,7 @@ class Spaces:
                                        self.config.exec_output_limit, started)
 
     async def _start_exec(self, name: str, req: ExecRequest,
-                          actor: Actor) -> tuple[str, str, socket.socket]:
+                          actor: Actor) -> tuple[str, str, ExecSocket]:
         """Start an exec on the known container id, inspecting only when that fails."""
         for _ in range(3):
             if name not in self.known:
@@ -1252,17 +1278,15 @@ class Spaces:
                                    started)
 
     def _open_exec(self, container_id: str, user: str,
-                   req: ExecRequest) -> tuple[str, socket.socket]:
+                   req: ExecRequest) -> tuple[str, ExecSocket]:
         """Create and start an exec in one executor job (blocking)."""
         api = self.engine.api
         exec_id: str = api.exec_create(
             container_id, req.argv, stdout=True, stderr=True, stdin=False, tty=False,
             environment=req.env or None, workdir=req.workdir, user=user)["Id"]
-        sock = raw_socket(api.exec_start(exec_id, socket=True))
-        sock.settimeout(None)
-        return exec_id, sock
+        return exec_id, ExecSocket(api.exec_start(exec_id, socket=True))
 
-    async def _collect(self, container_id: str, exec_id: str, sock: socket.socket,
+    async def _collect(self, container_id: str, exec_id: str, sock: ExecSocket,
                        timeout: float, output_limit: int, started: float) -> ExecResult:
         """Read an exec's output (capped), enforce its timeout, and report how it ended."""
         api = self.engine.api
@@ -1282,8 +1306,7 @@ class Spaces:
         finally:
             if not task.done():
                 reader.abort()
-            with contextlib.suppress(OSError):
-                sock.close()
+            sock.close()
         details = await self.engine.call(api.exec_inspect, exec_id)
         exit_code = details.get("ExitCode")
         if exit_code is None:
@@ -2091,18 +2114,16 @@ class Terminals:
                 api.exec_create, info["Id"], argv, stdin=True, tty=True, stdout=True,
                 stderr=True, environment={"TERM": "xterm-256color"}, workdir=WORKSPACE,
                 user=user))["Id"]
-            sock = raw_socket(await self.engine.call(api.exec_start, exec_id, socket=True,
+            sock = ExecSocket(await self.engine.call(api.exec_start, exec_id, socket=True,
                                                      tty=True))
         except docker.errors.APIError as err:
             raise Conflict(f"terminal could not start: {api_message(err)}", "exec_failed") \
                 from None
-        sock.settimeout(None)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
         try:
             await ws.prepare(request)
         except BaseException:
-            with contextlib.suppress(OSError):
-                sock.close()
+            sock.close()
             raise
         self.sockets.add(ws)
         opened = time.monotonic()
@@ -2119,8 +2140,7 @@ class Terminals:
                     await self._end_shell(info["Id"], exec_id, sock)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pump, 10)
-                with contextlib.suppress(OSError):
-                    sock.close()
+                sock.close()
                 self.sockets.discard(ws)
                 with contextlib.suppress(docker.errors.APIError, ClawdError):
                     exit_code = (await self.engine.call(api.exec_inspect, exec_id)).get(
@@ -2130,7 +2150,7 @@ class Terminals:
             actor)
         return ws
 
-    async def _pump_output(self, name: str, sock: socket.socket,
+    async def _pump_output(self, name: str, sock: ExecSocket,
                            ws: web.WebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
@@ -2166,7 +2186,7 @@ class Terminals:
                     queue.get_nowait()
                 await asyncio.sleep(0.01)
 
-    async def _pump_input(self, name: str, exec_id: str, sock: socket.socket,
+    async def _pump_input(self, name: str, exec_id: str, sock: ExecSocket,
                           ws: web.WebSocketResponse) -> None:
         async for message in ws:
             self.spaces.touch(name)
@@ -2177,7 +2197,7 @@ class Terminals:
             elif message.type == web.WSMsgType.ERROR:
                 break
 
-    async def _control(self, exec_id: str, sock: socket.socket, ws: web.WebSocketResponse,
+    async def _control(self, exec_id: str, sock: ExecSocket, ws: web.WebSocketResponse,
                        text: str) -> None:
         try:
             command = json.loads(text)
@@ -2203,14 +2223,13 @@ class Terminals:
         else:
             await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
 
-    async def _send(self, sock: socket.socket, data: bytes) -> None:
+    async def _send(self, sock: ExecSocket, data: bytes) -> None:
         with contextlib.suppress(OSError):
             await self.engine.stream(lambda: sock.sendall(data))
 
-    async def _end_shell(self, container_id: str, exec_id: str, sock: socket.socket) -> None:
+    async def _end_shell(self, container_id: str, exec_id: str, sock: ExecSocket) -> None:
         """The client left: hang up the shell (EOF), then kill what is left of its group."""
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(socket.SHUT_WR)
         await asyncio.sleep(0.2)
         await self.spaces.kill_exec(container_id, exec_id)
 
@@ -2433,13 +2452,13 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
     """Rows of ``--query-gpu=index,name,memory.total,uuid --format=csv,noheader,nounits``."""
     gpus: list[GpuInfo] = []
     for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
+        parts = [p.strip() for p in line.split(", ")]
         if len(parts) < 4 or not parts[0].isdigit():
             continue
         memory = parts[-2]
         gpus.append({
             "index": int(parts[0]),
-            "name": ",".join(parts[1:-2]),  # a GPU name may itself hold a comma
+            "name": ", ".join(parts[1:-2]),  # a GPU name may itself hold ", "
             "memoryMiB": int(float(memory)) if re.fullmatch(r"\d+(\.\d+)?", memory) else 0,
             "uuid": parts[-1],
         })
@@ -3173,7 +3192,8 @@ def openapi_document() -> dict[str, Any]:
             "Events"), 400, params=[
                 {"name": "space", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query",
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}])},
+                 "description": "Default 200; values above 1000 are read as 1000",
+                 "schema": {"type": "integer", "minimum": 1}}])},
     }
     return {
         "openapi": "3.1.0",
@@ -3250,6 +3270,9 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, make_auth_middleware(config)],
         client_max_size=config.max_body_bytes,
+        # Long header lines get to the middlewares (and a JSON 401/400), not aiohttp's 8 KiB
+        # plain-text refusal.
+        handler_args={"max_line_size": 1 << 20, "max_field_size": 1 << 20},
     )
     engine = Engine()
     audit = AuditLog(config.data_dir, config.audit_max_bytes, config.audit_keep,

@@ -1,0 +1,402 @@
+"""Shared fixtures: a real Docker engine, the app in-process, and the service as a real process.
+
+Every container and volume the suite makes carries a per-session prefix (``cst<hex6>-``); a
+session finaliser removes whatever is left under it, whatever a test did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # clawdspace.py is a module at the repository root
+    sys.path.insert(0, str(ROOT))
+
+import clawdspace  # noqa: E402
+
+SESSION_PREFIX = f"cst{secrets.token_hex(3)}-"
+SESSION_KEY = f"cs-test-key-{secrets.token_hex(16)}"
+NO_GPU = "/nonexistent/nvidia-smi"  # an nvidia-smi that is not there: a GPU-less node
+
+
+def unique_name(stem: str = "s") -> str:
+    """A space name no other test uses."""
+    return f"{stem}-{secrets.token_hex(3)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker
+# ---------------------------------------------------------------------------------------------
+
+def owned_by(prefix: str, name: str, labels: dict[str, str] | None) -> bool:
+    instance = (labels or {}).get("clawdspace.instance", "")
+    return name.lstrip("/").startswith(prefix) or instance.startswith(prefix)
+
+
+def docker_names(api: docker.APIClient, prefix: str) -> tuple[set[str], set[str]]:
+    """Names of the containers and volumes under ``prefix`` (by name or by instance label)."""
+    containers = {
+        row["Names"][0].lstrip("/") for row in api.containers(all=True)
+        if owned_by(prefix, row["Names"][0], row.get("Labels"))
+    }
+    volumes = {
+        vol["Name"] for vol in (api.volumes().get("Volumes") or [])
+        if owned_by(prefix, vol["Name"], vol.get("Labels"))
+    }
+    return containers, volumes
+
+
+def remove_everything(api: docker.APIClient, prefix: str) -> None:
+    containers, volumes = docker_names(api, prefix)
+    for name in containers:
+        with contextlib.suppress(docker.errors.NotFound):
+            api.remove_container(name, force=True)
+    for name in volumes:
+        for _ in range(20):
+            try:
+                api.remove_volume(name)
+                break
+            except docker.errors.NotFound:
+                break
+            except docker.errors.APIError:
+                time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def docker_api() -> Iterator[docker.APIClient]:
+    api = docker.APIClient(version="auto")
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def prefix() -> str:
+    return SESSION_PREFIX
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_docker(docker_api: docker.APIClient) -> Iterator[None]:
+    yield
+    remove_everything(docker_api, SESSION_PREFIX)
+
+
+def container_of(docker_api: docker.APIClient, prefix: str, name: str) -> dict[str, Any]:
+    """``docker inspect`` of the container of space ``name``."""
+    return docker_api.inspect_container(f"{prefix}{name}")  # type: ignore[no-any-return]
+
+
+def container_exists(docker_api: docker.APIClient, name: str) -> bool:
+    try:
+        docker_api.inspect_container(name)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
+def volume_exists(docker_api: docker.APIClient, name: str) -> bool:
+    try:
+        docker_api.inspect_volume(name)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and the in-process app
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return SESSION_KEY
+
+
+class MakeConfig(Protocol):
+    def __call__(self, **overrides: Any) -> clawdspace.Config: ...
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, prefix: str, api_key: str) -> MakeConfig:
+    def make(**overrides: Any) -> clawdspace.Config:
+        values: dict[str, Any] = {
+            "api_key": api_key, "data_dir": str(tmp_path / "data"), "prefix": prefix,
+            "host": "127.0.0.1", "port": 0, "nvidia_smi": NO_GPU,
+        }
+        values.update(overrides)
+        return clawdspace.Config(**values)
+
+    return make
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    body: Any
+    content_type: str
+    headers: dict[str, str]
+
+    def error_code(self) -> str:
+        """The ``code`` of a JSON error answer (asserts the error shape)."""
+        assert self.content_type == "application/json", (self.status, self.body)
+        assert isinstance(self.body, dict) and set(self.body) == {"error", "code"}, self.body
+        assert isinstance(self.body["error"], str) and self.body["error"]
+        return str(self.body["code"])
+
+
+class Api:
+    """A test client of one app that sends the Bearer key unless told otherwise."""
+
+    def __init__(self, client: TestClient[Any, Any], app: web.Application,
+                 config: clawdspace.Config) -> None:
+        self.client = client
+        self.app = app
+        self.config = config
+        self.key = config.api_key or ""
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.config.data_dir) / "audit.jsonl"
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+
+    async def call(self, method: str, path: str, *, key: str | None = "",
+                   headers: dict[str, str] | None = None, **kwargs: Any) -> Reply:
+        """One request; ``key=""`` sends the configured key, ``None`` sends none."""
+        headers = dict(headers or {})
+        if key is not None:
+            headers.setdefault("Authorization", f"Bearer {key or self.key}")
+        async with self.client.request(method, path, headers=headers, **kwargs) as resp:
+            raw = await resp.read()
+            body: Any = raw.decode("utf-8", "replace")
+            if resp.content_type == "application/json":
+                body = json.loads(raw)
+            return Reply(resp.status, body, resp.content_type, dict(resp.headers))
+
+    async def get(self, path: str, **kwargs: Any) -> Reply:
+        return await self.call("GET", path, **kwargs)
+
+    async def post(self, path: str, body: Any = None, **kwargs: Any) -> Reply:
+        if body is not None:
+            kwargs["json"] = body
+        return await self.call("POST", path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> Reply:
+        return await self.call("DELETE", path, **kwargs)
+
+    async def exec(self, name: str, command: Any, **fields: Any) -> dict[str, Any]:
+        """Run a command that must be accepted; returns the exec result."""
+        reply = await self.post(f"/api/spaces/{name}/exec", {"command": command, **fields})
+        assert reply.status == 200, reply.body
+        return reply.body  # type: ignore[no-any-return]
+
+
+def router_routes(app: web.Application) -> set[tuple[str, str]]:
+    """(METHOD, path template) of every route the app serves, HEAD excluded."""
+    return {(route.method, route.resource.canonical) for route in app.router.routes()
+            if route.method != "HEAD" and route.resource is not None}
+
+
+MakeClient = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: Any, make_config: MakeConfig) -> MakeClient:
+    """``await make_client(**config_overrides)``: a fresh app on its own test server."""
+
+    async def make(**overrides: Any) -> Api:
+        config = make_config(**overrides)
+        app = clawdspace.create_app(config)
+        return Api(await aiohttp_client(app), app, config)
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Api:
+    return await make_client()
+
+
+class SpaceMaker:
+    """``await space(name=None, api=None, **body)`` creates a space through the API (asserting
+    201); every space it made or was told of (``adopt``) is destroyed, volume and all, at
+    teardown."""
+
+    def __init__(self, client: Api) -> None:
+        self.client = client
+        self.names: list[str] = []
+
+    async def __call__(self, name: str | None = None, api: Api | None = None,
+                       **body: Any) -> dict[str, Any]:
+        name = name or unique_name()
+        self.adopt(name)
+        reply = await (api or self.client).post("/api/spaces", {"name": name, **body})
+        assert reply.status == 201, reply.body
+        return reply.body["space"]  # type: ignore[no-any-return]
+
+    def adopt(self, name: str) -> None:
+        if name not in self.names:
+            self.names.append(name)
+
+    async def destroy_all(self) -> None:
+        for name in self.names:
+            reply = await self.client.delete(f"/api/spaces/{name}",
+                                             params={"removeVolume": "true"})
+            assert reply.status in (200, 404), reply.body
+
+
+@pytest.fixture
+async def space(client: Api) -> AsyncIterator[SpaceMaker]:
+    maker = SpaceMaker(client)
+    yield maker
+    await maker.destroy_all()
+
+
+def fake_nvidia_smi(directory: Path, rows: list[str], exit_code: int = 0) -> str:
+    """An executable that prints ``rows`` as ``nvidia-smi --query-gpu=... --format=csv`` would.
+
+    clawdspace caches GPU answers per command path, so each directory is one fake node.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "nvidia-smi"
+    body = "".join(f"echo '{row}'\n" for row in rows)
+    script.write_text(f"#!/bin/sh\n{body}exit {exit_code}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service as a real process
+# ---------------------------------------------------------------------------------------------
+
+def http_json(method: str, url: str, body: Any = None, key: str | None = None,
+              timeout: float = 60) -> tuple[int, Any]:
+    """A blocking HTTP request; returns (status, parsed JSON or text)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+            status, raw, ctype = resp.status, resp.read(), resp.headers.get_content_type()
+    except urllib.error.HTTPError as err:
+        with err:
+            status, raw, ctype = err.code, err.read(), err.headers.get_content_type()
+    return status, json.loads(raw) if ctype == "application/json" else raw.decode()
+
+
+def free_loopback() -> tuple[str, int]:
+    """A random 127.0.0.x address and a port free on it."""
+    host = f"127.0.0.{random.randint(2, 250)}"
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return host, sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    key: str
+    prefix: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: Any = None,
+                key: str | None = "") -> tuple[int, Any]:
+        return http_json(method, self.url + path, body, self.key if key == "" else key)
+
+
+def service_env(**env: str) -> dict[str, str]:
+    """The parent environment minus every CLAWDSPACE_* variable, plus ``env``."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("CLAWDSPACE_") and k != "API_KEY"}
+    return {**base, "PYTHONUNBUFFERED": "1", **env}
+
+
+def run_cli(*args: str, env: dict[str, str],
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "clawdspace.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@contextlib.contextmanager
+def serve(workdir: Path, key: str | None, prefix: str, **env: str) -> Iterator[Served]:
+    """``clawdspace.py serve`` as a real process on a free loopback port, until exit."""
+    host, port = free_loopback()
+    data_dir = workdir / "data"
+    log_path = workdir / "serve.log"
+    variables = {"CLAWDSPACE_HOST": host, "CLAWDSPACE_PORT": str(port),
+                 "CLAWDSPACE_DATA_DIR": str(data_dir), "CLAWDSPACE_PREFIX": prefix,
+                 "CLAWDSPACE_NVIDIA_SMI": NO_GPU, **env}
+    if key is not None:
+        variables["CLAWDSPACE_API_KEY"] = key
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, str(ROOT / "clawdspace.py"), "serve"],
+                                   env=service_env(**variables), stdout=log_file,
+                                   stderr=subprocess.STDOUT, cwd=workdir)
+    served = Served(f"http://{host}:{port}", key or "", prefix, data_dir, log_path, process)
+    try:
+        for _ in range(300):
+            if process.poll() is not None:
+                raise AssertionError(f"serve exited {process.returncode}:\n{served.log()}")
+            with contextlib.suppress(OSError):
+                status, _ = http_json("GET", served.url + "/api/health", timeout=5)
+                if status == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"serve never answered /api/health:\n{served.log()}")
+        yield served
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The service as a real process, with the session key and prefix."""
+    with serve(tmp_path_factory.mktemp("served"), SESSION_KEY, SESSION_PREFIX) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_space(served: Served) -> Iterator[str]:
+    """One running space for the read-only tests of a module; destroyed after them."""
+    name = unique_name("shared")
+    status, body = served.request("POST", "/api/spaces", {"name": name, "memory": "256m"})
+    assert status == 201, body
+    yield name
+    status, body = served.request("DELETE", f"/api/spaces/{name}?removeVolume=true")
+    assert status == 200, body
