@@ -38,6 +38,17 @@ CLAWDSPACE_NVIDIA_SMI       nvidia-smi command used to detect GPUs. Default ``nv
 CLAWDSPACE_HISTORY_INTERVAL Seconds between shell history ingestions (0: off). Default ``15``.
 CLAWDSPACE_ALLOWED_ORIGINS  Extra browser origins allowed to open terminals, comma-separated.
 CLAWDSPACE_FILE_READ_LIMIT  Largest JSON (base64) file read, in bytes. Default ``8388608``.
+CLAWDSPACE_SHIPPED_TEMPLATES_DIR  Templates shipped with the program. Default: ``templates/``
+                            beside clawdspace.py. Templates written through the API go to
+                            $CLAWDSPACE_TEMPLATES_DIR and win over shipped ones of the same name.
+CLAWDSPACE_FIREWALL         ``false`` lets internet spaces run without the egress firewall
+                            (they are refused while it cannot be installed). Default ``true``.
+CLAWDSPACE_GIT_TOKEN_HOSTS  Hosts a clone/push token may be sent to. Default ``github.com``.
+CLAWDSPACE_GIT_HTTP_HOSTS   host[:port] list allowed over plain http:// (tests). Default: none.
+CLAWDSPACE_USE_GH_TOKEN     Use the node's ``gh auth token`` for github.com. Default ``true``.
+CLAWDSPACE_GIT_TIMEOUT      Seconds a clone or push may take. Default ``600``.
+CLAWDSPACE_DNS_SERVERS      DNS servers internet spaces may reach on port 53 (comma-separated).
+                            Default: the node's resolv.conf nameservers (what Docker uses).
 DOCKER_HOST                 Honoured through the docker SDK (default: the local socket).
 
 Constraints
@@ -64,6 +75,7 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -76,12 +88,14 @@ import struct
 import sys
 import tarfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypedDict, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
+import yaml
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -123,6 +137,13 @@ def env_flag(name: str, default: bool = False) -> bool:
     raise ConfigError(f"{name} must be true or false, not {raw!r}")
 
 
+def env_set(name: str, default: frozenset[str]) -> frozenset[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return frozenset(item.strip().lower() for item in raw.split(",") if item.strip())
+
+
 def env_int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -162,6 +183,14 @@ class Config:
     history_interval: int = 15
     allowed_origins: frozenset[str] = frozenset()
     file_read_limit: int = 8 << 20
+    shipped_templates_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "templates")
+    firewall: bool = True
+    git_token_hosts: frozenset[str] = frozenset({"github.com"})
+    git_http_hosts: frozenset[str] = frozenset()
+    use_gh_token: bool = True
+    git_timeout: int = 600
+    dns_servers: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls) -> Config:
@@ -197,6 +226,14 @@ class Config:
                 os.environ.get("CLAWDSPACE_ALLOWED_ORIGINS", "").split(",") if o.strip()),
             file_read_limit=env_int(
                 "CLAWDSPACE_FILE_READ_LIMIT", cls.file_read_limit, minimum=1024),
+            shipped_templates_dir=os.environ.get(
+                "CLAWDSPACE_SHIPPED_TEMPLATES_DIR", cls.shipped_templates_dir),
+            firewall=env_flag("CLAWDSPACE_FIREWALL", True),
+            git_token_hosts=env_set("CLAWDSPACE_GIT_TOKEN_HOSTS", cls.git_token_hosts),
+            git_http_hosts=env_set("CLAWDSPACE_GIT_HTTP_HOSTS", cls.git_http_hosts),
+            use_gh_token=env_flag("CLAWDSPACE_USE_GH_TOKEN", True),
+            git_timeout=env_int("CLAWDSPACE_GIT_TIMEOUT", cls.git_timeout, minimum=1),
+            dns_servers=env_set("CLAWDSPACE_DNS_SERVERS", cls.dns_servers),
         )
 
     def check(self) -> None:
@@ -305,6 +342,8 @@ class SpaceInfo(TypedDict):
     gpu: bool
     template: str | None
     network: str
+    writableRootfs: bool
+    idleTimeout: int | None
     user: str
     lastActivity: str
     volume: SpaceVolume
@@ -721,19 +760,667 @@ def kill_exec_group(host_pid: int) -> int | None:
 
 
 # ###########################################################################
+# Templates
+# ###########################################################################
+
+TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+REPO_DEST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+TEMPLATE_MAX_BYTES = 64 << 10
+NETWORK_MODES = ("none", "internet")
+TEMPLATE_KEYS: dict[str, Any] = {
+    "name": None, "description": None, "idleTimeout": None,
+    "resources": {"memory", "cpus", "gpu", "image"},
+    "network": {"mode", "allowCidrs"},
+    "security": {"writableRootfs"},
+    "workspace": {"defaultRepoDest"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A validated template: defaults and a network/rootfs posture for new spaces."""
+
+    name: str
+    description: str = ""
+    memory: int | None = None
+    cpus: float | None = None
+    gpu: bool = False
+    image: str | None = None
+    network: str = "internet"
+    allow_cidrs: tuple[str, ...] = ()
+    writable_rootfs: bool = True
+    idle_timeout: int | None = None
+    default_repo_dest: str = "repo"
+    source: str = "builtin"
+
+    def as_dict(self) -> dict[str, Any]:
+        resources: dict[str, Any] = {"gpu": self.gpu}
+        if self.memory is not None:
+            resources["memory"] = self.memory
+        if self.cpus is not None:
+            resources["cpus"] = self.cpus
+        if self.image is not None:
+            resources["image"] = self.image
+        return {
+            "name": self.name, "description": self.description, "resources": resources,
+            "network": {"mode": self.network, "allowCidrs": list(self.allow_cidrs)},
+            "security": {"writableRootfs": self.writable_rootfs},
+            "idleTimeout": self.idle_timeout,
+            "workspace": {"defaultRepoDest": self.default_repo_dest},
+            "source": self.source,
+        }
+
+
+BUILTIN_DEFAULT = Template(name="default", description="Internet access; LAN, tailnet, "
+                           "cloud metadata and this node blocked")
+
+
+def check_template_name(name: Any) -> str:
+    if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
+        raise BadRequest("invalid template name: 1-64 of a-z, 0-9, '.', '_', '-', starting "
+                         "with a letter or digit", "invalid_template")
+    return name
+
+
+def check_repo_dest(value: Any, field: str = "repoDest") -> str:
+    if not isinstance(value, str) or len(value) > 200 or not REPO_DEST_RE.match(value) or any(
+            part in (".", "..") for part in value.split("/")):
+        raise BadRequest(f"{field} must be a relative path inside /workspace such as 'repo' or "
+                         "'src/app'", f"invalid_{field}")
+    return value
+
+
+def check_cidr(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a CIDR string such as '10.1.2.0/24'", "invalid_template")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise BadRequest(f"{field}: {value[:64]!r} is not a CIDR", "invalid_template") from None
+
+
+def parse_template(text: str, source: str = "user") -> Template:
+    """YAML (safe_load) against a closed schema; every error names its field."""
+    if len(text.encode("utf-8", "surrogatepass")) > TEMPLATE_MAX_BYTES:
+        raise BadRequest("template YAML is larger than 64 KiB", "invalid_template")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise BadRequest(f"template YAML does not parse: {str(err)[:300]}",
+                         "invalid_template") from None
+    if not isinstance(data, dict):
+        raise BadRequest("a template is a YAML mapping with at least 'name'", "invalid_template")
+    for key, value in data.items():
+        if key not in TEMPLATE_KEYS:
+            raise BadRequest(f"unknown template field {str(key)[:64]!r}", "invalid_template")
+        allowed = TEMPLATE_KEYS[key]
+        if allowed is not None:
+            if not isinstance(value, dict):
+                raise BadRequest(f"{key} must be a mapping", "invalid_template")
+            for sub in value:
+                if sub not in allowed:
+                    raise BadRequest(f"unknown template field {key}.{str(sub)[:64]}",
+                                     "invalid_template")
+
+    def field(section: str, key: str) -> Any:
+        return (data.get(section) or {}).get(key)
+
+    def named(error: BadRequest, name: str) -> BadRequest:
+        return BadRequest(f"{name}: {error.message}", "invalid_template")
+
+    name = check_template_name(data.get("name"))
+    description = data.get("description", "")
+    if not isinstance(description, str) or len(description) > 200:
+        raise BadRequest("description must be a string of at most 200 characters",
+                         "invalid_template")
+    memory = field("resources", "memory")
+    cpus = field("resources", "cpus")
+    try:
+        memory_bytes = parse_memory(memory, check_host=False) if memory is not None else None
+    except BadRequest as err:
+        raise named(err, "resources.memory") from None
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, (int, float))
+                             or not 0 < cpus <= 1024):
+        raise BadRequest("resources.cpus must be a number above 0", "invalid_template")
+    gpu = field("resources", "gpu")
+    if gpu is not None and not isinstance(gpu, bool):
+        raise BadRequest("resources.gpu must be true or false", "invalid_template")
+    image = field("resources", "image")
+    if image is not None:
+        try:
+            check_image_ref(image)
+        except BadRequest as err:
+            raise named(err, "resources.image") from None
+    mode = field("network", "mode") or "internet"
+    if mode not in NETWORK_MODES:
+        raise BadRequest(f"network.mode must be one of {', '.join(NETWORK_MODES)}",
+                         "invalid_template")
+    cidrs = field("network", "allowCidrs") or []
+    if not isinstance(cidrs, list) or len(cidrs) > 32:
+        raise BadRequest("network.allowCidrs must be a list of at most 32 CIDRs",
+                         "invalid_template")
+    allow = tuple(sorted({check_cidr(c, "network.allowCidrs") for c in cidrs}))
+    writable = field("security", "writableRootfs")
+    if writable is not None and not isinstance(writable, bool):
+        raise BadRequest("security.writableRootfs must be true or false", "invalid_template")
+    idle = data.get("idleTimeout")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int) or idle < 0):
+        raise BadRequest("idleTimeout must be a whole number of seconds (0: never)",
+                         "invalid_template")
+    dest = field("workspace", "defaultRepoDest")
+    return Template(
+        name=name, description=description, memory=memory_bytes,
+        cpus=float(cpus) if cpus is not None else None, gpu=bool(gpu), image=image,
+        network=mode, allow_cidrs=allow, writable_rootfs=writable is not False,
+        idle_timeout=idle,
+        default_repo_dest=check_repo_dest(dest, "workspace.defaultRepoDest")
+        if dest is not None else "repo",
+        source=source)
+
+
+class Templates:
+    """Shipped templates (beside the program) overlaid by the user's (in the data directory).
+
+    A name is checked against a strict pattern before it touches the file system, so it can
+    never leave the templates directory. The user's file always wins, and upgrades only ever
+    replace shipped files.
+    """
+
+    def __init__(self, shipped_dir: str, user_dir: str, audit: AuditLog) -> None:
+        self.shipped_dir = shipped_dir
+        self.user_dir = user_dir
+        self.audit = audit
+
+    def _path(self, directory: str, name: str) -> str:
+        return os.path.join(directory, f"{check_template_name(name)}.yaml")
+
+    def _read(self, name: str) -> tuple[str, str] | None:
+        """(yaml, source) of a template; the user's copy first."""
+        for directory, source in ((self.user_dir, "user"), (self.shipped_dir, "shipped")):
+            try:
+                with open(self._path(directory, name), encoding="utf-8") as handle:
+                    return handle.read(TEMPLATE_MAX_BYTES + 1), source
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as err:
+                log.warning("template %s in %s: %s", name, directory, err)
+        return None
+
+    def _names(self) -> list[str]:
+        names: set[str] = set()
+        for directory in (self.shipped_dir, self.user_dir):
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(directory):
+                    stem, dot, ext = entry.rpartition(".")
+                    if dot and ext == "yaml" and TEMPLATE_NAME_RE.match(stem):
+                        names.add(stem)
+        return sorted(names)
+
+    def _load(self, name: str) -> tuple[Template, str] | None:
+        found = self._read(name)
+        if found is None:
+            return (BUILTIN_DEFAULT, yaml.safe_dump(BUILTIN_DEFAULT.as_dict(), sort_keys=False)) \
+                if name == "default" else None
+        text, source = found
+        template = parse_template(text, source)
+        if template.name != name:
+            raise BadRequest(f"template file {name}.yaml names itself {template.name!r}",
+                             "invalid_template")
+        return template, text
+
+    async def get(self, name: str) -> tuple[Template, str]:
+        check_template_name(name)
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, name)
+        if loaded is None:
+            raise NotFound(f"Template not found: {name}")
+        return loaded
+
+    async def for_space(self, name: Any) -> Template:
+        """The template a create names; 400 (not 404) when it does not exist."""
+        if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
+            raise BadRequest("template must be a template name", "unknown_template")
+        try:
+            return (await self.get(name))[0]
+        except NotFound:
+            raise BadRequest(f"unknown template {name!r}", "unknown_template") from None
+
+    async def list_all(self) -> list[dict[str, Any]]:
+        def collect() -> list[dict[str, Any]]:
+            rows = []
+            for name in self._names():
+                try:
+                    loaded = self._load(name)
+                except BadRequest as err:
+                    log.warning("template %s is invalid: %s", name, err.message)
+                    continue
+                if loaded:
+                    rows.append({"name": name, "description": loaded[0].description,
+                                 "source": loaded[0].source})
+            if "default" not in self._names():
+                rows.insert(0, {"name": "default", "description": BUILTIN_DEFAULT.description,
+                                "source": "builtin"})
+            return rows
+
+        return await asyncio.get_running_loop().run_in_executor(None, collect)
+
+    async def put(self, text: Any, actor: Actor) -> Template:
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("yaml required", "invalid_template")
+        template = parse_template(text, "user")
+
+        def store() -> None:
+            os.makedirs(self.user_dir, mode=0o700, exist_ok=True)
+            path = self._path(self.user_dir, template.name)
+            temp = f"{path}.tmp-{os.getpid()}"
+            with open(temp, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temp, path)
+
+        await asyncio.get_running_loop().run_in_executor(None, store)
+        await self.audit.record("template.upsert", meta={"template": template.name}, actor=actor)
+        return template
+
+    async def delete(self, name: str, actor: Actor) -> None:
+        check_template_name(name)
+
+        def remove() -> str:
+            try:
+                os.unlink(self._path(self.user_dir, name))
+                return "removed"
+            except FileNotFoundError:
+                return "shipped" if os.path.exists(self._path(self.shipped_dir, name)) \
+                    else "missing"
+
+        outcome = await asyncio.get_running_loop().run_in_executor(None, remove)
+        if outcome == "missing":
+            raise NotFound(f"Template not found: {name}")
+        if outcome == "shipped":
+            raise Conflict(f"{name} is a shipped template; it cannot be deleted, only "
+                           "overridden with PUT", "shipped_template")
+        await self.audit.record("template.delete", meta={"template": name}, actor=actor)
+
+
+# ###########################################################################
+# Network policy (bridge networks and firewall)
+# ###########################################################################
+
+# Where an "internet" space may not go: private ranges, the tailnet, link-local/cloud
+# metadata. The node's own addresses are refused separately (INPUT), the API port included.
+BLOCKED_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+              "169.254.0.0/16")
+BLOCKED_V6 = ("fd7a:115c:a1e0::/48", "fc00::/7", "fe80::/10")
+# Docker's embedded DNS forwards a space's queries from inside the space's network namespace,
+# so the node's upstream resolvers (often on the LAN, or Tailscale's 100.100.100.100) must stay
+# reachable on port 53, and only there.
+RESOLV_CONF_FILES = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
+
+
+def upstream_resolvers(configured: frozenset[str]) -> tuple[str, ...]:
+    """The DNS servers Docker forwards to: configured ones, else the node's resolv.conf."""
+    if configured:
+        return tuple(sorted(configured))
+    found: set[str] = set()
+    for path in RESOLV_CONF_FILES:
+        with contextlib.suppress(OSError), open(path, encoding="utf-8") as source:
+            for line in source:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        address = ipaddress.ip_address(fields[1].split("%")[0])
+                        if not address.is_loopback:
+                            found.add(str(address))
+    return tuple(sorted(found))
+
+
+async def run_command(argv: list[str], timeout: float = 10,
+                      stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run a host program without a shell; (exit code, stdout, stderr). 127: not found."""
+    executable = shutil.which(argv[0])
+    if executable is None:
+        return 127, "", f"{argv[0]}: not found"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            executable, *argv[1:], stdin=asyncio.subprocess.PIPE if stdin is not None
+            else asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as error:
+        return 126, "", str(error)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        return 124, "", f"{argv[0]}: no answer within {timeout:g} s"
+    return (process.returncode if process.returncode is not None else -1,
+            out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+
+class Firewall:
+    """Bridge networks for "internet" spaces, and the iptables rules that fence them in.
+
+    Each allow-list (a template's ``network.allowCidrs``) gets its own bridge network with
+    inter-container traffic off. Rules of ours, matched on that bridge's interface only,
+    sit in DOCKER-USER (forwarded traffic: private ranges, tailnet, metadata are refused) and
+    in INPUT (anything addressed to the node itself is refused). Other containers on the host
+    are untouched. Rules are rebuilt idempotently at start and re-checked by the housekeeper.
+    """
+
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.lock = asyncio.Lock()
+        self.active = False
+        self.error: str | None = "not checked yet"
+        self.bridges: dict[str, tuple[str, ...]] = {}  # bridge interface -> allowed CIDRs
+
+    def network_name(self, allow: tuple[str, ...]) -> str:
+        if not allow:
+            return f"{self.config.prefix}net"
+        digest = hashlib.sha256(",".join(allow).encode()).hexdigest()[:8]
+        return f"{self.config.prefix}net-{digest}"
+
+    @staticmethod
+    def bridge_name(network: str) -> str:
+        return "cs" + hashlib.sha256(network.encode()).hexdigest()[:12]  # <= 15 characters
+
+    @staticmethod
+    def chains(bridge: str) -> tuple[str, str]:
+        tag = bridge[2:].upper()
+        return f"CLAWDSPACE-{tag}-OUT", f"CLAWDSPACE-{tag}-IN"
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.config.firewall, "active": self.active, "error": self.error}
+
+    async def network_for(self, mode: str, allow: tuple[str, ...]) -> str:
+        """The Docker network mode of a new space; 503 when its fence cannot be guaranteed."""
+        if mode == "none":
+            return "none"
+        name = self.network_name(allow)
+        async with self.lock:
+            bridge = await self._ensure_network(name, allow)
+            if self.config.firewall:
+                await self._install(bridge, allow)
+        return name
+
+    async def _ensure_network(self, name: str, allow: tuple[str, ...]) -> str:
+        api = self.engine.api
+        bridge = self.bridge_name(name)
+        try:
+            await self.engine.call(api.inspect_network, name)
+        except docker.errors.NotFound:
+            try:
+                await self.engine.call(
+                    api.create_network, name, driver="bridge", check_duplicate=True,
+                    options={"com.docker.network.bridge.enable_icc": "false",
+                             "com.docker.network.bridge.name": bridge},
+                    labels={f"{LABEL}.instance": self.config.prefix,
+                            f"{LABEL}.kind": "network", f"{LABEL}.allow": ",".join(allow)})
+            except docker.errors.APIError as err:
+                if api_status(err) != 409:
+                    raise Unavailable(f"network {name} could not be created: "
+                                      f"{api_message(err)}", "network_failed") from None
+        self.bridges[bridge] = allow
+        return bridge
+
+    async def _iptables(self, family: str, *args: str) -> tuple[int, str]:
+        code, _, err = await run_command([family, "-w", "5", *args])
+        return code, err.strip()
+
+    async def _install(self, bridge: str, allow: tuple[str, ...]) -> None:
+        """(Re)build both chains of one bridge and hook them in, once each."""
+        out_chain, in_chain = self.chains(bridge)
+        resolvers = upstream_resolvers(self.config.dns_servers)
+        plans = [("iptables", "DOCKER-USER", BLOCKED_V4, "icmp-admin-prohibited", False),
+                 ("ip6tables", "FORWARD", BLOCKED_V6, "icmp6-adm-prohibited", True)]
+        for family, hook, blocked, reject, six in plans:
+            rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+            rules += [["-d", server, "-p", proto, "--dport", "53", "-j", "RETURN"]
+                      for server in resolvers if (":" in server) == six
+                      for proto in ("udp", "tcp")]
+            rules += [["-d", cidr, "-j", "RETURN"] for cidr in allow if (":" in cidr) == six]
+            rules += [["-d", cidr, "-j", "REJECT", "--reject-with", reject] for cidr in blocked]
+            rules.append(["-j", "RETURN"])
+            input_rules = [
+                ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
+                ["-j", "REJECT", "--reject-with", reject]]
+            for chain, chain_rules, parent in ((out_chain, rules, hook),
+                                               (in_chain, input_rules, "INPUT")):
+                await self._iptables(family, "-N", chain)  # fails harmlessly when it exists
+                code, err = await self._iptables(family, "-F", chain)
+                for rule in chain_rules:
+                    if code == 0:
+                        code, err = await self._iptables(family, "-A", chain, *rule)
+                if code == 0:
+                    jump = ["-i", bridge, "-j", chain]
+                    if (await self._iptables(family, "-C", parent, *jump))[0] != 0:
+                        code, err = await self._iptables(family, "-I", parent, "1", *jump)
+                if code != 0:
+                    if family == "ip6tables":
+                        log.info("ip6tables unavailable (%s); spaces have no IPv6 here", err)
+                        break
+                    self.active, self.error = False, f"{family}: {err or 'failed'}"
+                    raise Unavailable(
+                        f"the egress firewall could not be installed ({self.error}); internet "
+                        "spaces are refused until it works (or set CLAWDSPACE_FIREWALL=false)",
+                        "firewall_unavailable")
+        self.active, self.error = True, None
+
+    async def check(self) -> bool:
+        """Are our jumps in place for every known bridge? Reinstall when not."""
+        if not self.config.firewall:
+            self.active, self.error = False, "disabled (CLAWDSPACE_FIREWALL=false)"
+            return False
+        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=network"]}
+        try:
+            networks = await self.engine.call(self.engine.api.networks, filters=filters)
+        except (ClawdError, docker.errors.APIError) as error:
+            self.error = str(error)
+            return False
+        code, err = await self._iptables("iptables", "-S", "DOCKER-USER")
+        if code != 0:
+            self.active, self.error = False, f"iptables: {err or 'no DOCKER-USER chain'}"
+            return False
+        async with self.lock:
+            for network in networks:
+                name = network["Name"]
+                allow_label = (network.get("Labels") or {}).get(f"{LABEL}.allow", "")
+                allow = tuple(c for c in allow_label.split(",") if c)
+                bridge = self.bridge_name(name)
+                out_chain, in_chain = self.chains(bridge)
+                hooked = all([
+                    (await self._iptables("iptables", "-C", "DOCKER-USER", "-i", bridge, "-j",
+                                          out_chain))[0] == 0,
+                    (await self._iptables("iptables", "-C", "INPUT", "-i", bridge, "-j",
+                                          in_chain))[0] == 0])
+                if not hooked:
+                    log.warning("firewall rules of %s missing; reinstalling", name)
+                    with contextlib.suppress(ClawdError):
+                        await self._install(bridge, allow)
+                self.bridges[bridge] = allow
+        self.active, self.error = True, None
+        return True
+
+
+# ###########################################################################
+# Git: clone on create, server-side push
+# ###########################################################################
+
+GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+GIT_REMOTE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A credential helper that answers only for the one host the token is meant for; the token
+# itself comes from this exec's environment, never from argv or a file.
+GIT_CREDENTIAL_HELPER = (
+    '!f() { test "$1" = get || exit 0; h=; while IFS= read -r l; do '
+    'test -z "$l" && break; case "$l" in host=*) h=${l#host=};; esac; done; '
+    'test "$h" = "$CLAWDSPACE_GIT_HOST" || exit 0; echo username=x-access-token; '
+    'echo "password=$CLAWDSPACE_GIT_TOKEN"; }; f')
+# Push from a bare copy made with --no-local, so none of the repository's own hooks or config
+# (core.fsmonitor, credential.helper, url.*.insteadOf, http.proxy, include.path) is read by the
+# git that holds the token.
+GIT_PUSH_SCRIPT = (
+    'set -e; tmp=$(mktemp -d "${TMPDIR:-/tmp}/clawdspace-push.XXXXXX"); '
+    'trap \'rm -rf "$tmp"\' EXIT; '
+    'git -c core.fsmonitor=false clone -q --no-local --bare -- "$1" "$tmp/repo"; '
+    'cd "$tmp/repo"; shift; exec git "$@"')
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoUrl:
+    url: str
+    netloc: str
+    scheme: str
+
+
+def check_repo_url(value: Any, config: Config) -> RepoUrl:
+    """Only https:// (and http:// to hosts named in CLAWDSPACE_GIT_HTTP_HOSTS)."""
+    if not isinstance(value, str) or not value or len(value) > 2048 or value.startswith("-") \
+            or any(ord(c) < 33 or c == "\x7f" for c in value):
+        raise BadRequest("repoUrl must be an https:// URL without spaces", "invalid_repo_url")
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    allowed_http = scheme == "http" and parts.netloc.lower() in config.git_http_hosts
+    if scheme != "https" and not allowed_http:
+        raise BadRequest("Invalid repoUrl (only https:// URLs are accepted)",
+                         "invalid_repo_url")
+    if not parts.hostname or parts.username or parts.password:
+        raise BadRequest("repoUrl must name a host and carry no credentials (pass the token "
+                         "as env.GITHUB_TOKEN)", "invalid_repo_url")
+    if not parts.path.strip("/"):
+        raise BadRequest("repoUrl must name a repository", "invalid_repo_url")
+    return RepoUrl(url=value, netloc=parts.netloc.lower(), scheme=scheme)
+
+
+def check_ref(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not GIT_REF_RE.match(value) or value.startswith(("-", "/")) \
+            or value.endswith(("/", ".lock", ".")) or ".." in value or "//" in value \
+            or "@{" in value:
+        raise BadRequest(f"Invalid {field}", f"invalid_{field}")
+    return value
+
+
+def check_remote(value: Any) -> str:
+    if not isinstance(value, str) or not GIT_REMOTE_RE.match(value):
+        raise BadRequest("Invalid remote (a remote name such as 'origin')", "invalid_remote")
+    return value
+
+
+async def node_github_token(config: Config) -> str | None:
+    """The node's own ``gh auth token``, for github.com only."""
+    if not config.use_gh_token:
+        return None
+    code, out, _ = await run_command(["gh", "auth", "token", "-h", "github.com"], timeout=5)
+    token = out.strip()
+    return token if code == 0 and token else None
+
+
+def git_auth(repo: RepoUrl, token: str | None, config: Config) -> tuple[list[str], dict[str, str]]:
+    """git ``-c`` options and exec environment for one network operation on ``repo``."""
+    options = ["-c", "credential.helper=", "-c", "protocol.allow=never",
+               "-c", f"protocol.{repo.scheme}.allow=always", "-c", "core.askPass=",
+               "-c", "http.followRedirects=false"]
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_ASKPASS": "",
+           "SSH_ASKPASS": ""}
+    host = repo.netloc.rsplit("@", 1)[-1]
+    if token and (host in config.git_token_hosts or repo.netloc in config.git_token_hosts):
+        options += ["-c", f"credential.helper={GIT_CREDENTIAL_HELPER}"]
+        env.update({"CLAWDSPACE_GIT_HOST": repo.netloc, "CLAWDSPACE_GIT_TOKEN": token})
+    return options, env
+
+
+class GitOps:
+    """Clone into a space at create time and push from it, with the token kept out of the
+    space's config, its files, every argv, the answers and the audit log."""
+
+    def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
+        self.config = config
+        self.spaces = spaces
+        self.files = files
+
+    async def clone(self, info: dict[str, Any], repo: RepoUrl, branch: str | None, dest: str,
+                    token: str | None) -> ExecResult:
+        options, env = git_auth(repo, token, self.config)
+        argv = ["git", *options, "clone", "--no-recurse-submodules"]
+        if branch:
+            argv += ["--branch", branch]
+        argv += ["--", repo.url, f"{WORKSPACE}/{dest}"]
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout), 1 << 20)
+        return self._redacted(result, token)
+
+    def _redacted(self, result: ExecResult, token: str | None) -> ExecResult:
+        redactor = Redactor([token or "", self.config.api_key or ""])
+        clean = result.copy()
+        clean["stdout"] = redactor.text(result["stdout"])
+        clean["stderr"] = redactor.text(result["stderr"])
+        return clean
+
+    async def push(self, name: str, body: dict[str, Any], actor: Actor) -> ExecResult:
+        check_fields(body, {"repoPath", "remote", "branch", "token"})
+        remote = check_remote(body.get("remote", "origin"))
+        branch = check_ref(body.get("branch", "main"), "branch")
+        token = body.get("token")
+        if token is not None and (not isinstance(token, str) or not token.strip()
+                                  or len(token) > 4096 or "\n" in token):
+            raise BadRequest("token must be a non-empty string", "invalid_token")
+        repo_path = body.get("repoPath", "/repo")
+        if not isinstance(repo_path, str):
+            raise BadRequest("repoPath must be a path inside /workspace", "invalid_repo_path")
+        if repo_path.startswith(WORKSPACE + "/"):
+            repo_path = repo_path[len(WORKSPACE):]
+        info = await self.spaces.running(name, actor)
+        self.spaces.touch(name)
+        where = await self.files.resolve(info["Id"], repo_path)
+        if where.stat is None or not where.stat["mode"] & MODE_DIR:
+            raise BadRequest(f"repoPath {where.rel} is not a directory", "invalid_repo_path")
+        # The URL is read as data (git config --get runs nothing) and then validated here.
+        lookup = await self.spaces.run_internal(info, ExecRequest(
+            argv=["git", "-C", where.real, "config", "--get", f"remote.{remote}.url"],
+            env={"GIT_CONFIG_NOSYSTEM": "1"}, workdir=WORKSPACE, timeout=30), 65536)
+        if lookup["exitCode"] != 0 or not lookup["stdout"].strip():
+            raise BadRequest(f"remote {remote!r} is not configured in {where.rel}",
+                             "invalid_remote")
+        repo = check_repo_url(lookup["stdout"].strip(), self.config)
+        if token is None and repo.netloc == "github.com":
+            token = await node_github_token(self.config)
+        options, env = git_auth(repo, token, self.config)
+        refspec = f"refs/heads/{branch}:refs/heads/{branch}"
+        argv = ["sh", "-c", GIT_PUSH_SCRIPT, "sh", where.real, *options,
+                "-c", "core.hooksPath=/dev/null", "push", "--", repo.url, refspec]
+        with self.spaces.busy(name):
+            result = await self.spaces.run_internal(info, ExecRequest(
+                argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout),
+                1 << 20)
+        result = self._redacted(result, token)
+        await self.spaces.audit.record("space.git.push", name, {
+            "repoPath": where.rel, "remote": remote, "branch": branch,
+            "exitCode": result["exitCode"]}, actor)
+        return result
+
+
+# ###########################################################################
 # Spaces
 # ###########################################################################
 
 @dataclasses.dataclass(frozen=True)
 class CreateRequest:
-    """A validated ``POST /api/spaces`` body."""
+    """A validated ``POST /api/spaces`` body, merged with its template."""
 
     name: str
     memory: int
     cpus: float
     gpu: bool
     image: str
-    template: str | None
+    template: str
+    network: str = "internet"
+    allow_cidrs: tuple[str, ...] = ()
+    writable_rootfs: bool = True
+    idle_timeout: int | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    env_file: tuple[str, bytes] | None = dataclasses.field(default=None, repr=False)
+    repo: RepoUrl | None = None
+    repo_branch: str | None = None
+    repo_dest: str = "repo"
+    git_token: str | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -754,7 +1441,7 @@ def check_space_name(name: Any) -> str:
     return name
 
 
-def parse_memory(value: Any) -> int:
+def parse_memory(value: Any, check_host: bool = True) -> int:
     """``"512m"``, ``"2g"``, ``"1t"`` or a byte count; anything else is an error (no default)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise BadRequest("memory must be a byte count or a string like '512m' or '2g'",
@@ -769,7 +1456,7 @@ def parse_memory(value: Any) -> int:
         amount = int(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
     if amount < MIN_MEMORY_BYTES:
         raise BadRequest("memory must be at least 16m", "invalid_memory")
-    total = host_memory_bytes()
+    total = host_memory_bytes() if check_host else 0
     if total and amount > total:
         raise BadRequest(f"memory {value!r} is more than this node has ({format_bytes(total)})",
                          "invalid_memory")
@@ -830,27 +1517,100 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
 
 
-def parse_create(body: dict[str, Any], config: Config) -> CreateRequest:
-    check_fields(body, {"name", "memory", "cpus", "gpu", "image", "template"})
+CREATE_FIELDS = {"name", "memory", "cpus", "gpu", "image", "template", "network",
+                 "writableRootfs", "env", "envFileText", "envFileBase64", "envFilePath",
+                 "repoUrl", "repoBranch", "repoDest"}
+TOKEN_ENV_KEYS = ("GITHUB_TOKEN", "GH_TOKEN")  # used for the clone, never stored in the space
+ENV_FILE_MAX_BYTES = 1 << 20
+
+
+def parse_env_file(body: dict[str, Any]) -> tuple[str, bytes] | None:
+    text, encoded = body.get("envFileText"), body.get("envFileBase64")
+    path = body.get("envFilePath")
+    if text is None and encoded is None:
+        if path is not None:
+            raise BadRequest("envFilePath needs envFileText or envFileBase64", "invalid_env_file")
+        return None
+    if text is not None and encoded is not None:
+        raise BadRequest("Provide only one of envFileBase64 or envFileText", "invalid_env_file")
+    if text is not None:
+        if not isinstance(text, str):
+            raise BadRequest("envFileText must be a string", "invalid_env_file")
+        content = text.encode("utf-8", "surrogatepass")
+    else:
+        if not isinstance(encoded, str):
+            raise BadRequest("envFileBase64 must be a base64 string", "invalid_env_file")
+        try:
+            content = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise BadRequest("Invalid envFileBase64", "invalid_env_file") from None
+    if len(content) > ENV_FILE_MAX_BYTES:
+        raise BadRequest("the env file is larger than 1 MiB", "invalid_env_file")
+    if path is None:
+        path = "/.env"
+    if not isinstance(path, str):
+        raise BadRequest("envFilePath must be under /workspace", "invalid_env_file")
+    if path.startswith(WORKSPACE + "/"):
+        path = path[len(WORKSPACE):]
+    elif path.startswith("/") and path != "/.env":
+        raise BadRequest("envFilePath must be under /workspace", "invalid_env_file")
+    rel = workspace_rel(path)
+    if rel == "/":
+        raise BadRequest("envFilePath must name a file under /workspace", "invalid_env_file")
+    return rel, content
+
+
+def parse_create(body: dict[str, Any], config: Config, template: Template) -> CreateRequest:
+    """The request's fields over the template's; posture may be tightened, never loosened."""
+    check_fields(body, CREATE_FIELDS)
     if "name" not in body:
         raise BadRequest("name is required", "invalid_name")
-    template = body.get("template")
-    if template is not None and template != "default":
-        if not isinstance(template, str):
-            raise BadRequest("template must be a string", "invalid_template")
-        raise BadRequest(f"unknown template {template[:64]!r}", "unknown_template")
-    gpu = check_bool("gpu", body.get("gpu", False))
-    image = body.get("image")
-    if image is None:
-        image = (config.gpu_image or config.image) if gpu else config.image
+    name = check_space_name(body["name"])
+    if "memory" in body:
+        memory = parse_memory(body["memory"])
+    else:
+        memory = min(template.memory or 2 << 30, host_memory_bytes() or 2 << 30)
+    if "cpus" in body:
+        cpus = parse_cpus(body["cpus"])
+    else:
+        cpus = min(template.cpus or 1.0, float(os.cpu_count() or 1))
+    gpu = check_bool("gpu", body["gpu"]) if "gpu" in body else template.gpu
+    image = body.get("image") or template.image or (
+        (config.gpu_image or config.image) if gpu else config.image)
+    network = body.get("network", template.network)
+    if network not in NETWORK_MODES:
+        raise BadRequest(f"network must be one of {', '.join(NETWORK_MODES)}", "invalid_network")
+    if network == "internet" and template.network == "none":
+        raise BadRequest(f"template {template.name!r} has no network; a request can tighten "
+                         "the network, not loosen it", "network_loosening")
+    writable = body.get("writableRootfs", template.writable_rootfs)
+    if not isinstance(writable, bool):
+        raise BadRequest("writableRootfs must be true or false", "invalid_writableRootfs")
+    if writable and not template.writable_rootfs:
+        raise BadRequest(f"template {template.name!r} has a read-only root file system; a "
+                         "request cannot make it writable", "rootfs_loosening")
+    env = check_env(body.get("env", {}))
+    token = next((env[k].strip() for k in TOKEN_ENV_KEYS if env.get(k, "").strip()), None)
+    env = {k: v for k, v in env.items() if k not in TOKEN_ENV_KEYS}
+    repo = branch = None
+    dest = template.default_repo_dest
+    if body.get("repoUrl") is not None:
+        repo = check_repo_url(body["repoUrl"], config)
+        if network == "none":
+            raise BadRequest("Repo clone failed: selected template has network disabled",
+                             "clone_needs_network")
+        if body.get("repoBranch") is not None:
+            branch = check_ref(body["repoBranch"], "repoBranch")
+        if body.get("repoDest") is not None:
+            dest = check_repo_dest(body["repoDest"])
+    elif body.get("repoBranch") is not None or body.get("repoDest") is not None:
+        raise BadRequest("repoBranch and repoDest need repoUrl", "invalid_repo_url")
     return CreateRequest(
-        name=check_space_name(body["name"]),
-        memory=parse_memory(body.get("memory", "2g")),
-        cpus=parse_cpus(body.get("cpus", 1)),
-        gpu=gpu,
-        image=check_image_ref(image),
-        template=template,
-    )
+        name=name, memory=memory, cpus=cpus, gpu=gpu, image=check_image_ref(image),
+        template=template.name, network=network, allow_cidrs=template.allow_cidrs,
+        writable_rootfs=writable, idle_timeout=template.idle_timeout, env=env,
+        env_file=parse_env_file(body), repo=repo, repo_branch=branch, repo_dest=dest,
+        git_token=token)
 
 
 def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
@@ -898,10 +1658,12 @@ class Spaces:
     engine (start times) and activity times.
     """
 
-    def __init__(self, config: Config, engine: Engine, audit: AuditLog) -> None:
+    def __init__(self, config: Config, engine: Engine, audit: AuditLog,
+                 firewall: Firewall) -> None:
         self.config = config
         self.engine = engine
         self.audit = audit
+        self.firewall = firewall
         self.last_activity: dict[str, float] = {}
         self.busy_count: dict[str, int] = {}  # running execs and open terminals
         self.started_at: dict[str, str | None] = {}  # container id -> StartedAt
@@ -943,6 +1705,9 @@ class Spaces:
             "gpu": labels.get(f"{LABEL}.gpu") == "true",
             "template": labels.get(f"{LABEL}.template") or None,
             "network": labels.get(f"{LABEL}.network", "internet"),
+            "writableRootfs": labels.get(f"{LABEL}.writable-rootfs", "true") == "true",
+            "idleTimeout": int(labels[f"{LABEL}.idle-timeout"])
+            if labels.get(f"{LABEL}.idle-timeout", "").isdigit() else None,
             "user": labels.get(f"{LABEL}.user", ""),
             "lastActivity": epoch_to_iso(activity) if activity else (started or created),
             "volume": {"name": labels.get(f"{LABEL}.volume", self.volume_name(name)),
@@ -1015,7 +1780,13 @@ class Spaces:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def create(self, req: CreateRequest, actor: Actor) -> SpaceInfo:
+    async def create(self, req: CreateRequest, actor: Actor,
+                     provision: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                     ) -> SpaceInfo:
+        """Create and start a space; ``provision`` (env file, clone) runs before it counts.
+
+        Anything that fails, provisioning included, removes what this call made.
+        """
         api = self.engine.api
         try:
             image = await self.engine.call(api.inspect_image, req.image)
@@ -1027,6 +1798,7 @@ class Spaces:
         if req.gpu and not (await gpu_inventory(self.config)):
             raise BadRequest("this node has no NVIDIA GPU (nvidia-smi found none)", "no_gpu")
         user = str((image.get("Config") or {}).get("User") or "")
+        network_mode = await self.firewall.network_for(req.network, req.allow_cidrs)
         volume, volume_created = await self._claim_volume(req.name)
         labels = {
             **self.owner_labels(req.name),
@@ -1037,8 +1809,10 @@ class Spaces:
             f"{LABEL}.memory": str(req.memory),
             f"{LABEL}.cpus": repr(req.cpus),
             f"{LABEL}.gpu": "true" if req.gpu else "false",
-            f"{LABEL}.network": "internet",
-            f"{LABEL}.template": req.template or "",
+            f"{LABEL}.network": req.network,
+            f"{LABEL}.writable-rootfs": "true" if req.writable_rootfs else "false",
+            f"{LABEL}.idle-timeout": "" if req.idle_timeout is None else str(req.idle_timeout),
+            f"{LABEL}.template": req.template,
             f"{LABEL}.user": user,
             f"{LABEL}.created-at": now_iso(),
             f"{LABEL}.created-by": actor.key_id or "",
@@ -1053,13 +1827,18 @@ class Spaces:
                 working_dir=WORKSPACE,
                 entrypoint=["sleep", "infinity"],
                 command=[],
+                environment=req.env or None,
                 labels=labels,
-                host_config=self._host_config(req, volume),
+                host_config=self._host_config(req, volume, network_mode),
             )
             container_id = created["Id"]
             await self.engine.call(api.start, container_id)
             info = await self.engine.call(api.inspect_container, container_id)
+            if provision is not None:
+                self.known[req.name] = (info["Id"], user)
+                await provision(info)
         except BaseException as err:
+            self.known.pop(req.name, None)
             await self._undo_create(container_id, volume if volume_created else None)
             if isinstance(err, docker.errors.APIError):
                 if api_status(err) == 409 and container_id is None:
@@ -1070,10 +1849,13 @@ class Spaces:
         self.touch(req.name)
         await self.audit.record("space.create", req.name, {
             "memory": req.memory, "cpus": req.cpus, "gpu": req.gpu, "image": req.image,
-            "template": req.template, "volumeReused": not volume_created}, actor)
+            "template": req.template, "network": req.network,
+            "writableRootfs": req.writable_rootfs, "envKeys": sorted(req.env),
+            "repoUrl": req.repo.url if req.repo else None, "repoDest": req.repo_dest
+            if req.repo else None, "volumeReused": not volume_created}, actor)
         return self.view_inspected(info)
 
-    def _host_config(self, req: CreateRequest, volume: str) -> dict[str, Any]:
+    def _host_config(self, req: CreateRequest, volume: str, network_mode: str) -> dict[str, Any]:
         """The whole HostConfig, from server-side rules only."""
         api = self.engine.api
         device_requests = None
@@ -1096,10 +1878,13 @@ class Spaces:
             log_config=docker.types.LogConfig(
                 type="json-file", config={"max-size": "10m", "max-file": "3"}),
             mounts=[docker.types.Mount(target=WORKSPACE, source=volume, type="volume")],
-            network_mode="bridge",
+            network_mode=network_mode,
             device_requests=device_requests,
             privileged=False,
-            read_only=False,
+            read_only=not req.writable_rootfs,
+            # A read-only root still needs scratch space where programs expect it.
+            tmpfs=None if req.writable_rootfs else {  # paths inside the space, not the host
+                path: "rw,nosuid,nodev,size=256m" for path in ("/tmp", "/var/tmp", "/run")},  # noqa: S108
         )
 
     async def _claim_volume(self, name: str) -> tuple[str, bool]:
@@ -1729,11 +2514,11 @@ def tar_header(name: str, size: int, uid: int, gid: int, kind: bytes = tarfile.R
 
 
 def tar_stream(dirs: list[str], name: str, size: int, uid: int, gid: int,
-               chunks: Iterator[bytes]) -> Iterator[bytes]:
+               chunks: Iterator[bytes], mode: int = 0o644) -> Iterator[bytes]:
     """A tar of the missing parent directories and one file, built while the body streams."""
     for directory in dirs:
         yield tar_header(directory, 0, uid, gid, tarfile.DIRTYPE, 0o755)
-    yield tar_header(name, size, uid, gid)
+    yield tar_header(name, size, uid, gid, mode=mode)
     sent = 0
     for chunk in chunks:
         sent += len(chunk)
@@ -1988,7 +2773,7 @@ class Files:
         return self.ids[container_id]
 
     async def write(self, name: str, raw_path: str | None, size: int,
-                    chunks: Iterator[bytes], actor: Actor) -> dict[str, Any]:
+                    chunks: Iterator[bytes], actor: Actor, mode: int = 0o644) -> dict[str, Any]:
         """Write a file atomically: stream into a temporary name beside it, then rename."""
         info, where = await self._resolved(name, raw_path, actor)
         if where.rel == "/":
@@ -2003,7 +2788,7 @@ class Files:
         temp = f".{final}.clawdspace-{os.urandom(6).hex()}"
         dirs = ["/".join(missing[:i]) for i in range(1, len(missing))]
         temp_member = "/".join([*missing[:-1], temp])
-        stream = tar_stream(dirs, temp_member, size, uid, gid, chunks)
+        stream = tar_stream(dirs, temp_member, size, uid, gid, chunks, mode)
         try:
             await self.engine.stream(
                 lambda: self.engine.api.put_archive(container_id, parent, stream))
@@ -2335,7 +3120,10 @@ class Housekeeper:
             if last is None:
                 self.spaces.last_activity[name] = now  # first sight (e.g. after an upgrade)
                 continue
-            if now - last >= self.config.idle_timeout:
+            timeout = space["idleTimeout"]
+            if timeout is None:
+                timeout = self.config.idle_timeout
+            if timeout > 0 and now - last >= timeout:
                 try:
                     await self.spaces.pause(name, SYSTEM_ACTOR, reason="idle")
                     log.info("paused %s after %.0f s idle", name, now - last)
@@ -2413,24 +3201,29 @@ class Housekeeper:
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        sleep_every = min(30.0, max(0.5, self.config.idle_timeout / 4))
-        history_every = float(self.config.history_interval)
-        next_sleep = next_history = time.monotonic()
+        every = {
+            "sleep": min(30.0, max(0.5, (self.config.idle_timeout or 120) / 4)),
+            "history": float(self.config.history_interval),
+            "firewall": 60.0,
+        }
+        jobs: dict[str, Callable[[], Awaitable[Any]]] = {
+            "sleep": self.sleep_idle, "history": self.ingest_history,
+            "firewall": self.spaces.firewall.check}
+        due = {job: time.monotonic() + (every[job] if job == "firewall" else 0) for job in jobs
+               if every[job] > 0}
         while True:
-            now = time.monotonic()
-            try:
-                if self.config.idle_timeout > 0 and now >= next_sleep:
-                    next_sleep = now + sleep_every
-                    await self.sleep_idle()
-                if history_every > 0 and now >= next_history:
-                    next_history = now + history_every
-                    await self.ingest_history()
+            for job in due:
+                if time.monotonic() >= due[job]:
+                    due[job] = time.monotonic() + every[job]
+                    try:
+                        await jobs[job]()
+                    except ClawdError as err:
+                        log.warning("housekeeping (%s): %s", job, err.message)
+                    except (docker.errors.APIError, OSError) as err:
+                        log.warning("housekeeping (%s): %s", job, err)
+            with contextlib.suppress(OSError):
                 await self.save_activity()
-            except ClawdError as err:
-                log.warning("housekeeping: %s", err.message)
-            except (docker.errors.APIError, OSError) as err:
-                log.warning("housekeeping: %s", err)
-            await asyncio.sleep(max(0.2, min(next_sleep, next_history) - time.monotonic()))
+            await asyncio.sleep(max(0.2, min(due.values()) - time.monotonic()))
 
 
 # ###########################################################################
@@ -2604,6 +3397,9 @@ FILES_KEY = web.AppKey("files", Files)
 TERMINALS_KEY = web.AppKey("terminals", Terminals)
 OBSERVER_KEY = web.AppKey("observer", Observer)
 HOUSEKEEPER_KEY = web.AppKey("housekeeper", Housekeeper)
+TEMPLATES_KEY = web.AppKey("templates", Templates)
+FIREWALL_KEY = web.AppKey("firewall", Firewall)
+GIT_KEY = web.AppKey("git", GitOps)
 PUBLIC_PATHS = frozenset({"/api/health", "/api/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -2743,7 +3539,8 @@ async def health(request: web.Request) -> web.Response:
         docker_state = {"ok": False, "error": message}
     ok = bool(docker_state["ok"])
     return web.json_response(
-        {"status": "ok" if ok else "degraded", "version": VERSION, "docker": docker_state},
+        {"status": "ok" if ok else "degraded", "version": VERSION, "docker": docker_state,
+         "firewall": request.app[FIREWALL_KEY].status()},
         status=200 if ok else 503)
 
 
@@ -2752,7 +3549,8 @@ async def get_system(request: web.Request) -> web.Response:
 
 
 async def get_capabilities(request: web.Request) -> web.Response:
-    return web.json_response(await capabilities(request.app[CONFIG_KEY]))
+    caps = await capabilities(request.app[CONFIG_KEY])
+    return web.json_response({**caps, "firewall": request.app[FIREWALL_KEY].status()})
 
 
 async def list_spaces(request: web.Request) -> web.Response:
@@ -2760,9 +3558,57 @@ async def list_spaces(request: web.Request) -> web.Response:
 
 
 async def create_space(request: web.Request) -> web.Response:
-    req = parse_create(await json_body(request), request.app[CONFIG_KEY])
-    space = await request.app[SPACES_KEY].create(req, actor(request))
+    body = await json_body(request)
+    config = request.app[CONFIG_KEY]
+    template = await request.app[TEMPLATES_KEY].for_space(body.get("template", "default"))
+    req = parse_create(body, config, template)
+    who = actor(request)
+    files, git = request.app[FILES_KEY], request.app[GIT_KEY]
+
+    async def provision(info: dict[str, Any]) -> None:
+        if req.env_file is not None:
+            path, content = req.env_file
+            await files.write(req.name, path, len(content), iter([content]), who, mode=0o600)
+        if req.repo is not None:
+            token = req.git_token
+            if token is None and req.repo.netloc == "github.com":
+                token = await node_github_token(config)
+            result = await git.clone(info, req.repo, req.repo_branch, req.repo_dest, token)
+            if result["exitCode"] != 0:
+                detail = (result["stderr"] or result["stdout"]).strip() or "unknown error"
+                raise BadRequest(f"Repo clone failed: {detail[-2000:]}", "clone_failed")
+
+    needs_provision = req.env_file is not None or req.repo is not None
+    space = await request.app[SPACES_KEY].create(req, who, provision if needs_provision else None)
     return web.json_response({"space": space}, status=201)
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    return web.json_response({"templates": await request.app[TEMPLATES_KEY].list_all()})
+
+
+async def get_template(request: web.Request) -> web.Response:
+    template, text = await request.app[TEMPLATES_KEY].get(request.match_info["name"])
+    return web.json_response({"name": template.name, "yaml": text,
+                              "template": template.as_dict()})
+
+
+async def put_template(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    check_fields(body, {"yaml"})
+    template = await request.app[TEMPLATES_KEY].put(body.get("yaml"), actor(request))
+    return web.json_response({"template": template.as_dict()})
+
+
+async def delete_template(request: web.Request) -> web.Response:
+    await request.app[TEMPLATES_KEY].delete(request.match_info["name"], actor(request))
+    return web.json_response({"message": "OK"})
+
+
+async def git_push(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    body = await json_body(request)
+    return web.json_response(await request.app[GIT_KEY].push(name, body, actor(request)))
 
 
 async def get_space(request: web.Request) -> web.Response:
@@ -2968,7 +3814,8 @@ def openapi_document() -> dict[str, Any]:
         "Space": {
             "type": "object",
             "required": ["name", "id", "status", "created", "started", "image", "memory", "cpus",
-                         "gpu", "template", "network", "user", "lastActivity", "volume"],
+                         "gpu", "template", "network", "writableRootfs", "idleTimeout", "user",
+                         "lastActivity", "volume"],
             "properties": {
                 "name": {"type": "string"}, "id": {"type": "string"},
                 "status": {"enum": ["running", "paused", "stopped"]},
@@ -2976,6 +3823,8 @@ def openapi_document() -> dict[str, Any]:
                 "image": {"type": "string"}, "memory": {"type": "integer"},
                 "cpus": {"type": "number"}, "gpu": {"type": "boolean"},
                 "template": {"type": ["string", "null"]}, "network": {"type": "string"},
+                "writableRootfs": {"type": "boolean"},
+                "idleTimeout": {"type": ["integer", "null"]},
                 "user": {"type": "string"}, "lastActivity": {"type": "string"},
                 "volume": {"type": "object", "required": ["name", "mountpoint"],
                            "properties": {"name": {"type": "string"},
@@ -2986,6 +3835,15 @@ def openapi_document() -> dict[str, Any]:
             "type": "object", "required": ["name"], "additionalProperties": False,
             "properties": {
                 "name": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63},
+                "network": {"enum": list(NETWORK_MODES)},
+                "writableRootfs": {"type": "boolean"},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "envFileText": {"type": "string"},
+                "envFileBase64": {"type": "string", "contentEncoding": "base64"},
+                "envFilePath": {"type": "string"},
+                "repoUrl": {"type": "string", "format": "uri"},
+                "repoBranch": {"type": "string"},
+                "repoDest": {"type": "string"},
                 "memory": {"oneOf": [{"type": "string", "examples": ["512m", "2g"]},
                                      {"type": "integer", "minimum": MIN_MEMORY_BYTES}]},
                 "cpus": {"type": "number", "exclusiveMinimum": 0},
@@ -3186,6 +4044,40 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "rows", "in": "query",
                      "schema": {"type": "integer", "minimum": 1, "maximum": 200}}],
                 ok_status="101")},
+        "/api/spaces/{name}/git/push": space_op | {
+            "post": _operation(
+                "Push a branch from a repository in the space; the token only reaches git",
+                _json(_ref("ExecResult"), "git push finished (see exitCode)"), 403, 404, 409,
+                body={"type": "object", "additionalProperties": False, "properties": {
+                    "repoPath": {"type": "string", "default": "/repo"},
+                    "remote": {"type": "string", "default": "origin"},
+                    "branch": {"type": "string", "default": "main"},
+                    "token": {"type": "string"}}})},
+        "/api/templates": {
+            "get": _operation("List templates", _json(
+                {"type": "object", "required": ["templates"], "properties": {"templates": {
+                    "type": "array", "items": {
+                        "type": "object", "required": ["name", "description", "source"],
+                        "properties": {"name": {"type": "string"},
+                                       "description": {"type": "string"},
+                                       "source": {"enum": ["builtin", "shipped", "user"]}}}}}},
+                "Templates")),
+            "put": _operation("Create or replace a template from YAML", _json(
+                {"type": "object", "required": ["template"],
+                 "properties": {"template": {"type": "object"}}}, "Stored"),
+                body={"type": "object", "required": ["yaml"], "additionalProperties": False,
+                      "properties": {"yaml": {"type": "string"}}}),
+        },
+        "/api/templates/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "get": _operation("One template", _json(
+                {"type": "object", "required": ["name", "yaml", "template"],
+                 "properties": {"name": {"type": "string"}, "yaml": {"type": "string"},
+                                "template": {"type": "object"}}}, "Template"), 400, 404),
+            "delete": _operation("Delete a user template (shipped ones can only be overridden)",
+                                 _json(MESSAGE, "Deleted"), 400, 404, 409),
+        },
         "/api/audit": {"get": _operation("Audit events, oldest first", _json(
             {"type": "object", "required": ["events"],
              "properties": {"events": {"type": "array", "items": _ref("AuditEvent")}}},
@@ -3236,6 +4128,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("PUT", "/api/spaces/{name}/file", write_file),
     ("DELETE", "/api/spaces/{name}/file", delete_file),
     ("GET", "/api/spaces/{name}/terminal", terminal),
+    ("POST", "/api/spaces/{name}/git/push", git_push),
+    ("GET", "/api/templates", list_templates),
+    ("PUT", "/api/templates", put_template),
+    ("GET", "/api/templates/{name}", get_template),
+    ("DELETE", "/api/templates/{name}", delete_template),
     ("GET", "/api/audit", get_audit),
 ]
 
@@ -3246,6 +4143,8 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     audit.open()
     housekeeper = app[HOUSEKEEPER_KEY]
     housekeeper.load()
+    if not await app[FIREWALL_KEY].check():
+        log.warning("egress firewall inactive: %s", app[FIREWALL_KEY].error)
     task = asyncio.create_task(housekeeper.run())
     yield
     task.cancel()
@@ -3280,8 +4179,12 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine
     app[AUDIT_KEY] = audit
-    spaces = Spaces(config, engine, audit)
+    firewall = Firewall(config, engine)
+    spaces = Spaces(config, engine, audit, firewall)
     files = Files(spaces)
+    app[FIREWALL_KEY] = firewall
+    app[TEMPLATES_KEY] = Templates(config.shipped_templates_dir, config.templates_dir, audit)
+    app[GIT_KEY] = GitOps(config, spaces, files)
     app[SPACES_KEY] = spaces
     app[FILES_KEY] = files
     app[TERMINALS_KEY] = Terminals(spaces)
