@@ -27,6 +27,12 @@ CLAWDSPACE_PREFIX           Container/volume name prefix, so several instances c
                             engine. Default ``clawdspace-``.
 CLAWDSPACE_IDLE_TIMEOUT     Seconds of inactivity before a space is paused. Default ``600``.
 CLAWDSPACE_NODES            Static node list ``name=url,...`` (instead of Tailscale discovery).
+CLAWDSPACE_NODES_REFRESH    Seconds between node discovery refreshes. Default ``30``.
+CLAWDSPACE_NODE_NAME        This node's name. Default: its Tailscale host name, else hostname.
+CLAWDSPACE_URL              This node's URL as peers reach it. Default: from Tailscale (MagicDNS
+                            name, else Tailscale IPv4) and the port, else http://<hostname>:port.
+CLAWDSPACE_TAILSCALE        The tailscale command. Default ``tailscale``.
+CLAWDSPACE_TAILSCALE_TAG    Only peers carrying this ACL tag (e.g. ``tag:clawdspace``) are nodes.
 CLAWDSPACE_EXEC_TIMEOUT     Default exec timeout in seconds. Default ``600``.
 CLAWDSPACE_EXEC_MAX_TIMEOUT Largest exec timeout a client may ask for. Default ``86400``.
 CLAWDSPACE_EXEC_OUTPUT_LIMIT  Bytes kept per exec stream (stdout, stderr). Default ``1048576``.
@@ -92,6 +98,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypedDict, TypeVar
 
+import aiohttp
 import docker
 import docker.errors
 import requests.exceptions
@@ -191,6 +198,11 @@ class Config:
     use_gh_token: bool = True
     git_timeout: int = 600
     dns_servers: frozenset[str] = frozenset()
+    node_name: str = ""
+    public_url: str = ""
+    tailscale: str = "tailscale"
+    tailscale_tag: str | None = None
+    nodes_refresh: int = 30
 
     @classmethod
     def from_env(cls) -> Config:
@@ -234,6 +246,11 @@ class Config:
             use_gh_token=env_flag("CLAWDSPACE_USE_GH_TOKEN", True),
             git_timeout=env_int("CLAWDSPACE_GIT_TIMEOUT", cls.git_timeout, minimum=1),
             dns_servers=env_set("CLAWDSPACE_DNS_SERVERS", cls.dns_servers),
+            node_name=os.environ.get("CLAWDSPACE_NODE_NAME", ""),
+            public_url=os.environ.get("CLAWDSPACE_URL", "").rstrip("/"),
+            tailscale=os.environ.get("CLAWDSPACE_TAILSCALE", cls.tailscale),
+            tailscale_tag=os.environ.get("CLAWDSPACE_TAILSCALE_TAG") or None,
+            nodes_refresh=env_int("CLAWDSPACE_NODES_REFRESH", cls.nodes_refresh, minimum=1),
         )
 
     def check(self) -> None:
@@ -244,6 +261,7 @@ class Config:
                 "development node)")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", self.prefix):
             raise ConfigError(f"CLAWDSPACE_PREFIX {self.prefix!r} is not a valid name prefix")
+        parse_nodes_setting(self.nodes)
 
 
 # ###########################################################################
@@ -297,6 +315,12 @@ class Conflict(ClawdError):
     status, code = 409, "conflict"
 
 
+class NoGpu(Conflict):
+    """A GPU was asked of a node that has none (409)."""
+
+    code = "no_gpu"
+
+
 class TooLarge(ClawdError):
     """The request body is over the limit (413)."""
 
@@ -321,6 +345,18 @@ class Unavailable(ClawdError):
     status, code = 503, "unavailable"
 
 
+class BadGateway(ClawdError):
+    """Another node could not be reached (502)."""
+
+    status, code = 502, "node_unreachable"
+
+
+class GatewayTimeout(ClawdError):
+    """Another node did not answer in time (504)."""
+
+    status, code = 504, "node_timeout"
+
+
 # ###########################################################################
 # Models
 # ###########################################################################
@@ -340,6 +376,7 @@ class SpaceInfo(TypedDict):
     memory: int
     cpus: float
     gpu: bool
+    gpus: list[str]
     template: str | None
     network: str
     writableRootfs: bool
@@ -1411,6 +1448,7 @@ class CreateRequest:
     gpu: bool
     image: str
     template: str
+    gpus: int = 0  # GPUs to assign; -1: all of the node's
     network: str = "internet"
     allow_cidrs: tuple[str, ...] = ()
     writable_rootfs: bool = True
@@ -1517,7 +1555,7 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
 
 
-CREATE_FIELDS = {"name", "memory", "cpus", "gpu", "image", "template", "network",
+CREATE_FIELDS = {"name", "memory", "cpus", "gpu", "gpus", "image", "template", "network",
                  "writableRootfs", "env", "envFileText", "envFileBase64", "envFilePath",
                  "repoUrl", "repoBranch", "repoDest"}
 TOKEN_ENV_KEYS = ("GITHUB_TOKEN", "GH_TOKEN")  # used for the clone, never stored in the space
@@ -1575,6 +1613,18 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     else:
         cpus = min(template.cpus or 1.0, float(os.cpu_count() or 1))
     gpu = check_bool("gpu", body["gpu"]) if "gpu" in body else template.gpu
+    gpus = 1 if gpu else 0
+    if body.get("gpus") is not None:
+        asked = body["gpus"]
+        if asked == "all":
+            gpus = -1
+        elif isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= 64:
+            gpus = asked
+        else:
+            raise BadRequest('gpus must be a number of GPUs (1-64) or "all"', "invalid_gpus")
+        if body.get("gpu") is False:
+            raise BadRequest("gpu: false contradicts gpus", "invalid_gpus")
+        gpu = True
     image = body.get("image") or template.image or (
         (config.gpu_image or config.image) if gpu else config.image)
     network = body.get("network", template.network)
@@ -1606,7 +1656,7 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     elif body.get("repoBranch") is not None or body.get("repoDest") is not None:
         raise BadRequest("repoBranch and repoDest need repoUrl", "invalid_repo_url")
     return CreateRequest(
-        name=name, memory=memory, cpus=cpus, gpu=gpu, image=check_image_ref(image),
+        name=name, memory=memory, cpus=cpus, gpu=gpu, gpus=gpus, image=check_image_ref(image),
         template=template.name, network=network, allow_cidrs=template.allow_cidrs,
         writable_rootfs=writable, idle_timeout=template.idle_timeout, env=env,
         env_file=parse_env_file(body), repo=repo, repo_branch=branch, repo_dest=dest,
@@ -1670,6 +1720,7 @@ class Spaces:
         # name -> (container id, user): fixed for the life of a container, so an exec can go
         # straight to the engine without an inspect first.
         self.known: dict[str, tuple[str, str]] = {}
+        self.gpu_lock = asyncio.Lock()  # GPU choice and container create, one at a time
 
     # -- names and labels ---------------------------------------------------------------
 
@@ -1703,6 +1754,7 @@ class Spaces:
             "memory": int(labels.get(f"{LABEL}.memory", "0") or 0),
             "cpus": float(labels.get(f"{LABEL}.cpus", "0") or 0),
             "gpu": labels.get(f"{LABEL}.gpu") == "true",
+            "gpus": [g for g in labels.get(f"{LABEL}.gpus", "").split(",") if g],
             "template": labels.get(f"{LABEL}.template") or None,
             "network": labels.get(f"{LABEL}.network", "internet"),
             "writableRootfs": labels.get(f"{LABEL}.writable-rootfs", "true") == "true",
@@ -1795,9 +1847,40 @@ class Spaces:
                              "it first", "image_not_found") from None
         except docker.errors.APIError as err:
             raise BadRequest(f"image {req.image!r}: {api_message(err)}", "invalid_image") from None
-        if req.gpu and not (await gpu_inventory(self.config)):
-            raise BadRequest("this node has no NVIDIA GPU (nvidia-smi found none)", "no_gpu")
         user = str((image.get("Config") or {}).get("User") or "")
+        async with self.gpu_lock if req.gpus else contextlib.nullcontext():
+            gpu_ids = await self._assign_gpus(req.gpus) if req.gpus else []
+            return await self._create(req, actor, provision, user, gpu_ids)
+
+    async def _assign_gpus(self, count: int) -> list[str]:
+        """UUIDs of the GPUs for a new space: the ones with the fewest spaces on them."""
+        inventory = await gpu_inventory(self.config)
+        if not inventory:
+            raise NoGpu("this node has no NVIDIA GPU (nvidia-smi found none)")
+        if not any((await gpu_support(self.engine)).values()):
+            raise Unavailable(
+                "Docker on this node cannot pass GPUs to containers: install the NVIDIA "
+                "Container Toolkit, run `nvidia-ctk runtime configure --runtime=docker` and "
+                "restart Docker", "no_gpu_runtime")
+        if count == -1:
+            return [gpu["uuid"] for gpu in inventory]
+        if count > len(inventory):
+            raise Conflict(f"{count} GPUs asked; this node has {len(inventory)}",
+                           "not_enough_gpus")
+        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=space"]}
+        rows = await self.engine.call(self.engine.api.containers, all=True, filters=filters)
+        load: dict[str, int] = {}
+        for row in rows:
+            for uuid in ((row.get("Labels") or {}).get(f"{LABEL}.gpus") or "").split(","):
+                if uuid:
+                    load[uuid] = load.get(uuid, 0) + 1
+        ranked = sorted(inventory, key=lambda gpu: (load.get(gpu["uuid"], 0), gpu["index"]))
+        return [gpu["uuid"] for gpu in ranked[:count]]
+
+    async def _create(self, req: CreateRequest, actor: Actor,
+                      provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
+                      user: str, gpu_ids: list[str]) -> SpaceInfo:
+        api = self.engine.api
         network_mode = await self.firewall.network_for(req.network, req.allow_cidrs)
         volume, volume_created = await self._claim_volume(req.name)
         labels = {
@@ -1808,7 +1891,8 @@ class Spaces:
             f"{LABEL}.image": req.image,
             f"{LABEL}.memory": str(req.memory),
             f"{LABEL}.cpus": repr(req.cpus),
-            f"{LABEL}.gpu": "true" if req.gpu else "false",
+            f"{LABEL}.gpu": "true" if gpu_ids else "false",
+            f"{LABEL}.gpus": ",".join(gpu_ids),
             f"{LABEL}.network": req.network,
             f"{LABEL}.writable-rootfs": "true" if req.writable_rootfs else "false",
             f"{LABEL}.idle-timeout": "" if req.idle_timeout is None else str(req.idle_timeout),
@@ -1829,7 +1913,7 @@ class Spaces:
                 command=[],
                 environment=req.env or None,
                 labels=labels,
-                host_config=self._host_config(req, volume, network_mode),
+                host_config=self._host_config(req, volume, network_mode, gpu_ids),
             )
             container_id = created["Id"]
             await self.engine.call(api.start, container_id)
@@ -1843,6 +1927,10 @@ class Spaces:
             if isinstance(err, docker.errors.APIError):
                 if api_status(err) == 409 and container_id is None:
                     raise Conflict("Space already exists", "space_exists") from None
+                if gpu_ids and "device driver" in api_message(err):
+                    raise Unavailable(f"Docker could not attach the GPU: {api_message(err)}; "
+                                      "install and configure the NVIDIA Container Toolkit",
+                                      "no_gpu_runtime") from None
                 raise BadRequest(f"the space could not be created: {api_message(err)}",
                                  "create_failed") from None
             raise
@@ -1855,13 +1943,14 @@ class Spaces:
             if req.repo else None, "volumeReused": not volume_created}, actor)
         return self.view_inspected(info)
 
-    def _host_config(self, req: CreateRequest, volume: str, network_mode: str) -> dict[str, Any]:
+    def _host_config(self, req: CreateRequest, volume: str, network_mode: str,
+                     gpu_ids: list[str]) -> dict[str, Any]:
         """The whole HostConfig, from server-side rules only."""
         api = self.engine.api
         device_requests = None
-        if req.gpu:
+        if gpu_ids:  # pinned by UUID, so a space keeps its GPU across restarts
             device_requests = [docker.types.DeviceRequest(
-                driver="nvidia", count=1, capabilities=[["gpu"]])]
+                driver="nvidia", device_ids=gpu_ids, capabilities=[["gpu"]])]
         return api.create_host_config(  # type: ignore[no-any-return]
             mem_limit=req.memory,
             memswap_limit=req.memory,  # no swap beyond the memory limit
@@ -3232,58 +3321,67 @@ class Housekeeper:
 
 class GpuInfo(TypedDict):
     index: int
+    uuid: str
     name: str
     memoryMiB: int
-    uuid: str
+    memoryUsedMiB: int | None
+    utilizationPercent: int | None
 
 
 GPU_CACHE_SECONDS = 60.0
+GPU_QUERY = "index,uuid,name,memory.total,memory.used,utilization.gpu"
 _gpu_cache: dict[str, tuple[float, list[GpuInfo]]] = {}
 
 
 def parse_nvidia_smi(text: str) -> list[GpuInfo]:
-    """Rows of ``--query-gpu=index,name,memory.total,uuid --format=csv,noheader,nounits``."""
+    """Rows of ``nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits``."""
+
+    def number(value: str) -> int | None:  # "[N/A]" on some boards
+        return int(float(value)) if re.fullmatch(r"\d+(\.\d+)?", value) else None
+
     gpus: list[GpuInfo] = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(", ")]
-        if len(parts) < 4 or not parts[0].isdigit():
+        if len(parts) < 6 or not parts[0].isdigit():
             continue
-        memory = parts[-2]
         gpus.append({
             "index": int(parts[0]),
-            "name": ", ".join(parts[1:-2]),  # a GPU name may itself hold ", "
-            "memoryMiB": int(float(memory)) if re.fullmatch(r"\d+(\.\d+)?", memory) else 0,
-            "uuid": parts[-1],
+            "uuid": parts[1],
+            "name": ", ".join(parts[2:-3]),  # a GPU name may itself hold ", "
+            "memoryMiB": number(parts[-3]) or 0,
+            "memoryUsedMiB": number(parts[-2]),
+            "utilizationPercent": number(parts[-1]),
         })
     return gpus
 
 
-async def gpu_inventory(config: Config) -> list[GpuInfo]:
+async def gpu_inventory(config: Config, fresh: bool = False) -> list[GpuInfo]:
     """The node's NVIDIA GPUs from nvidia-smi (cached a minute); empty where there is none."""
-    command = config.nvidia_smi
-    cached = _gpu_cache.get(command)
-    if cached and time.monotonic() - cached[0] < GPU_CACHE_SECONDS:
+    cached = _gpu_cache.get(config.nvidia_smi)
+    if cached and not fresh and time.monotonic() - cached[0] < GPU_CACHE_SECONDS:
         return cached[1]
-    gpus: list[GpuInfo] = []
-    executable = shutil.which(command)
-    if executable:
-        try:
-            process = await asyncio.create_subprocess_exec(
-                executable, "--query-gpu=index,name,memory.total,uuid",
-                "--format=csv,noheader,nounits",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-            try:
-                output, _ = await asyncio.wait_for(process.communicate(), 5)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
-                output = b""
-            if process.returncode == 0:
-                gpus = parse_nvidia_smi(output.decode("utf-8", "replace"))
-        except OSError as err:
-            log.warning("nvidia-smi could not run: %s", err)
-    _gpu_cache[command] = (time.monotonic(), gpus)
+    code, out, err = await run_command(
+        [config.nvidia_smi, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"], 10)
+    if code not in (0, 127):
+        log.warning("nvidia-smi failed (%d): %s", code, err.strip()[:200])
+    gpus = parse_nvidia_smi(out) if code == 0 else []
+    _gpu_cache[config.nvidia_smi] = (time.monotonic(), gpus)
     return gpus
+
+
+async def gpu_support(engine: Engine) -> dict[str, bool]:
+    """Can this engine hand GPUs to containers (NVIDIA runtime, toolkit hook or CDI)?"""
+    try:
+        info = await engine.call(engine.api.info)
+    except (ClawdError, docker.errors.APIError):
+        info = {}
+    runtimes = info.get("Runtimes") or {}
+    return {
+        "nvidiaRuntime": "nvidia" in runtimes,
+        "nvidiaToolkit": any(shutil.which(tool) for tool in (
+            "nvidia-container-cli", "nvidia-container-runtime-hook", "nvidia-ctk")),
+        "cdi": bool(info.get("CDISpecDirs")),
+    }
 
 
 def node_arch() -> str:
@@ -3321,7 +3419,7 @@ def format_uptime(seconds: float) -> str:
     return f"{minutes // 1440}d {minutes // 60 % 24}h {minutes % 60}m"
 
 
-async def capabilities(config: Config) -> dict[str, Any]:
+async def capabilities(config: Config, engine: Engine) -> dict[str, Any]:
     gpus = await gpu_inventory(config)
     return {
         "gpu": bool(gpus),
@@ -3329,6 +3427,7 @@ async def capabilities(config: Config) -> dict[str, Any]:
         "gpuMemory": f"{gpus[0]['memoryMiB']} MiB" if gpus else None,
         "gpuCount": len(gpus),
         "gpus": gpus,
+        "gpuSupport": await gpu_support(engine) if gpus else None,
         "arch": node_arch(),
         "platform": sys.platform,
         "cpus": os.cpu_count() or 1,
@@ -3367,7 +3466,8 @@ def host_snapshot() -> dict[str, Any]:
 
 async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
     snapshot, caps = await asyncio.gather(
-        asyncio.get_running_loop().run_in_executor(None, host_snapshot), capabilities(config))
+        asyncio.get_running_loop().run_in_executor(None, host_snapshot),
+        capabilities(config, engine))
     docker_info: dict[str, Any] | None
     try:
         info = await asyncio.wait_for(engine.call(engine.api.info), 5)
@@ -3386,6 +3486,281 @@ async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
 
 
 # ###########################################################################
+# Nodes: discovery, cluster view, forwarding
+# ###########################################################################
+
+NODE_PROBE_TIMEOUT = 3.0
+NODE_ANSWER_LIMIT = 4 << 20  # bytes read from a peer's JSON answer
+FORWARD_HEADER = "X-Clawdspace-Node"
+FORWARDED_MARK = "X-Clawdspace-Forwarded"
+HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "te", "trailer", "transfer-encoding", "upgrade", "host"})
+
+
+class NodeInfo(TypedDict, total=False):
+    name: str
+    url: str
+    status: str
+    latencyMs: int | None
+    capabilities: dict[str, Any] | None
+    self: bool
+    error: str
+
+
+def parse_nodes_setting(text: str) -> list[tuple[str, str]]:
+    """``name=url,name2=url2``; a URL may itself contain ``=`` (only the first one splits)."""
+    nodes = []
+    for item in text.split(","):
+        name, sep, url = item.strip().partition("=")
+        name, url = name.strip(), url.strip().rstrip("/")
+        if not sep or not name or not url:
+            continue
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"CLAWDSPACE_NODES: {name} needs an http:// or https:// URL")
+        nodes.append((name, url))
+    return nodes
+
+
+def tailscale_targets(status: dict[str, Any], port: int, tag: str | None
+                      ) -> tuple[dict[str, str] | None, list[tuple[str, str]]]:
+    """(self as {name, url}, online peers as (name, url)) from ``tailscale status --json``.
+
+    The URL uses the MagicDNS name when there is one (it survives IP changes), else the
+    first Tailscale IPv4 address.
+    """
+
+    def entry(node: dict[str, Any]) -> tuple[str, str] | None:
+        dns = str(node.get("DNSName") or "").rstrip(".")
+        ips = [ip for ip in node.get("TailscaleIPs") or [] if ":" not in str(ip)]
+        host = dns or (str(ips[0]) if ips else "")
+        name = str(node.get("HostName") or dns.split(".")[0] or host)
+        if not host or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+            return None
+        return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:63], f"http://{host}:{port}"
+
+    me = entry(status.get("Self") or {})
+    peers = []
+    for peer in (status.get("Peer") or {}).values():
+        if not isinstance(peer, dict) or not peer.get("Online"):
+            continue
+        if tag and tag not in (peer.get("Tags") or []):
+            continue
+        found = entry(peer)
+        if found:
+            peers.append(found)
+    return ({"name": me[0], "url": me[1]} if me else None), peers
+
+
+class Nodes:
+    """The nodes of the cluster, refreshed in the background and answered from a cache.
+
+    A peer is first asked ``/api/health`` without a key; only one that answers as clawdspace
+    is then asked for capabilities with the key, so the key never reaches a laptop or phone
+    that happens to be on the tailnet.
+    """
+
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.nodes: list[NodeInfo] = []
+        self.updated_ms = 0
+        self.lock = asyncio.Lock()
+        self.session: Any = None  # aiohttp.ClientSession, opened with the app
+
+    def self_name(self) -> str:
+        return self.config.node_name or socket.gethostname()
+
+    async def targets(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        me = {"name": self.self_name(),
+              "url": self.config.public_url or f"http://{socket.gethostname()}:{self.config.port}"}
+        if self.config.nodes:
+            peers = [(n, u) for n, u in parse_nodes_setting(self.config.nodes)
+                     if n != me["name"]]
+            return me, peers
+        code, out, err = await run_command([self.config.tailscale, "status", "--json"], 5)
+        if code != 0:
+            if code != 127:
+                log.warning("tailscale status failed (%d): %s", code, err.strip()[:200])
+            return me, []
+        try:
+            status = json.loads(out)
+        except ValueError:
+            log.warning("tailscale status printed no JSON")
+            return me, []
+        ts_self, peers = tailscale_targets(status, self.config.port, self.config.tailscale_tag)
+        if ts_self and not self.config.node_name:
+            me["name"] = ts_self["name"]
+        if ts_self and not self.config.public_url:
+            me["url"] = ts_self["url"]
+        return me, [(n, u) for n, u in peers if u != me["url"]]
+
+    async def _get_json(self, url: str, key: str | None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with self.session.get(url, headers=headers, allow_redirects=False) as response:
+            body = await response.content.read(NODE_ANSWER_LIMIT)
+            try:
+                return response.status, json.loads(body)
+            except ValueError:
+                return response.status, None
+
+    async def probe(self, name: str, url: str) -> NodeInfo:
+        started = time.monotonic()
+        node: NodeInfo = {"name": name, "url": url, "status": "offline", "latencyMs": None,
+                          "capabilities": None, "self": False}
+        try:
+            status, health = await asyncio.wait_for(self._get_json(f"{url}/api/health", None),
+                                                    NODE_PROBE_TIMEOUT)
+            node["latencyMs"] = int((time.monotonic() - started) * 1000)
+            if not (isinstance(health, dict) and "version" in health and "status" in health):
+                node["status"], node["error"] = "unknown", "not a clawdspace node"
+                return node
+            node["status"] = "online" if status == 200 else "degraded"
+            status, caps = await asyncio.wait_for(
+                self._get_json(f"{url}/api/system/capabilities", self.config.api_key),
+                NODE_PROBE_TIMEOUT)
+            if status == 200 and isinstance(caps, dict):
+                node["capabilities"] = caps
+            else:
+                node["error"] = f"capabilities: HTTP {status}"
+        except (asyncio.TimeoutError, OSError, ValueError) as err:
+            node["error"] = str(err) or type(err).__name__
+        except Exception as err:  # noqa: BLE001 - any client failure means "offline"
+            node["error"] = f"{type(err).__name__}: {err}"
+        return node
+
+    async def refresh(self) -> None:
+        """One refresh at a time; a caller that finds one running waits for it."""
+        if self.lock.locked():
+            async with self.lock:
+                return
+        async with self.lock:
+            me, peers = await self.targets()
+            limit = asyncio.Semaphore(16)
+
+            async def bounded(name: str, url: str) -> NodeInfo:
+                async with limit:
+                    return await self.probe(name, url)
+
+            found = await asyncio.gather(*(bounded(n, u) for n, u in peers))
+            local: NodeInfo = {"name": me["name"], "url": me["url"], "status": "online",
+                               "latencyMs": 0, "self": True,
+                               "capabilities": await capabilities(self.config, self.engine)}
+            self.nodes = [local, *sorted(found, key=lambda n: n["name"])]
+            self.updated_ms = int(time.time() * 1000)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - discovery must never stop
+                log.exception("node discovery failed")
+            await asyncio.sleep(self.config.nodes_refresh)
+
+    async def recheck(self, node: NodeInfo) -> NodeInfo:
+        """Probe one node now and update the cache with what it says."""
+        fresh = await self.probe(node["name"], node["url"])
+        self.nodes = [fresh if n["name"] == node["name"] else n for n in self.nodes]
+        return fresh
+
+    def find(self, name: str) -> NodeInfo:
+        for node in self.nodes:
+            if node["name"] == name:
+                return node
+        raise NotFound(f"unknown node {name!r} (see GET /api/nodes)", "unknown_node")
+
+    def with_gpu(self) -> list[str]:
+        return [n["name"] for n in self.nodes
+                if not n.get("self") and (n.get("capabilities") or {}).get("gpu")]
+
+    async def cluster_spaces(self, local: list[SpaceInfo]) -> dict[str, Any]:
+        """Spaces of every online node, each marked with its node; failures listed apart."""
+        me = self.self_name()
+        spaces: list[dict[str, Any]] = [{**s, "node": me} for s in local]
+        errors: list[dict[str, str]] = []
+        peers = [n for n in self.nodes if not n.get("self") and n["status"] == "online"]
+
+        async def fetch(node: NodeInfo) -> None:
+            try:
+                status, body = await asyncio.wait_for(
+                    self._get_json(f"{node['url']}/api/spaces", self.config.api_key), 10)
+                if status != 200 or not isinstance(body, dict):
+                    raise ValueError(f"HTTP {status}")
+                spaces.extend({**s, "node": node["name"]} for s in body.get("spaces", [])
+                              if isinstance(s, dict))
+            except Exception as err:  # noqa: BLE001 - one node down must not sink the view
+                errors.append({"node": node["name"], "error": str(err) or type(err).__name__})
+
+        await asyncio.gather(*(fetch(n) for n in peers))
+        spaces.sort(key=lambda s: (str(s.get("node")), str(s.get("name"))))
+        return {"spaces": spaces, "errors": errors}
+
+    async def forward(self, request: web.Request, node: NodeInfo) -> web.StreamResponse:
+        """Send this request to another node with the same key, streaming both ways."""
+        query = [(k, v) for k, v in request.query.items() if k not in ("node", "key")]
+        target = f"{node['url']}{request.path}"
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in HOP_HEADERS and k != FORWARD_HEADER}
+        headers[FORWARDED_MARK] = self.self_name()
+        headers["Authorization"] = f"Bearer {presented_key(request) or ''}"
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._forward_websocket(request, node, target, query, headers)
+        try:
+            upstream = await self.session.request(
+                request.method, target, params=query, headers=headers,
+                data=request.content if request.body_exists else None, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT,
+                                              sock_read=self.config.exec_max_timeout + 60))
+        except asyncio.TimeoutError:
+            raise GatewayTimeout(f"node {node['name']} did not answer in time") from None
+        except aiohttp.ClientError as err:
+            raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
+        async with upstream:
+            answer = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
+            await answer.prepare(request)
+            async for chunk in upstream.content.iter_chunked(FILE_CHUNK):
+                await answer.write(chunk)
+            await answer.write_eof()
+            return answer
+
+    async def _forward_websocket(self, request: web.Request, node: NodeInfo, target: str,
+                                 query: list[tuple[str, str]],
+                                 headers: dict[str, str]) -> web.StreamResponse:
+        headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
+        try:
+            upstream = await self.session.ws_connect(
+                target, params=query, headers=headers, heartbeat=30,
+                max_msg_size=TERMINAL_MAX_FRAME,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10))
+        except aiohttp.WSServerHandshakeError as err:
+            return json_error(err.status, f"node {node['name']} refused the terminal: "
+                              f"{err.message}", "upstream_refused")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
+        await ws.prepare(request)
+
+        async def pipe(source: Any, sink: Any) -> None:
+            async for message in source:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                else:
+                    break
+
+        tasks = [asyncio.ensure_future(pipe(ws, upstream)),
+                 asyncio.ensure_future(pipe(upstream, ws))]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        code = upstream.close_code or 1000
+        await upstream.close()
+        await ws.close(code=code, message=b"upstream closed")
+        return ws
+
+
+# ###########################################################################
 # Auth and errors (middlewares)
 # ###########################################################################
 
@@ -3399,6 +3774,7 @@ OBSERVER_KEY = web.AppKey("observer", Observer)
 HOUSEKEEPER_KEY = web.AppKey("housekeeper", Housekeeper)
 TEMPLATES_KEY = web.AppKey("templates", Templates)
 FIREWALL_KEY = web.AppKey("firewall", Firewall)
+NODES_KEY = web.AppKey("nodes", Nodes)
 GIT_KEY = web.AppKey("git", GitOps)
 PUBLIC_PATHS = frozenset({"/api/health", "/api/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -3435,6 +3811,32 @@ def make_auth_middleware(config: Config) -> Any:
         return await handler(request)
 
     return authenticate
+
+
+NODE_LOCAL_PATHS = frozenset({"/api/health", "/api/openapi.json", "/api/nodes"})
+
+
+def make_forward_middleware(nodes: Nodes) -> Any:
+    @web.middleware
+    async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """``?node=NAME`` (or the X-Clawdspace-Node header) sends the request to that node."""
+        target = request.query.get("node") or request.headers.get(FORWARD_HEADER)
+        if not target or request.headers.get(FORWARDED_MARK) or request.path in \
+                NODE_LOCAL_PATHS or target == nodes.self_name():
+            return await handler(request)
+        if not nodes.nodes:
+            await nodes.refresh()
+        node = nodes.find(target)
+        if node.get("self"):
+            return await handler(request)
+        if node["status"] != "online":
+            node = await nodes.recheck(node)  # the cache may be older than the node's start
+        if node["status"] != "online":
+            raise BadGateway(f"node {target} is {node['status']}"
+                             f"{': ' + node['error'] if node.get('error') else ''}")
+        return await nodes.forward(request, node)
+
+    return forward
 
 
 HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
@@ -3549,12 +3951,28 @@ async def get_system(request: web.Request) -> web.Response:
 
 
 async def get_capabilities(request: web.Request) -> web.Response:
-    caps = await capabilities(request.app[CONFIG_KEY])
+    caps = await capabilities(request.app[CONFIG_KEY], request.app[ENGINE_KEY])
     return web.json_response({**caps, "firewall": request.app[FIREWALL_KEY].status()})
 
 
 async def list_spaces(request: web.Request) -> web.Response:
-    return web.json_response({"spaces": await request.app[SPACES_KEY].list_all()})
+    scope = request.query.get("scope", "node")
+    if scope not in ("node", "cluster"):
+        raise BadRequest("scope must be node or cluster", "invalid_scope")
+    local = await request.app[SPACES_KEY].list_all()
+    if scope == "node":
+        return web.json_response({"spaces": local})
+    nodes = request.app[NODES_KEY]
+    if not nodes.nodes:
+        await nodes.refresh()
+    return web.json_response(await nodes.cluster_spaces(local))
+
+
+async def get_nodes(request: web.Request) -> web.Response:
+    nodes = request.app[NODES_KEY]
+    if query_bool(request, "refresh") or not nodes.nodes:
+        await nodes.refresh()
+    return web.json_response({"nodes": nodes.nodes, "lastUpdatedAt": nodes.updated_ms})
 
 
 async def create_space(request: web.Request) -> web.Response:
@@ -3579,7 +3997,15 @@ async def create_space(request: web.Request) -> web.Response:
                 raise BadRequest(f"Repo clone failed: {detail[-2000:]}", "clone_failed")
 
     needs_provision = req.env_file is not None or req.repo is not None
-    space = await request.app[SPACES_KEY].create(req, who, provision if needs_provision else None)
+    try:
+        space = await request.app[SPACES_KEY].create(req, who,
+                                                     provision if needs_provision else None)
+    except NoGpu as err:
+        others = request.app[NODES_KEY].with_gpu()
+        if others:
+            raise NoGpu(f"{err.message}; nodes with GPUs: {', '.join(others)} (create there, "
+                        "or add ?node=NAME)") from None
+        raise
     return web.json_response({"space": space}, status=201)
 
 
@@ -3814,7 +4240,8 @@ def openapi_document() -> dict[str, Any]:
         "Space": {
             "type": "object",
             "required": ["name", "id", "status", "created", "started", "image", "memory", "cpus",
-                         "gpu", "template", "network", "writableRootfs", "idleTimeout", "user",
+                         "gpu", "gpus", "template", "network", "writableRootfs", "idleTimeout",
+                         "user",
                          "lastActivity", "volume"],
             "properties": {
                 "name": {"type": "string"}, "id": {"type": "string"},
@@ -3822,6 +4249,8 @@ def openapi_document() -> dict[str, Any]:
                 "created": {"type": "string"}, "started": {"type": ["string", "null"]},
                 "image": {"type": "string"}, "memory": {"type": "integer"},
                 "cpus": {"type": "number"}, "gpu": {"type": "boolean"},
+                "gpus": {"type": "array", "items": {"type": "string"}},
+                "node": {"type": "string"},
                 "template": {"type": ["string", "null"]}, "network": {"type": "string"},
                 "writableRootfs": {"type": "boolean"},
                 "idleTimeout": {"type": ["integer", "null"]},
@@ -3836,6 +4265,8 @@ def openapi_document() -> dict[str, Any]:
             "properties": {
                 "name": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63},
                 "network": {"enum": list(NETWORK_MODES)},
+                "gpus": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 64},
+                                   {"const": "all"}]},
                 "writableRootfs": {"type": "boolean"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "envFileText": {"type": "string"},
@@ -3955,11 +4386,25 @@ def openapi_document() -> dict[str, Any]:
                                             "capabilities"]}, "System"))},
         "/api/system/capabilities": {"get": _operation(
             "GPU, CPU and memory of this node", _json(_ref("Capabilities"), "Capabilities"))},
+        "/api/nodes": {"get": _operation("Nodes of the cluster (refresh=true: probe now)", _json(
+            {"type": "object", "required": ["nodes", "lastUpdatedAt"], "properties": {
+                "lastUpdatedAt": {"type": "integer"},
+                "nodes": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "url", "status"],
+                    "properties": {"name": {"type": "string"}, "url": {"type": "string"},
+                                   "status": {"enum": ["online", "offline", "degraded",
+                                                       "unknown"]},
+                                   "latencyMs": {"type": ["integer", "null"]},
+                                   "capabilities": {"type": ["object", "null"]}}}}}},
+            "Nodes"), 400, params=[{"name": "refresh", "in": "query",
+                                    "schema": {"type": "boolean"}}])},
         "/api/spaces": {
-            "get": _operation("List spaces", _json(
+            "get": _operation("List spaces (scope=cluster: every online node's)", _json(
                 {"type": "object", "required": ["spaces"],
-                 "properties": {"spaces": {"type": "array", "items": _ref("Space")}}},
-                "Spaces")),
+                 "properties": {"spaces": {"type": "array", "items": _ref("Space")},
+                                "errors": {"type": "array", "items": {"type": "object"}}}},
+                "Spaces"), 400, params=[{"name": "scope", "in": "query",
+                                         "schema": {"enum": ["node", "cluster"]}}]),
             "post": _operation("Create a space", space_response, 409,
                                body=_ref("CreateSpace"), ok_status="201"),
         },
@@ -4113,6 +4558,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/openapi.json", get_openapi),
     ("GET", "/api/system", get_system),
     ("GET", "/api/system/capabilities", get_capabilities),
+    ("GET", "/api/nodes", get_nodes),
     ("GET", "/api/spaces", list_spaces),
     ("POST", "/api/spaces", create_space),
     ("GET", "/api/spaces/{name}", get_space),
@@ -4145,11 +4591,18 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     housekeeper.load()
     if not await app[FIREWALL_KEY].check():
         log.warning("egress firewall inactive: %s", app[FIREWALL_KEY].error)
-    task = asyncio.create_task(housekeeper.run())
+    nodes = app[NODES_KEY]
+    nodes.session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT),
+        trust_env=False)
+    tasks = [asyncio.create_task(housekeeper.run()), asyncio.create_task(nodes.run())]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await nodes.session.close()
     with contextlib.suppress(OSError):
         await housekeeper.save_activity()
     audit.close()
@@ -4166,14 +4619,16 @@ def create_app(config: Config) -> web.Application:
     if config.auth_disabled:
         log.warning("AUTHENTICATION IS DISABLED (CLAWDSPACE_AUTH_DISABLED=true): anyone who "
                     "can reach this port controls every space. Use only on a trusted dev box.")
+    engine = Engine()
+    nodes = Nodes(config, engine)
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(config)],
+        middlewares=[error_middleware, make_auth_middleware(config),
+                     make_forward_middleware(nodes)],
         client_max_size=config.max_body_bytes,
         # Long header lines get to the middlewares (and a JSON 401/400), not aiohttp's 8 KiB
         # plain-text refusal.
         handler_args={"max_line_size": 1 << 20, "max_field_size": 1 << 20},
     )
-    engine = Engine()
     audit = AuditLog(config.data_dir, config.audit_max_bytes, config.audit_keep,
                      Redactor([config.api_key or ""]))
     app[CONFIG_KEY] = config
@@ -4183,6 +4638,7 @@ def create_app(config: Config) -> web.Application:
     spaces = Spaces(config, engine, audit, firewall)
     files = Files(spaces)
     app[FIREWALL_KEY] = firewall
+    app[NODES_KEY] = nodes
     app[TEMPLATES_KEY] = Templates(config.shipped_templates_dir, config.templates_dir, audit)
     app[GIT_KEY] = GitOps(config, spaces, files)
     app[SPACES_KEY] = spaces
