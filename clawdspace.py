@@ -726,6 +726,8 @@ class DemuxReader:
         self.limit = limit
         self.out = {1: bytearray(), 2: bytearray()}
         self.truncated = {1: False, 2: False}
+        # When set, frames go here (streaming) instead of being collected.
+        self.sink: Callable[[int, bytes], Any] | None = None
 
     def run(self) -> None:
         buffer = bytearray()
@@ -751,6 +753,9 @@ class DemuxReader:
                 frame_left -= take
 
     def _keep(self, stream: int, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(stream, data)
+            return
         target = self.out.get(stream)
         if target is None:
             return
@@ -1459,6 +1464,7 @@ class CreateRequest:
     repo_branch: str | None = None
     repo_dest: str = "repo"
     git_token: str | None = dataclasses.field(default=None, repr=False)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # extra, e.g. E2B's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1900,6 +1906,7 @@ class Spaces:
             f"{LABEL}.user": user,
             f"{LABEL}.created-at": now_iso(),
             f"{LABEL}.created-by": actor.key_id or "",
+            **req.labels,
         }
         container_id: str | None = None
         try:
@@ -3761,6 +3768,500 @@ class Nodes:
 
 
 # ###########################################################################
+# E2B-compatible surface: control plane and the in-sandbox daemon (envd) protocol
+# ###########################################################################
+
+E2B_ENVD_VERSION = "0.5.7"  # what the SDK gates features on (see E2B.md 4.5)
+E2B_ENVD_PORT = "49983"
+E2B_ID_HEADER = "E2b-Sandbox-Id"
+E2B_DEFAULT_TIMEOUT = 300
+E2B_MAX_PROCESSES = 256  # remembered per node, for List and SendSignal
+CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
+                 404: "not_found", 409: "failed_precondition", 411: "invalid_argument",
+                 413: "resource_exhausted", 502: "unavailable", 503: "unavailable",
+                 504: "deadline_exceeded", 507: "resource_exhausted"}
+E2B_PATHS = ("/sandboxes", "/v2/sandboxes")
+
+
+def is_envd_request(request: web.BaseRequest) -> bool:
+    return E2B_ID_HEADER in request.headers
+
+
+def is_e2b_rest(request: web.BaseRequest) -> bool:
+    return request.path.startswith(E2B_PATHS)
+
+
+def envd_token(config: Config, sandbox_id: str) -> str:
+    """The sandbox's daemon token: derived, never stored (HMAC of the id under the API key)."""
+    secret = (config.api_key or "clawdspace-auth-disabled").encode("utf-8", "surrogateescape")
+    return hmac.new(secret, f"e2b-envd:{sandbox_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return struct.pack(">BI", 0x02 if end else 0x00, len(body)) + body
+
+
+def read_envelope(raw: bytes) -> dict[str, Any]:
+    if len(raw) < 5:
+        raise BadRequest("empty Connect stream request", "invalid_argument")
+    flags, size = struct.unpack(">BI", raw[:5])
+    try:
+        message = json.loads(raw[5:5 + size])
+    except ValueError:
+        raise BadRequest("the Connect message is not JSON", "invalid_argument") from None
+    if flags & 0x01 or not isinstance(message, dict):
+        raise BadRequest("compressed or malformed Connect message", "invalid_argument")
+    return message
+
+
+def e2b_time(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass
+class E2bProcess:
+    """A command started through envd: the exec behind the pid the SDK sees."""
+
+    sandbox: str
+    container_id: str
+    exec_id: str
+    config: dict[str, Any]
+    tag: str | None
+
+
+class E2b:
+    """E2B's REST control plane over spaces, and envd emulated with ``docker exec`` and the
+    files API. A sandbox is a space named ``e2b-<hex>``; its metadata and template are labels,
+    its timeout a deadline in the data directory (timeouts pause; nothing is deleted)."""
+
+    def __init__(self, config: Config, spaces: Spaces, files: Files, templates: Templates,
+                 nodes: Nodes) -> None:
+        self.config = config
+        self.spaces = spaces
+        self.files = files
+        self.templates = templates
+        self.nodes = nodes
+        self.deadline_path = os.path.join(config.data_dir, "e2b-deadlines.json")
+        self.deadlines: dict[str, float] = {}
+        self.processes: dict[int, E2bProcess] = {}
+        self.next_pid = 1000
+
+    def load(self) -> None:
+        saved = read_json_file(self.deadline_path)
+        if isinstance(saved, dict):
+            self.deadlines = {str(k): float(v) for k, v in saved.items()
+                              if isinstance(v, (int, float))}
+
+    async def _save(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, write_json_atomic, self.deadline_path, dict(self.deadlines))
+
+    # -- control plane --------------------------------------------------------------------
+
+    def _sandbox(self, space: SpaceInfo, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        name = space["name"]
+        created = dt.datetime.fromisoformat(space["created"].replace("Z", "+00:00")) \
+            if space["created"] else dt.datetime.now(dt.timezone.utc)
+        return {
+            "templateID": (labels or {}).get(f"{LABEL}.e2b-template") or space["template"]
+            or "base",
+            "sandboxID": name,
+            "clientID": self.nodes.self_name(),
+            "envdVersion": E2B_ENVD_VERSION,
+            "envdAccessToken": envd_token(self.config, name),
+            "domain": None,
+            "startedAt": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "endAt": e2b_time(self.deadlines.get(name, time.time() + E2B_DEFAULT_TIMEOUT)),
+            "cpuCount": max(1, int(space["cpus"])),
+            "memoryMB": space["memory"] >> 20,
+            "diskSizeMB": 0,
+            "state": "paused" if space["status"] == "paused" else "running",
+            "metadata": json.loads((labels or {}).get(f"{LABEL}.e2b-metadata") or "{}"),
+        }
+
+    async def owner(self, sandbox_id: str) -> NodeInfo | None:
+        """The other node that holds a sandbox this node does not have; None when local."""
+        if sandbox_id in self.spaces.known:
+            return None
+        with contextlib.suppress(NotFound):
+            await self._find(sandbox_id)
+            return None
+        if not self.nodes.nodes:
+            await self.nodes.refresh()
+        for node in self.nodes.nodes:
+            if node.get("self") or node["status"] != "online":
+                continue
+            with contextlib.suppress(Exception):
+                status, _ = await asyncio.wait_for(self.nodes._get_json(
+                    f"{node['url']}/sandboxes/{sandbox_id}", self.config.api_key),
+                    NODE_PROBE_TIMEOUT)
+                if status == 200:
+                    return node
+        return None
+
+    async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
+        if not SPACE_NAME_RE.match(sandbox_id) or not sandbox_id.startswith("e2b-"):
+            raise NotFound(f"sandbox {sandbox_id[:80]} not found")
+        try:
+            info = await self.spaces.inspect(sandbox_id)
+        except (NotFound, BadRequest):
+            raise NotFound(f"sandbox {sandbox_id} not found") from None
+        return self.spaces.view_inspected(info), (info.get("Config") or {}).get("Labels") or {}
+
+    def _timeout(self, body: dict[str, Any]) -> int:
+        timeout = body.get("timeout", E2B_DEFAULT_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= \
+                86400 * 30:
+            raise BadRequest("timeout must be a number of seconds", "invalid_argument")
+        return timeout
+
+    async def create(self, body: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        template_id = body.get("templateID") or "base"
+        if not isinstance(template_id, str):
+            raise BadRequest("templateID must be a string", "invalid_argument")
+        template = await self.templates.for_space("default" if template_id == "base"
+                                                  else template_id)
+        metadata = body.get("metadata") or {}
+        env = body.get("envVars") or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise BadRequest("metadata must map strings to strings", "invalid_argument")
+        encoded = json.dumps(metadata, separators=(",", ":"))
+        if len(encoded) > 8192:
+            raise BadRequest("metadata is larger than 8 KiB", "invalid_argument")
+        timeout = self._timeout(body)
+        name = f"e2b-{os.urandom(8).hex()}"
+        request = parse_create({"name": name, "env": env}, self.config, template)
+        request = dataclasses.replace(request, labels={
+            f"{LABEL}.e2b-template": template_id, f"{LABEL}.e2b-metadata": encoded})
+        space = await self.spaces.create(request, actor)
+        self.deadlines[name] = time.time() + timeout
+        await self._save()
+        return self._sandbox(space, request.labels)
+
+    async def get(self, sandbox_id: str) -> dict[str, Any]:
+        space, labels = await self._find(sandbox_id)
+        return self._sandbox(space, labels)
+
+    async def list_sandboxes(self, request: web.Request) -> list[dict[str, Any]]:
+        states = set((request.query.get("state") or "running,paused").split(","))
+        wanted = dict(urllib.parse.parse_qsl(request.query.get("metadata") or ""))
+        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=space",
+                             f"{LABEL}.e2b-template"]}
+        rows = await self.spaces.engine.call(self.spaces.engine.api.containers, all=True,
+                                             filters=filters)
+        found = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            sandbox = self._sandbox(self.spaces.view(row["Id"], labels, row.get("State", "")),
+                                    labels)
+            if sandbox["state"] in states and all(
+                    sandbox["metadata"].get(k) == v for k, v in wanted.items()):
+                found.append(sandbox)
+        return found[:max(1, min(query_int(request, "limit", 100, 1, 100), 100))]
+
+    async def kill(self, sandbox_id: str, actor: Actor) -> None:
+        await self._find(sandbox_id)
+        await self.spaces.destroy(sandbox_id, True, actor)
+        self.deadlines.pop(sandbox_id, None)
+        await self._save()
+
+    async def set_timeout(self, sandbox_id: str, body: dict[str, Any]) -> None:
+        await self._find(sandbox_id)
+        self.deadlines[sandbox_id] = time.time() + self._timeout(body)
+        await self._save()
+
+    async def pause(self, sandbox_id: str, actor: Actor) -> None:
+        space, _ = await self._find(sandbox_id)
+        if space["status"] == "paused":
+            raise Conflict(f"sandbox {sandbox_id} is already paused")
+        await self.spaces.pause(sandbox_id, actor)
+
+    async def connect(self, sandbox_id: str, body: dict[str, Any],
+                      actor: Actor) -> tuple[int, dict[str, Any]]:
+        space, labels = await self._find(sandbox_id)
+        resumed = space["status"] != "running"
+        if resumed:
+            await self.spaces.start(sandbox_id, actor, reason="e2b connect")
+        self.deadlines[sandbox_id] = time.time() + self._timeout(body)
+        await self._save()
+        space, labels = await self._find(sandbox_id)
+        return (201 if resumed else 200), self._sandbox(space, labels)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.expire()
+            except (ClawdError, docker.errors.APIError, OSError) as err:
+                log.warning("e2b timeouts: %s", err)
+            await asyncio.sleep(5)
+
+    async def expire(self) -> None:
+        """Sandboxes past their timeout are paused (never deleted: /workspace survives)."""
+        now = time.time()
+        for name, deadline in list(self.deadlines.items()):
+            if deadline > now:
+                continue
+            try:
+                space, _ = await self._find(name)
+            except NotFound:
+                self.deadlines.pop(name, None)
+                continue
+            if space["status"] == "running" and not self.spaces.is_busy(name):
+                with contextlib.suppress(ClawdError):
+                    await self.spaces.pause(name, SYSTEM_ACTOR, reason="e2b timeout")
+
+    # -- envd: processes ------------------------------------------------------------------
+
+    async def start_process(self, request: web.Request, sandbox: str,
+                            actor: Actor) -> web.StreamResponse:
+        message = read_envelope(await request.read())
+        process = message.get("process") or {}
+        cmd, args = process.get("cmd"), process.get("args") or []
+        envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
+        if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
+                isinstance(a, str) for a in args):
+            raise BadRequest("process.cmd and args are required", "invalid_argument")
+        if not isinstance(cwd, str) or not cwd.startswith("/") or os.path.normpath(cwd).split(
+                "/")[1] in ("proc", "sys", "dev"):
+            raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
+                             "invalid_argument")
+        timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
+        timeout = int(timeout_ms) / 1000 if timeout_ms.isdigit() else None
+        keepalive = request.headers.get("Keepalive-Ping-Interval", "")
+        ping_every = float(keepalive) if keepalive.isdigit() else 50.0
+        req = ExecRequest(argv=[cmd, *args], env=check_env(envs),
+                          workdir=os.path.normpath(cwd), timeout=timeout or 86400.0)
+        with self.spaces.busy(sandbox):
+            container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req, actor)
+            await self.spaces.audit.record("space.exec", sandbox, {
+                "command": [cmd, *args], "envKeys": sorted(req.env), "workdir": req.workdir,
+                "source": "e2b"}, actor)
+            pid = self._remember(E2bProcess(sandbox, container_id, exec_id,
+                                            {"cmd": cmd, "args": args, "envs": envs,
+                                             "cwd": req.workdir}, message.get("tag")))
+            answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
+            await answer.prepare(request)
+            await answer.write(connect_envelope({"event": {"start": {"pid": pid}}}))
+            await self._relay(answer, sandbox, sock, container_id, exec_id, timeout, ping_every)
+            return answer
+
+    def _remember(self, process: E2bProcess) -> int:
+        self.next_pid += 1
+        self.processes[self.next_pid] = process
+        while len(self.processes) > E2B_MAX_PROCESSES:
+            self.processes.pop(next(iter(self.processes)))
+        return self.next_pid
+
+    async def _relay(self, answer: web.StreamResponse, sandbox: str, sock: ExecSocket,
+                     container_id: str, exec_id: str, timeout: float | None,
+                     ping_every: float) -> None:
+        """Exec output to Connect data events through a bounded queue, then the end event."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
+        reader = DemuxReader(sock, 0)
+        reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
+            queue.put((stream, data)), loop).result()
+        pump = loop.run_in_executor(self.spaces.engine.streams, self._pump, reader, queue, loop)
+        deadline = time.monotonic() + timeout if timeout else None
+        client_gone = timed_out = False
+        try:
+            while True:
+                wait = ping_every if deadline is None else min(ping_every,
+                                                               deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(wait, 0.01))
+                except asyncio.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        timed_out = True
+                        await self.spaces.kill_exec(container_id, exec_id)
+                        deadline = None
+                        continue
+                    item = (-1, b"")
+                if item is None:
+                    break
+                self.spaces.touch(sandbox)
+                if client_gone:
+                    continue  # keep draining: envd leaves a process running when a client goes
+                stream, data = item
+                event = {"keepalive": {}} if stream < 0 else {"data": {
+                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
+                try:
+                    await answer.write(connect_envelope({"event": event}))
+                except (ConnectionResetError, RuntimeError):
+                    client_gone = True
+        finally:
+            if not pump.done():
+                reader.abort()
+            with contextlib.suppress(Exception):
+                await pump
+            sock.close()
+        details = await self.spaces.engine.call(self.spaces.engine.api.exec_inspect, exec_id)
+        code = details.get("ExitCode")
+        code = -1 if code is None or timed_out else int(code)
+        end: dict[str, Any] = {"exitCode": code, "exited": not timed_out,
+                               "status": "signal: killed" if timed_out else f"exit status {code}"}
+        if client_gone:
+            return
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await answer.write(connect_envelope({"event": {"end": end}}))
+            trailer: dict[str, Any] = {}
+            if timed_out:
+                trailer = {"error": {"code": "deadline_exceeded",
+                                     "message": "the command ran past its timeout"}}
+            await answer.write(connect_envelope(trailer, end=True))
+            await answer.write_eof()
+
+    @staticmethod
+    def _pump(reader: DemuxReader, queue: asyncio.Queue[tuple[int, bytes] | None],
+              loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            reader.run()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    async def list_processes(self, sandbox: str) -> dict[str, Any]:
+        api = self.spaces.engine.api
+        alive = []
+        for pid, process in list(self.processes.items()):
+            if process.sandbox != sandbox:
+                continue
+            with contextlib.suppress(docker.errors.APIError):
+                if (await self.spaces.engine.call(api.exec_inspect, process.exec_id)).get(
+                        "Running"):
+                    entry: dict[str, Any] = {"config": process.config, "pid": pid}
+                    if process.tag:
+                        entry["tag"] = process.tag
+                    alive.append(entry)
+        return {"processes": alive}
+
+    async def signal(self, sandbox: str, body: dict[str, Any]) -> dict[str, Any]:
+        raw_pid = (body.get("process") or {}).get("pid")
+        pid = raw_pid if isinstance(raw_pid, int) else -1
+        process = self.processes.get(pid)
+        if process is None or process.sandbox != sandbox:
+            raise NotFound(f"process {pid} not found")
+        running = (await self.spaces.engine.call(self.spaces.engine.api.exec_inspect,
+                                                 process.exec_id)).get("Running")
+        if not running:
+            self.processes.pop(pid, None)
+            raise NotFound(f"process {pid} not found")
+        await self.spaces.kill_exec(process.container_id, process.exec_id)
+        self.processes.pop(pid, None)  # killed: a second signal finds nothing, as in envd
+        return {}
+
+    # -- envd: files ----------------------------------------------------------------------
+
+    @staticmethod
+    def rel_path(path: Any) -> str:
+        """An envd path (absolute, or relative to the home, here /workspace) for the files API."""
+        if not isinstance(path, str) or not path:
+            raise BadRequest("path is required", "invalid_argument")
+        if path == WORKSPACE or path.startswith(WORKSPACE + "/"):
+            return path[len(WORKSPACE):] or "/"
+        if path.startswith("/"):
+            raise Forbidden(f"{path} is outside /workspace", "outside_workspace")
+        return "/" + path
+
+    def entry(self, real: str, kind: str, size: int, mtime: float) -> dict[str, Any]:
+        types = {"dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
+        mode = 0o755 if kind == "dir" else 0o644
+        return {"name": real.rstrip("/").rpartition("/")[2] or real, "path": real,
+                "type": types.get(kind, "FILE_TYPE_FILE"), "size": str(size), "mode": mode,
+                "permissions": ("d" if kind == "dir" else "-") + "".join(
+                    "rwx"[i % 3] if mode & (1 << (8 - i)) else "-" for i in range(9)),
+                "owner": "sandbox", "group": "sandbox", "modifiedTime": e2b_time(mtime)}
+
+    async def filesystem(self, method: str, sandbox: str, body: dict[str, Any],
+                         actor: Actor) -> dict[str, Any]:
+        info = await self.spaces.running(sandbox, actor)
+        self.spaces.touch(sandbox)
+        if method == "Stat":
+            where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+            if where.stat is None:
+                raise NotFound(f"{body.get('path')}: no such file or directory")
+            return {"entry": self._stat_entry(where)}
+        if method == "ListDir":
+            listing = await self.files.list_dir(sandbox, self.rel_path(body.get("path")), 10000,
+                                                actor)
+            return {"entries": [self.entry(WORKSPACE + e["path"], e["type"], e["size"],
+                                           e["mtimeMs"] / 1000) for e in listing["entries"]]}
+        if method in ("MakeDir", "Remove"):
+            where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")),
+                                             follow_last=method == "MakeDir")
+            if method == "MakeDir":
+                if where.stat is not None:
+                    raise E2bExists(f"{where.rel} already exists")
+                argv = ["mkdir", "-p", "--", where.real]
+            else:
+                if where.stat is None:
+                    raise NotFound(f"{where.rel}: no such file or directory")
+                argv = ["rm", "-rf", "--", where.real]
+            await self._run(info, argv)
+            if method == "Remove":
+                return {}
+            return {"entry": self._stat_entry(await self.files.resolve(info["Id"], where.rel))}
+        if method == "Move":
+            source = await self.files.resolve(info["Id"], self.rel_path(body.get("source")),
+                                              follow_last=False)
+            target = await self.files.resolve(info["Id"],
+                                              self.rel_path(body.get("destination")))
+            if source.stat is None:
+                raise NotFound(f"{source.rel}: no such file or directory")
+            await self._run(info, ["mv", "-f", "--", source.real, target.real])
+            return {"entry": self._stat_entry(await self.files.resolve(info["Id"], target.rel,
+                                                                        follow_last=False))}
+        raise NotFound(f"filesystem.Filesystem/{method} is not supported")
+
+    def _stat_entry(self, where: Resolved) -> dict[str, Any]:
+        stat = where.stat or {}
+        mtime = dt.datetime.fromisoformat(str(stat.get("mtime", "1970-01-01T00:00:00"))[:19])
+        return self.entry(where.real, mode_type(int(stat.get("mode", 0))),
+                          int(stat.get("size", 0)),
+                          mtime.replace(tzinfo=dt.timezone.utc).timestamp())
+
+    async def _run(self, info: dict[str, Any], argv: list[str]) -> None:
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=argv, env={}, workdir=WORKSPACE, timeout=60), 65536)
+        if result["exitCode"] != 0:
+            raise Conflict(result["stderr"].strip() or f"{argv[0]} failed")
+
+    async def upload(self, request: web.Request, sandbox: str,
+                     actor: Actor) -> list[dict[str, str]]:
+        written = []
+        path = request.query.get("path")
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, aiohttp.BodyPartReader) or part.name != "file":
+                    continue
+                target = path or part.filename
+                data = await part.read(decode=False)
+                await self.files.write(sandbox, self.rel_path(target), len(data),
+                                       iter([bytes(data)]), actor)
+                written.append(self.rel_path(target))
+        else:
+            size = request.content_length
+            if size is None:
+                raise LengthRequired("uploads need a Content-Length header")
+            await self.files.write(sandbox, self.rel_path(path), size, body_chunks(request),
+                                   actor)
+            written.append(self.rel_path(path))
+        if not written:
+            raise BadRequest("no file in the upload", "invalid_argument")
+        return [{"name": rel.rpartition("/")[2], "type": "file", "path": WORKSPACE + rel}
+                for rel in written]
+
+
+class E2bExists(Conflict):
+    """An envd MakeDir on an existing path (the SDK answers False)."""
+
+    code = "already_exists"
+
+
+# ###########################################################################
 # Auth and errors (middlewares)
 # ###########################################################################
 
@@ -3775,22 +4276,32 @@ HOUSEKEEPER_KEY = web.AppKey("housekeeper", Housekeeper)
 TEMPLATES_KEY = web.AppKey("templates", Templates)
 FIREWALL_KEY = web.AppKey("firewall", Firewall)
 NODES_KEY = web.AppKey("nodes", Nodes)
+E2B_KEY = web.AppKey("e2b", E2b)
 GIT_KEY = web.AppKey("git", GitOps)
 PUBLIC_PATHS = frozenset({"/api/health", "/api/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_error(status: int, message: str, code: str,
-               headers: dict[str, str] | None = None) -> web.Response:
+def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
+               request: web.BaseRequest | None = None) -> web.Response:
+    """Our ``{"error", "code"}``; E2B's shapes on its surfaces (envd: Connect error codes)."""
+    if request is not None and is_envd_request(request):
+        connect = code if code in ("already_exists",) else CONNECT_CODES.get(status, "internal")
+        return web.json_response({"code": connect, "message": message}, status=status,
+                                 headers=headers)
+    if request is not None and is_e2b_rest(request):
+        return web.json_response({"code": status, "message": message}, status=status,
+                                 headers={**(headers or {}), "Should-Retry": "false"})
     return web.json_response({"error": message, "code": code}, status=status, headers=headers)
 
 
 def presented_key(request: web.Request) -> str | None:
+    """Bearer header, ``?key=``, or X-API-Key (what E2B's SDK sends)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.query.get("key") or None
+    return request.query.get("key") or request.headers.get("X-API-Key") or None
 
 
 def make_auth_middleware(config: Config) -> Any:
@@ -3801,6 +4312,15 @@ def make_auth_middleware(config: Config) -> Any:
         """Deny by default: every path but the public ones needs the key."""
         if config.auth_disabled or (
                 request.path in PUBLIC_PATHS and request.method in ("GET", "HEAD")):
+            return await handler(request)
+        if is_envd_request(request):  # E2B's daemon protocol: a per-sandbox token instead
+            token = request.headers.get("X-Access-Token", "")
+            if request.path != "/health" and not hmac.compare_digest(
+                    token.encode("utf-8", "surrogateescape"),
+                    envd_token(config, request.headers[E2B_ID_HEADER]).encode()):
+                log.warning("auth: rejected envd %s %s from %s", request.method, request.path,
+                            request.remote)
+                raise Unauthorized("Unauthorized")
             return await handler(request)
         key = presented_key(request)
         if key is None or not hmac.compare_digest(
@@ -3821,6 +4341,13 @@ def make_forward_middleware(nodes: Nodes) -> Any:
     async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
         """``?node=NAME`` (or the X-Clawdspace-Node header) sends the request to that node."""
         target = request.query.get("node") or request.headers.get(FORWARD_HEADER)
+        if not target:
+            sandbox = request.headers.get(E2B_ID_HEADER) if is_envd_request(request) else \
+                request.match_info.get("id") if is_e2b_rest(request) else None
+            if sandbox and SPACE_NAME_RE.match(sandbox) and request.path != "/health":
+                forwarded = await e2b_elsewhere(request, sandbox)
+                if forwarded is not None:
+                    return forwarded
         if not target or request.headers.get(FORWARDED_MARK) or request.path in \
                 NODE_LOCAL_PATHS or target == nodes.self_name():
             return await handler(request)
@@ -3849,26 +4376,29 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ClawdError as err:
-        return json_error(err.status, err.message, err.code)
+        return json_error(err.status, err.message, err.code, request=request)
     except web.HTTPException as err:
         if err.status < 400:
             raise
         headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
         message = {404: "no such route", 413: "request body too large"}.get(err.status,
                                                                          err.reason)
-        return json_error(err.status, message, HTTP_CODES.get(err.status, "http_error"), headers)
+        return json_error(err.status, message, HTTP_CODES.get(err.status, "http_error"), headers,
+                          request)
     except docker.errors.APIError as err:
         log.warning("docker: %s %s: %s", request.method, request.path, api_message(err))
-        if api_status(err) == 404:
-            return json_error(404, api_message(err), "not_found")
-        if api_status(err) == 409:
-            return json_error(409, api_message(err), "conflict")
-        return json_error(503, f"the Docker engine refused: {api_message(err)}", "docker_error")
+        if api_status(err) in (404, 409):
+            return json_error(api_status(err), api_message(err),
+                              "not_found" if api_status(err) == 404 else "conflict",
+                              request=request)
+        return json_error(503, f"the Docker engine refused: {api_message(err)}", "docker_error",
+                          request=request)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return json_error(500, "internal error (see the service log)", "internal")
+        return json_error(500, "internal error (see the service log)", "internal",
+                          request=request)
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
@@ -3904,6 +4434,20 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", "invalid_json")
     return body
+
+
+def body_chunks(request: web.Request) -> Iterator[bytes]:
+    """The request body as a blocking iterator, for a writer thread; it pulls from the loop."""
+    loop = asyncio.get_running_loop()
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            chunk = asyncio.run_coroutine_threadsafe(request.content.readany(), loop).result()
+            if not chunk:
+                return
+            yield chunk
+
+    return chunks()
 
 
 def query_bool(request: web.Request, name: str, default: bool = False) -> bool:
@@ -4126,16 +4670,8 @@ async def write_file(request: web.Request) -> web.Response:
         size = request.content_length
         if size is None:
             raise LengthRequired("raw uploads need a Content-Length header")
-        loop = asyncio.get_running_loop()
-
-        def body() -> Iterator[bytes]:
-            while True:
-                chunk = asyncio.run_coroutine_threadsafe(request.content.readany(), loop).result()
-                if not chunk:
-                    return
-                yield chunk
-
-        return web.json_response(await files.write(name, path, size, body(), actor(request)))
+        return web.json_response(await files.write(name, path, size, body_chunks(request),
+                                                   actor(request)))
     payload = await json_body(request)
     check_fields(payload, {"contentBase64"})
     encoded = payload.get("contentBase64")
@@ -4167,6 +4703,101 @@ async def terminal(request: web.Request) -> web.StreamResponse:
         raise Forbidden("this Origin may not open terminals (see CLAWDSPACE_ALLOWED_ORIGINS)",
                         "bad_origin")
     return await request.app[TERMINALS_KEY].serve(request, name, actor(request))
+
+
+async def e2b_create(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    return web.json_response(await request.app[E2B_KEY].create(body, actor(request)), status=201)
+
+
+async def e2b_list(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[E2B_KEY].list_sandboxes(request))
+
+
+async def e2b_get(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[E2B_KEY].get(request.match_info["id"]))
+
+
+async def e2b_kill(request: web.Request) -> web.Response:
+    await request.app[E2B_KEY].kill(request.match_info["id"], actor(request))
+    return web.Response(status=204)
+
+
+async def e2b_timeout(request: web.Request) -> web.Response:
+    await request.app[E2B_KEY].set_timeout(request.match_info["id"], await json_body(request))
+    return web.Response(status=204)
+
+
+async def e2b_pause(request: web.Request) -> web.Response:
+    await request.app[E2B_KEY].pause(request.match_info["id"], actor(request))
+    return web.Response(status=204)
+
+
+async def e2b_connect(request: web.Request) -> web.Response:
+    body = await json_body(request) if request.can_read_body else {}
+    status, sandbox = await request.app[E2B_KEY].connect(request.match_info["id"], body,
+                                                         actor(request))
+    return web.json_response(sandbox, status=status)
+
+
+async def e2b_elsewhere(request: web.Request, sandbox_id: str) -> web.StreamResponse | None:
+    """Serve a sandbox of another node through this one (one URL for the whole cluster)."""
+    if request.headers.get(FORWARDED_MARK):
+        return None
+    node = await request.app[E2B_KEY].owner(sandbox_id)
+    if node is None:
+        return None
+    return await request.app[NODES_KEY].forward(request, node)
+
+
+def envd_sandbox(request: web.Request) -> str:
+    """The space an envd request is for (E2b-Sandbox-Id), on the daemon's port only."""
+    sandbox = request.headers.get(E2B_ID_HEADER)
+    if sandbox is None:
+        raise NotFound("no such route")
+    port = request.headers.get("E2b-Sandbox-Port", E2B_ENVD_PORT)
+    if port != E2B_ENVD_PORT:
+        raise BadGateway(f"port {port[:8]} of sandbox {sandbox[:80]} is not served here")
+    if not SPACE_NAME_RE.match(sandbox):
+        raise BadGateway(f"sandbox {sandbox[:80]} not found")
+    return sandbox
+
+
+async def envd_health(request: web.Request) -> web.Response:
+    envd_sandbox(request)
+    return web.Response(status=204)
+
+
+async def envd_download(request: web.Request) -> web.StreamResponse:
+    sandbox = envd_sandbox(request)
+    path = E2b.rel_path(request.query.get("path"))
+    return await request.app[FILES_KEY].read_raw(request, sandbox, path, None, actor(request))
+
+
+async def envd_upload(request: web.Request) -> web.Response:
+    sandbox = envd_sandbox(request)
+    return web.json_response(await request.app[E2B_KEY].upload(request, sandbox,
+                                                               actor(request)))
+
+
+async def envd_process(request: web.Request) -> web.StreamResponse:
+    sandbox = envd_sandbox(request)
+    e2b, method = request.app[E2B_KEY], request.match_info["method"]
+    if method == "Start":
+        return await e2b.start_process(request, sandbox, actor(request))
+    body = await json_body(request) if request.can_read_body else {}
+    if method == "List":
+        return web.json_response(await e2b.list_processes(sandbox))
+    if method == "SendSignal":
+        return web.json_response(await e2b.signal(sandbox, body))
+    raise NotFound(f"process.Process/{method[:40]} is not supported by this node")
+
+
+async def envd_filesystem(request: web.Request) -> web.Response:
+    sandbox = envd_sandbox(request)
+    body = await json_body(request) if request.can_read_body else {}
+    return web.json_response(await request.app[E2B_KEY].filesystem(
+        request.match_info["method"], sandbox, body, actor(request)))
 
 
 async def get_audit(request: web.Request) -> web.Response:
@@ -4580,6 +5211,23 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/templates/{name}", get_template),
     ("DELETE", "/api/templates/{name}", delete_template),
     ("GET", "/api/audit", get_audit),
+    # E2B-compatible control plane (outside /api: the SDK's paths)
+    ("POST", "/sandboxes", e2b_create),
+    ("POST", "/v2/sandboxes", e2b_create),
+    ("GET", "/sandboxes", e2b_list),
+    ("GET", "/v2/sandboxes", e2b_list),
+    ("GET", "/sandboxes/{id}", e2b_get),
+    ("DELETE", "/sandboxes/{id}", e2b_kill),
+    ("POST", "/sandboxes/{id}/timeout", e2b_timeout),
+    ("POST", "/sandboxes/{id}/pause", e2b_pause),
+    ("POST", "/sandboxes/{id}/connect", e2b_connect),
+    ("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
+    # E2B's in-sandbox daemon, selected by the E2b-Sandbox-Id header
+    ("GET", "/health", envd_health),
+    ("GET", "/files", envd_download),
+    ("POST", "/files", envd_upload),
+    ("POST", "/process.Process/{method}", envd_process),
+    ("POST", "/filesystem.Filesystem/{method}", envd_filesystem),
 ]
 
 
@@ -4595,7 +5243,9 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     nodes.session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT),
         trust_env=False)
-    tasks = [asyncio.create_task(housekeeper.run()), asyncio.create_task(nodes.run())]
+    app[E2B_KEY].load()
+    tasks = [asyncio.create_task(housekeeper.run()), asyncio.create_task(nodes.run()),
+             asyncio.create_task(app[E2B_KEY].run())]
     yield
     for task in tasks:
         task.cancel()
@@ -4637,9 +5287,11 @@ def create_app(config: Config) -> web.Application:
     firewall = Firewall(config, engine)
     spaces = Spaces(config, engine, audit, firewall)
     files = Files(spaces)
+    templates = Templates(config.shipped_templates_dir, config.templates_dir, audit)
     app[FIREWALL_KEY] = firewall
     app[NODES_KEY] = nodes
-    app[TEMPLATES_KEY] = Templates(config.shipped_templates_dir, config.templates_dir, audit)
+    app[TEMPLATES_KEY] = templates
+    app[E2B_KEY] = E2b(config, spaces, files, templates, nodes)
     app[GIT_KEY] = GitOps(config, spaces, files)
     app[SPACES_KEY] = spaces
     app[FILES_KEY] = files
