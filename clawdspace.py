@@ -111,9 +111,9 @@ log = logging.getLogger("clawdspace")
 T = TypeVar("T")
 
 
-# ###########################################################################
-# Constants & config
-# ###########################################################################
+###############################################################################
+# Constants & config ##########################################################
+###############################################################################
 
 WORKSPACE = "/workspace"
 LABEL = "clawdspace"  # label namespace: clawdspace.<key>
@@ -264,9 +264,9 @@ class Config:
         parse_nodes_setting(self.nodes)
 
 
-# ###########################################################################
-# Errors
-# ###########################################################################
+###############################################################################
+# Errors ######################################################################
+###############################################################################
 
 class ClawdError(Exception):
     """Base of every error the API answers with; carries an HTTP status and a code."""
@@ -357,9 +357,9 @@ class GatewayTimeout(ClawdError):
     status, code = 504, "node_timeout"
 
 
-# ###########################################################################
-# Models
-# ###########################################################################
+###############################################################################
+# Models ######################################################################
+###############################################################################
 
 class SpaceVolume(TypedDict):
     name: str
@@ -422,9 +422,9 @@ def key_id(key: str) -> str:
     return "k-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-# ###########################################################################
-# Audit log
-# ###########################################################################
+###############################################################################
+# Audit log ###################################################################
+###############################################################################
 
 # Token shapes that must never reach the audit log or a response, wherever they appear.
 SECRET_PATTERNS = [
@@ -626,9 +626,9 @@ def reversed_lines(path: str, block: int = 65536) -> Iterator[bytes]:
         os.close(fd)
 
 
-# ###########################################################################
-# Docker wrapper
-# ###########################################################################
+###############################################################################
+# Docker wrapper ##############################################################
+###############################################################################
 
 DOCKER_API_VERSION = "1.41"  # Engine 20.10+; pinned so building the client never blocks
 
@@ -801,9 +801,9 @@ def kill_exec_group(host_pid: int) -> int | None:
         return container_pid
 
 
-# ###########################################################################
-# Templates
-# ###########################################################################
+###############################################################################
+# Templates ###################################################################
+###############################################################################
 
 TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 REPO_DEST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
@@ -1082,9 +1082,9 @@ class Templates:
         await self.audit.record("template.delete", meta={"template": name}, actor=actor)
 
 
-# ###########################################################################
-# Network policy (bridge networks and firewall)
-# ###########################################################################
+###############################################################################
+# Network policy (bridge networks and firewall) ###############################
+###############################################################################
 
 # Where an "internet" space may not go: private ranges, the tailnet, link-local/cloud
 # metadata. The node's own addresses are refused separately (INPUT), the API port included.
@@ -1283,9 +1283,9 @@ class Firewall:
         return True
 
 
-# ###########################################################################
-# Git: clone on create, server-side push
-# ###########################################################################
+###############################################################################
+# Git: clone on create, server-side push ######################################
+###############################################################################
 
 GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 GIT_REMOTE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -1439,9 +1439,179 @@ class GitOps:
         return result
 
 
-# ###########################################################################
-# Spaces
-# ###########################################################################
+###############################################################################
+# System and GPUs #############################################################
+###############################################################################
+
+class GpuInfo(TypedDict):
+    index: int
+    uuid: str
+    name: str
+    memoryMiB: int
+    memoryUsedMiB: int | None
+    utilizationPercent: int | None
+
+
+GPU_CACHE_SECONDS = 60.0
+GPU_QUERY = "index,uuid,name,memory.total,memory.used,utilization.gpu"
+_gpu_cache: dict[str, tuple[float, list[GpuInfo]]] = {}
+
+
+def parse_nvidia_smi(text: str) -> list[GpuInfo]:
+    """Rows of ``nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits``."""
+
+    def number(value: str) -> int | None:  # "[N/A]" on some boards
+        return int(float(value)) if re.fullmatch(r"\d+(\.\d+)?", value) else None
+
+    gpus: list[GpuInfo] = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(", ")]
+        if len(parts) < 6 or not parts[0].isdigit():
+            continue
+        gpus.append({
+            "index": int(parts[0]),
+            "uuid": parts[1],
+            "name": ", ".join(parts[2:-3]),  # a GPU name may itself hold ", "
+            "memoryMiB": number(parts[-3]) or 0,
+            "memoryUsedMiB": number(parts[-2]),
+            "utilizationPercent": number(parts[-1]),
+        })
+    return gpus
+
+
+async def gpu_inventory(config: Config, fresh: bool = False) -> list[GpuInfo]:
+    """The node's NVIDIA GPUs from nvidia-smi (cached a minute); empty where there is none."""
+    cached = _gpu_cache.get(config.nvidia_smi)
+    if cached and not fresh and time.monotonic() - cached[0] < GPU_CACHE_SECONDS:
+        return cached[1]
+    code, out, err = await run_command(
+        [config.nvidia_smi, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"], 10)
+    if code not in (0, 127):
+        log.warning("nvidia-smi failed (%d): %s", code, err.strip()[:200])
+    gpus = parse_nvidia_smi(out) if code == 0 else []
+    _gpu_cache[config.nvidia_smi] = (time.monotonic(), gpus)
+    return gpus
+
+
+async def gpu_support(engine: Engine) -> dict[str, bool]:
+    """Can this engine hand GPUs to containers (NVIDIA runtime, toolkit hook or CDI)?"""
+    try:
+        info = await engine.call(engine.api.info)
+    except (ClawdError, docker.errors.APIError):
+        info = {}
+    runtimes = info.get("Runtimes") or {}
+    return {
+        "nvidiaRuntime": "nvidia" in runtimes,
+        "nvidiaToolkit": any(shutil.which(tool) for tool in (
+            "nvidia-container-cli", "nvidia-container-runtime-hook", "nvidia-ctk")),
+        "cdi": bool(info.get("CDISpecDirs")),
+    }
+
+
+def node_arch() -> str:
+    """The architecture in the earlier implementation's words (Node's os.arch())."""
+    machine = platform.machine().lower()
+    return {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "armv7l": "arm"}.get(
+        machine, machine)
+
+
+def meminfo() -> dict[str, int]:
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as source:
+        for line in source:
+            key, _, rest = line.partition(":")
+            fields = rest.split()
+            if fields and fields[0].isdigit():
+                values[key] = int(fields[0]) * 1024
+    return values
+
+
+def host_memory_bytes() -> int:
+    return meminfo().get("MemTotal", 0)
+
+
+def format_bytes(amount: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(amount) < 1024 or unit == "TB":
+            return f"{amount:.1f} {unit}" if unit != "B" else f"{int(amount)} B"
+        amount /= 1024
+    return f"{amount:.1f} TB"
+
+
+def format_uptime(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 1440}d {minutes // 60 % 24}h {minutes % 60}m"
+
+
+async def capabilities(config: Config, engine: Engine) -> dict[str, Any]:
+    gpus = await gpu_inventory(config)
+    return {
+        "gpu": bool(gpus),
+        "gpuName": gpus[0]["name"] if gpus else None,
+        "gpuMemory": f"{gpus[0]['memoryMiB']} MiB" if gpus else None,
+        "gpuCount": len(gpus),
+        "gpus": gpus,
+        "gpuSupport": await gpu_support(engine) if gpus else None,
+        "arch": node_arch(),
+        "platform": sys.platform,
+        "cpus": os.cpu_count() or 1,
+        "memory": host_memory_bytes(),
+    }
+
+
+def host_snapshot() -> dict[str, Any]:
+    """Blocking reads of /proc and the root file system, for an executor."""
+    memory = meminfo()
+    total = memory.get("MemTotal", 0)
+    free = memory.get("MemAvailable", memory.get("MemFree", 0))
+    used = total - free
+    disk: dict[str, str] | None = None
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage("/")
+        disk = {"total": format_bytes(usage.total), "used": format_bytes(usage.used),
+                "available": format_bytes(usage.free),
+                "percentage": f"{usage.used / usage.total * 100:.1f}%" if usage.total else "0%"}
+    uptime = 0.0
+    with contextlib.suppress(OSError, ValueError), open("/proc/uptime", encoding="ascii") as up:
+        uptime = float(up.read().split()[0])
+    return {
+        "hostname": socket.gethostname(),
+        "platform": sys.platform,
+        "arch": node_arch(),
+        "cpus": os.cpu_count() or 1,
+        "loadAverage": list(os.getloadavg()),
+        "memory": {"total": format_bytes(total), "free": format_bytes(free),
+                   "used": format_bytes(used),
+                   "percentage": f"{used / total * 100:.1f}%" if total else "0%"},
+        "disk": disk,
+        "uptime": format_uptime(uptime),
+    }
+
+
+async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
+    snapshot, caps = await asyncio.gather(
+        asyncio.get_running_loop().run_in_executor(None, host_snapshot),
+        capabilities(config, engine))
+    docker_info: dict[str, Any] | None
+    try:
+        info = await asyncio.wait_for(engine.call(engine.api.info), 5)
+        docker_info = {
+            "version": info.get("ServerVersion"),
+            "containers": info.get("Containers", 0),
+            "containersRunning": info.get("ContainersRunning", 0),
+            "containersPaused": info.get("ContainersPaused", 0),
+            "images": info.get("Images", 0),
+        }
+    except (ClawdError, docker.errors.APIError, asyncio.TimeoutError):
+        docker_info = None
+    return {**snapshot, "docker": docker_info, "capabilities": {
+        k: caps[k] for k in ("gpu", "gpuName", "gpuMemory", "gpuCount", "gpus", "arch",
+                             "platform")}}
+
+
+###############################################################################
+# Spaces ######################################################################
+###############################################################################
 
 @dataclasses.dataclass(frozen=True)
 class CreateRequest:
@@ -2219,9 +2389,9 @@ class Spaces:
             await self.engine.call(api.exec_start, killer["Id"])
 
 
-# ###########################################################################
-# Stats and observability
-# ###########################################################################
+###############################################################################
+# Stats and observability #####################################################
+###############################################################################
 
 class SpaceStats(TypedDict):
     cpuPercent: float
@@ -2509,9 +2679,9 @@ class Observer:
         }
 
 
-# ###########################################################################
-# Files
-# ###########################################################################
+###############################################################################
+# Files #######################################################################
+###############################################################################
 
 # Go's os.FileMode type bits, as the engine's archive stat reports them.
 MODE_DIR = 1 << 31
@@ -2944,9 +3114,9 @@ class Files:
         return {"message": "OK", "path": where.rel}
 
 
-# ###########################################################################
-# Terminal
-# ###########################################################################
+###############################################################################
+# Terminal ####################################################################
+###############################################################################
 
 TERMINAL_QUEUE_CHUNKS = 16  # x 64 KiB: the most output held per terminal for a slow client
 TERMINAL_MAX_FRAME = 1 << 20
@@ -3119,9 +3289,9 @@ class Terminals:
             await ws.close(code=1001, message=b"server shutting down")
 
 
-# ###########################################################################
-# Housekeeping: activity, auto-sleep, shell history
-# ###########################################################################
+###############################################################################
+# Housekeeping: activity, auto-sleep, shell history ###########################
+###############################################################################
 
 HISTORY_FILE = f"{WORKSPACE}/.bash_history"
 HISTORY_READ_LIMIT = 256 << 10  # new bytes read per space per tick
@@ -3322,179 +3492,9 @@ class Housekeeper:
             await asyncio.sleep(max(0.2, min(due.values()) - time.monotonic()))
 
 
-# ###########################################################################
-# System and GPUs
-# ###########################################################################
-
-class GpuInfo(TypedDict):
-    index: int
-    uuid: str
-    name: str
-    memoryMiB: int
-    memoryUsedMiB: int | None
-    utilizationPercent: int | None
-
-
-GPU_CACHE_SECONDS = 60.0
-GPU_QUERY = "index,uuid,name,memory.total,memory.used,utilization.gpu"
-_gpu_cache: dict[str, tuple[float, list[GpuInfo]]] = {}
-
-
-def parse_nvidia_smi(text: str) -> list[GpuInfo]:
-    """Rows of ``nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits``."""
-
-    def number(value: str) -> int | None:  # "[N/A]" on some boards
-        return int(float(value)) if re.fullmatch(r"\d+(\.\d+)?", value) else None
-
-    gpus: list[GpuInfo] = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(", ")]
-        if len(parts) < 6 or not parts[0].isdigit():
-            continue
-        gpus.append({
-            "index": int(parts[0]),
-            "uuid": parts[1],
-            "name": ", ".join(parts[2:-3]),  # a GPU name may itself hold ", "
-            "memoryMiB": number(parts[-3]) or 0,
-            "memoryUsedMiB": number(parts[-2]),
-            "utilizationPercent": number(parts[-1]),
-        })
-    return gpus
-
-
-async def gpu_inventory(config: Config, fresh: bool = False) -> list[GpuInfo]:
-    """The node's NVIDIA GPUs from nvidia-smi (cached a minute); empty where there is none."""
-    cached = _gpu_cache.get(config.nvidia_smi)
-    if cached and not fresh and time.monotonic() - cached[0] < GPU_CACHE_SECONDS:
-        return cached[1]
-    code, out, err = await run_command(
-        [config.nvidia_smi, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"], 10)
-    if code not in (0, 127):
-        log.warning("nvidia-smi failed (%d): %s", code, err.strip()[:200])
-    gpus = parse_nvidia_smi(out) if code == 0 else []
-    _gpu_cache[config.nvidia_smi] = (time.monotonic(), gpus)
-    return gpus
-
-
-async def gpu_support(engine: Engine) -> dict[str, bool]:
-    """Can this engine hand GPUs to containers (NVIDIA runtime, toolkit hook or CDI)?"""
-    try:
-        info = await engine.call(engine.api.info)
-    except (ClawdError, docker.errors.APIError):
-        info = {}
-    runtimes = info.get("Runtimes") or {}
-    return {
-        "nvidiaRuntime": "nvidia" in runtimes,
-        "nvidiaToolkit": any(shutil.which(tool) for tool in (
-            "nvidia-container-cli", "nvidia-container-runtime-hook", "nvidia-ctk")),
-        "cdi": bool(info.get("CDISpecDirs")),
-    }
-
-
-def node_arch() -> str:
-    """The architecture in the earlier implementation's words (Node's os.arch())."""
-    machine = platform.machine().lower()
-    return {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "armv7l": "arm"}.get(
-        machine, machine)
-
-
-def meminfo() -> dict[str, int]:
-    values: dict[str, int] = {}
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as source:
-        for line in source:
-            key, _, rest = line.partition(":")
-            fields = rest.split()
-            if fields and fields[0].isdigit():
-                values[key] = int(fields[0]) * 1024
-    return values
-
-
-def host_memory_bytes() -> int:
-    return meminfo().get("MemTotal", 0)
-
-
-def format_bytes(amount: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(amount) < 1024 or unit == "TB":
-            return f"{amount:.1f} {unit}" if unit != "B" else f"{int(amount)} B"
-        amount /= 1024
-    return f"{amount:.1f} TB"
-
-
-def format_uptime(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    return f"{minutes // 1440}d {minutes // 60 % 24}h {minutes % 60}m"
-
-
-async def capabilities(config: Config, engine: Engine) -> dict[str, Any]:
-    gpus = await gpu_inventory(config)
-    return {
-        "gpu": bool(gpus),
-        "gpuName": gpus[0]["name"] if gpus else None,
-        "gpuMemory": f"{gpus[0]['memoryMiB']} MiB" if gpus else None,
-        "gpuCount": len(gpus),
-        "gpus": gpus,
-        "gpuSupport": await gpu_support(engine) if gpus else None,
-        "arch": node_arch(),
-        "platform": sys.platform,
-        "cpus": os.cpu_count() or 1,
-        "memory": host_memory_bytes(),
-    }
-
-
-def host_snapshot() -> dict[str, Any]:
-    """Blocking reads of /proc and the root file system, for an executor."""
-    memory = meminfo()
-    total = memory.get("MemTotal", 0)
-    free = memory.get("MemAvailable", memory.get("MemFree", 0))
-    used = total - free
-    disk: dict[str, str] | None = None
-    with contextlib.suppress(OSError):
-        usage = shutil.disk_usage("/")
-        disk = {"total": format_bytes(usage.total), "used": format_bytes(usage.used),
-                "available": format_bytes(usage.free),
-                "percentage": f"{usage.used / usage.total * 100:.1f}%" if usage.total else "0%"}
-    uptime = 0.0
-    with contextlib.suppress(OSError, ValueError), open("/proc/uptime", encoding="ascii") as up:
-        uptime = float(up.read().split()[0])
-    return {
-        "hostname": socket.gethostname(),
-        "platform": sys.platform,
-        "arch": node_arch(),
-        "cpus": os.cpu_count() or 1,
-        "loadAverage": list(os.getloadavg()),
-        "memory": {"total": format_bytes(total), "free": format_bytes(free),
-                   "used": format_bytes(used),
-                   "percentage": f"{used / total * 100:.1f}%" if total else "0%"},
-        "disk": disk,
-        "uptime": format_uptime(uptime),
-    }
-
-
-async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
-    snapshot, caps = await asyncio.gather(
-        asyncio.get_running_loop().run_in_executor(None, host_snapshot),
-        capabilities(config, engine))
-    docker_info: dict[str, Any] | None
-    try:
-        info = await asyncio.wait_for(engine.call(engine.api.info), 5)
-        docker_info = {
-            "version": info.get("ServerVersion"),
-            "containers": info.get("Containers", 0),
-            "containersRunning": info.get("ContainersRunning", 0),
-            "containersPaused": info.get("ContainersPaused", 0),
-            "images": info.get("Images", 0),
-        }
-    except (ClawdError, docker.errors.APIError, asyncio.TimeoutError):
-        docker_info = None
-    return {**snapshot, "docker": docker_info, "capabilities": {
-        k: caps[k] for k in ("gpu", "gpuName", "gpuMemory", "gpuCount", "gpus", "arch",
-                             "platform")}}
-
-
-# ###########################################################################
-# Nodes: discovery, cluster view, forwarding
-# ###########################################################################
+###############################################################################
+# Nodes: discovery, cluster view, forwarding ##################################
+###############################################################################
 
 NODE_PROBE_TIMEOUT = 3.0
 NODE_ANSWER_LIMIT = 4 << 20  # bytes read from a peer's JSON answer
@@ -3767,9 +3767,9 @@ class Nodes:
         return ws
 
 
-# ###########################################################################
-# E2B-compatible surface: control plane and the in-sandbox daemon (envd) protocol
-# ###########################################################################
+###############################################################################
+# E2B-compatible surface: control plane and envd ##############################
+###############################################################################
 
 E2B_ENVD_VERSION = "0.5.7"  # what the SDK gates features on (see E2B.md 4.5)
 E2B_ENVD_PORT = "49983"
@@ -4261,9 +4261,9 @@ class E2bExists(Conflict):
     code = "already_exists"
 
 
-# ###########################################################################
-# Auth and errors (middlewares)
-# ###########################################################################
+###############################################################################
+# Auth and errors (middlewares) ###############################################
+###############################################################################
 
 CONFIG_KEY = web.AppKey("config", Config)
 ENGINE_KEY = web.AppKey("engine", Engine)
@@ -4413,9 +4413,9 @@ class RedactingAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-# ###########################################################################
-# Handlers
-# ###########################################################################
+###############################################################################
+# Handlers ####################################################################
+###############################################################################
 
 def actor(request: web.Request) -> Actor:
     """Who is calling: the id of the key they presented (the middleware checked it)."""
@@ -4811,9 +4811,9 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-# ###########################################################################
-# OpenAPI document
-# ###########################################################################
+###############################################################################
+# OpenAPI document ############################################################
+###############################################################################
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -5180,9 +5180,9 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-# ###########################################################################
-# App factory
-# ###########################################################################
+###############################################################################
+# App factory #################################################################
+###############################################################################
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/health", health),
@@ -5305,9 +5305,9 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-# ###########################################################################
-# CLI / main
-# ###########################################################################
+###############################################################################
+# CLI / main ##################################################################
+###############################################################################
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
