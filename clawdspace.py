@@ -1247,14 +1247,48 @@ class Firewall:
                         "firewall_unavailable")
         self.active, self.error = True, None
 
+    async def remove_network(self, name: str) -> None:
+        """Take a network of ours down with its rules (the engine refuses while it is in use)."""
+        bridge = self.bridge_name(name)
+        out_chain, in_chain = self.chains(bridge)
+        for family, hook in (("iptables", "DOCKER-USER"), ("ip6tables", "FORWARD")):
+            for parent, chain in ((hook, out_chain), ("INPUT", in_chain)):
+                while (await self._iptables(family, "-D", parent, "-i", bridge, "-j",
+                                            chain))[0] == 0:
+                    pass
+                await self._iptables(family, "-F", chain)
+                await self._iptables(family, "-X", chain)
+        with contextlib.suppress(docker.errors.NotFound):
+            await self.engine.call(self.engine.api.remove_network, name)
+        self.bridges.pop(bridge, None)
+
+    async def our_networks(self) -> list[dict[str, Any]]:
+        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=network"]}
+        networks: list[dict[str, Any]] = await self.engine.call(self.engine.api.networks,
+                                                                filters=filters)
+        return networks
+
+    async def prune(self, min_age: float = 120.0) -> None:
+        """Remove networks of ours that no space uses (and are not brand new)."""
+        async with self.lock:
+            for network in await self.our_networks():
+                with contextlib.suppress(docker.errors.APIError, ValueError):
+                    detail = await self.engine.call(self.engine.api.inspect_network,
+                                                    network["Id"])
+                    created = dt.datetime.fromisoformat(str(detail.get("Created"))[:19])
+                    age = time.time() - created.replace(tzinfo=dt.timezone.utc).timestamp()
+                    if not detail.get("Containers") and age > min_age:
+                        log.info("removing unused network %s", detail["Name"])
+                        await self.remove_network(detail["Name"])
+
     async def check(self) -> bool:
         """Are our jumps in place for every known bridge? Reinstall when not."""
         if not self.config.firewall:
             self.active, self.error = False, "disabled (CLAWDSPACE_FIREWALL=false)"
             return False
-        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=network"]}
         try:
-            networks = await self.engine.call(self.engine.api.networks, filters=filters)
+            await self.prune()
+            networks = await self.our_networks()
         except (ClawdError, docker.errors.APIError) as error:
             self.error = str(error)
             return False
@@ -5309,6 +5343,25 @@ def create_app(config: Config) -> web.Application:
 # CLI / main ##################################################################
 ###############################################################################
 
+async def remove_networks(config: Config) -> int:
+    engine = Engine()
+    firewall = Firewall(config, engine)
+    try:
+        for network in await firewall.our_networks():
+            try:
+                await firewall.remove_network(network["Name"])
+                print(f"removed {network['Name']}")
+            except docker.errors.APIError as err:
+                print(f"ERROR: {network['Name']}: {api_message(err)}", file=sys.stderr)
+                return 1
+    except ClawdError as err:
+        print(f"ERROR: {err.message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="clawdspace.py", description="Sandboxed Linux spaces on your own machines.",
@@ -5319,10 +5372,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (default: $CLAWDSPACE_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: $CLAWDSPACE_PORT or 7777)")
     commands.add_parser("version", help="print the version")
+    commands.add_parser("remove-networks", help="remove this instance's bridge networks and "
+                        "firewall rules (for uninstalling; spaces using them must be gone)")
     args = parser.parse_args(argv)
     if args.command == "version":
         print(VERSION)
         return 0
+    if args.command == "remove-networks":
+        return asyncio.run(remove_networks(Config.from_env()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     try:
