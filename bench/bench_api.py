@@ -391,6 +391,10 @@ def sweep(client: docker.DockerClient, prefix: str) -> tuple[int, int]:
                         print(f"warning: could not remove volume {volume['Name']}",
                               file=sys.stderr)
                     time.sleep(0.3)
+    # The service's bridge networks and their firewall rules go with the instance.
+    subprocess.run([sys.executable, SERVICE, "remove-networks"],  # noqa: S603 - our own program
+                   env={**os.environ, "CLAWDSPACE_PREFIX": prefix}, check=False,
+                   stdout=subprocess.DEVNULL)
     return containers, volumes
 
 
