@@ -2723,6 +2723,7 @@ MODE_SYMLINK = 1 << 27
 MODE_TYPE_MASK = (1 << 31) | (1 << 30) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | \
     (1 << 21) | (1 << 19)
 FILE_CHUNK = 256 << 10
+TAR_BUFFER = 1 << 20  # tarfile's stream reads; its 10 KiB default costs CPU per MiB
 LIST_OUTPUT_LIMIT = 8 << 20
 
 
@@ -2800,6 +2801,11 @@ class IterReader(io.RawIOBase):
         data = self.raw.read(len(buffer))
         buffer[:len(data)] = data
         return len(data)
+
+
+def read_tar(response: Any) -> tarfile.TarFile:
+    """A streaming tar reader over an engine archive answer."""
+    return tarfile.open(fileobj=IterReader(response.raw), mode="r|", bufsize=TAR_BUFFER)
 
 
 def tar_header(name: str, size: int, uid: int, gid: int, kind: bytes = tarfile.REGTYPE,
@@ -2972,7 +2978,7 @@ class Files:
         base = to_rel(real).rstrip("/")
         entries: list[FileEntry] = []
         try:
-            with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+            with read_tar(response) as archive:
                 for member in archive:
                     parts = member.name.strip("/").split("/")
                     if len(parts) != 2:
@@ -2999,7 +3005,7 @@ class Files:
 
         def open_member() -> tuple[Any, Any, int]:
             response = self.open_archive(info["Id"], where.real)
-            archive = tarfile.open(fileobj=IterReader(response.raw), mode="r|")
+            archive = read_tar(response)
             member = archive.next()
             reader = archive.extractfile(member) if member is not None else None
             if member is None or not member.isfile() or reader is None:
@@ -3060,7 +3066,7 @@ class Files:
                 except docker.errors.NotFound:
                     return ""
                 try:
-                    with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+                    with read_tar(response) as archive:
                         member = archive.next()
                         reader = archive.extractfile(member) if member else None
                         return reader.read(1 << 20).decode("utf-8", "replace") if reader else ""
@@ -3478,7 +3484,7 @@ class Housekeeper:
         def read() -> tuple[bytes, bytes]:
             response = self.files.open_archive(container_id, HISTORY_FILE)
             try:
-                with tarfile.open(fileobj=IterReader(response.raw), mode="r|") as archive:
+                with read_tar(response) as archive:
                     member = archive.next()
                     reader = archive.extractfile(member) if member and member.isfile() else None
                     if reader is None:
