@@ -2409,8 +2409,12 @@ class Spaces:
     async def kill_exec(self, container_id: str, exec_id: str) -> None:
         """Kill an exec's whole process group (a timeout, a closed terminal)."""
         api = self.engine.api
-        details = await self.engine.call(api.exec_inspect, exec_id)
-        host_pid = details.get("Pid") or 0
+        for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
+            details = await self.engine.call(api.exec_inspect, exec_id)
+            host_pid = details.get("Pid") or 0
+            if not details.get("Running") or host_pid > 0:
+                break
+            await asyncio.sleep(0.05)
         if not details.get("Running") or host_pid <= 0:
             return
         container_pid = kill_exec_group(host_pid)
@@ -3927,17 +3931,18 @@ class E2b:
         with contextlib.suppress(NotFound):
             await self._find(sandbox_id)
             return None
-        if not self.nodes.nodes:
-            await self.nodes.refresh()
-        for node in self.nodes.nodes:
-            if node.get("self") or node["status"] != "online":
-                continue
-            with contextlib.suppress(Exception):
-                status, _ = await asyncio.wait_for(self.nodes._get_json(
-                    f"{node['url']}/sandboxes/{sandbox_id}", self.config.api_key),
-                    NODE_PROBE_TIMEOUT)
-                if status == 200:
-                    return node
+        for attempt in range(2):  # a node started since the last refresh is found on the second
+            if attempt or not self.nodes.nodes:
+                await self.nodes.refresh()
+            for node in self.nodes.nodes:
+                if node.get("self") or node["status"] != "online":
+                    continue
+                with contextlib.suppress(Exception):
+                    status, _ = await asyncio.wait_for(self.nodes._get_json(
+                        f"{node['url']}/sandboxes/{sandbox_id}", self.config.api_key),
+                        NODE_PROBE_TIMEOUT)
+                    if status == 200:
+                        return node
         return None
 
     async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
@@ -4041,8 +4046,8 @@ class E2b:
         """Sandboxes past their timeout are paused (never deleted: /workspace survives)."""
         now = time.time()
         for name, deadline in list(self.deadlines.items()):
-            if deadline > now:
-                continue
+            if deadline > now or self.spaces.last_activity.get(name, 0) > deadline:
+                continue  # used after its deadline (woken by a call): auto-sleep governs now
             try:
                 space, _ = await self._find(name)
             except NotFound:
