@@ -648,8 +648,10 @@ class Engine:
         self.pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="docker")
         self.streams = concurrent.futures.ThreadPoolExecutor(512, thread_name_prefix="stream")
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Let short calls finish (off the loop), drop stream readers, close the client."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.pool.shutdown(wait=True, cancel_futures=True))
         self.streams.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
@@ -858,14 +860,14 @@ BUILTIN_DEFAULT = Template(name="default", description="Internet access; LAN, ta
 
 
 def check_template_name(name: Any) -> str:
-    if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
+    if not isinstance(name, str) or not TEMPLATE_NAME_RE.fullmatch(name):
         raise BadRequest("invalid template name: 1-64 of a-z, 0-9, '.', '_', '-', starting "
                          "with a letter or digit", "invalid_template")
     return name
 
 
 def check_repo_dest(value: Any, field: str = "repoDest") -> str:
-    if not isinstance(value, str) or len(value) > 200 or not REPO_DEST_RE.match(value) or any(
+    if not isinstance(value, str) or len(value) > 200 or not REPO_DEST_RE.fullmatch(value) or any(
             part in (".", "..") for part in value.split("/")):
         raise BadRequest(f"{field} must be a relative path inside /workspace such as 'repo' or "
                          "'src/app'", f"invalid_{field}")
@@ -994,7 +996,7 @@ class Templates:
             with contextlib.suppress(OSError):
                 for entry in os.listdir(directory):
                     stem, dot, ext = entry.rpartition(".")
-                    if dot and ext == "yaml" and TEMPLATE_NAME_RE.match(stem):
+                    if dot and ext == "yaml" and TEMPLATE_NAME_RE.fullmatch(stem):
                         names.add(stem)
         return sorted(names)
 
@@ -1019,8 +1021,10 @@ class Templates:
 
     async def for_space(self, name: Any) -> Template:
         """The template a create names; 400 (not 404) when it does not exist."""
-        if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
-            raise BadRequest("template must be a template name", "unknown_template")
+        if not isinstance(name, str):
+            raise BadRequest("template must be a template name", "invalid_template")
+        if not TEMPLATE_NAME_RE.fullmatch(name):
+            raise BadRequest(f"unknown template {name[:64]!r}", "unknown_template")
         try:
             return (await self.get(name))[0]
         except NotFound:
@@ -1154,6 +1158,7 @@ class Firewall:
         self.active = False
         self.error: str | None = "not checked yet"
         self.bridges: dict[str, tuple[str, ...]] = {}  # bridge interface -> allowed CIDRs
+        self.installed: set[str] = set()  # bridges whose rules this process has put in place
 
     def network_name(self, allow: tuple[str, ...]) -> str:
         if not allow:
@@ -1180,7 +1185,7 @@ class Firewall:
         name = self.network_name(allow)
         async with self.lock:
             bridge = await self._ensure_network(name, allow)
-            if self.config.firewall:
+            if self.config.firewall and bridge not in self.installed:
                 await self._install(bridge, allow)
         return name
 
@@ -1225,26 +1230,27 @@ class Firewall:
             input_rules = [
                 ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
                 ["-j", "REJECT", "--reject-with", reject]]
-            for chain, chain_rules, parent in ((out_chain, rules, hook),
-                                               (in_chain, input_rules, "INPUT")):
-                await self._iptables(family, "-N", chain)  # fails harmlessly when it exists
-                code, err = await self._iptables(family, "-F", chain)
-                for rule in chain_rules:
-                    if code == 0:
-                        code, err = await self._iptables(family, "-A", chain, *rule)
-                if code == 0:
-                    jump = ["-i", bridge, "-j", chain]
-                    if (await self._iptables(family, "-C", parent, *jump))[0] != 0:
-                        code, err = await self._iptables(family, "-I", parent, "1", *jump)
-                if code != 0:
-                    if family == "ip6tables":
-                        log.info("ip6tables unavailable (%s); spaces have no IPv6 here", err)
-                        break
-                    self.active, self.error = False, f"{family}: {err or 'failed'}"
-                    raise Unavailable(
-                        f"the egress firewall could not be installed ({self.error}); internet "
-                        "spaces are refused until it works (or set CLAWDSPACE_FIREWALL=false)",
-                        "firewall_unavailable")
+            # One iptables-restore replaces both chains at once: no moment without rules.
+            script = ["*filter", f":{out_chain} - [0:0]", f":{in_chain} - [0:0]"]
+            script += [" ".join(["-A", out_chain, *rule]) for rule in rules]
+            script += [" ".join(["-A", in_chain, *rule]) for rule in input_rules]
+            script.append("COMMIT\n")
+            code, _, err = await run_command([f"{family}-restore", "-w", "5", "--noflush"],
+                                             stdin="\n".join(script).encode())
+            for chain, parent in ((out_chain, hook), (in_chain, "INPUT")):
+                jump = ["-i", bridge, "-j", chain]
+                if code == 0 and (await self._iptables(family, "-C", parent, *jump))[0] != 0:
+                    code, err = await self._iptables(family, "-I", parent, "1", *jump)
+            if code != 0:
+                if family == "ip6tables":
+                    log.info("ip6tables unavailable (%s); spaces have no IPv6 here", err.strip())
+                    continue
+                self.active, self.error = False, f"{family}: {err.strip() or 'failed'}"
+                raise Unavailable(
+                    f"the egress firewall could not be installed ({self.error}); internet "
+                    "spaces are refused until it works (or set CLAWDSPACE_FIREWALL=false)",
+                    "firewall_unavailable")
+        self.installed.add(bridge)
         self.active, self.error = True, None
 
     async def remove_network(self, name: str) -> None:
@@ -1261,6 +1267,7 @@ class Firewall:
         with contextlib.suppress(docker.errors.NotFound):
             await self.engine.call(self.engine.api.remove_network, name)
         self.bridges.pop(bridge, None)
+        self.installed.discard(bridge)
 
     async def our_networks(self) -> list[dict[str, Any]]:
         filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=network"]}
@@ -1308,8 +1315,10 @@ class Firewall:
                                           out_chain))[0] == 0,
                     (await self._iptables("iptables", "-C", "INPUT", "-i", bridge, "-j",
                                           in_chain))[0] == 0])
-                if not hooked:
-                    log.warning("firewall rules of %s missing; reinstalling", name)
+                if not hooked or bridge not in self.installed:
+                    if bridge in self.installed:
+                        log.warning("firewall rules of %s missing; reinstalling", name)
+                    self.installed.discard(bridge)
                     with contextlib.suppress(ClawdError):
                         await self._install(bridge, allow)
                 self.bridges[bridge] = allow
@@ -1334,10 +1343,17 @@ GIT_CREDENTIAL_HELPER = (
 # (core.fsmonitor, credential.helper, url.*.insteadOf, http.proxy, include.path) is read by the
 # git that holds the token.
 GIT_PUSH_SCRIPT = (
-    'set -e; tmp=$(mktemp -d "${TMPDIR:-/tmp}/clawdspace-push.XXXXXX"); '
+    'set -e; tmp=$(mktemp -d /tmp/clawdspace-push.XXXXXX); '
     'trap \'rm -rf "$tmp"\' EXIT; '
-    'git -c core.fsmonitor=false clone -q --no-local --bare -- "$1" "$tmp/repo"; '
-    'cd "$tmp/repo"; shift; exec git "$@"')
+    # git honours safe.directory only from a global file, so the copy gets one of its own
+    'printf "[safe]\\n\\tdirectory = *\\n" > "$tmp/config"; '
+    'GIT_CONFIG_GLOBAL="$tmp/config" git -c core.fsmonitor=false -c core.hooksPath=/dev/null '
+    'clone -q --no-local --bare -- "$1" "$tmp/repo"; '
+    'cd "$tmp/repo"; shift; git "$@"')
+# No configuration of the space's user (~/.gitconfig, XDG, includes) reaches our git.
+GIT_CLEAN_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+                 "HOME": "/nonexistent", "XDG_CONFIG_HOME": "/nonexistent",
+                 "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1367,15 +1383,15 @@ def check_repo_url(value: Any, config: Config) -> RepoUrl:
 
 
 def check_ref(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not GIT_REF_RE.match(value) or value.startswith(("-", "/")) \
-            or value.endswith(("/", ".lock", ".")) or ".." in value or "//" in value \
-            or "@{" in value:
+    if not isinstance(value, str) or not GIT_REF_RE.fullmatch(value) \
+            or value.startswith(("-", "/")) or value.endswith(("/", ".lock", ".")) \
+            or ".." in value or "//" in value or "@{" in value:
         raise BadRequest(f"Invalid {field}", f"invalid_{field}")
     return value
 
 
 def check_remote(value: Any) -> str:
-    if not isinstance(value, str) or not GIT_REMOTE_RE.match(value):
+    if not isinstance(value, str) or not GIT_REMOTE_RE.fullmatch(value):
         raise BadRequest("Invalid remote (a remote name such as 'origin')", "invalid_remote")
     return value
 
@@ -1394,8 +1410,7 @@ def git_auth(repo: RepoUrl, token: str | None, config: Config) -> tuple[list[str
     options = ["-c", "credential.helper=", "-c", "protocol.allow=never",
                "-c", f"protocol.{repo.scheme}.allow=always", "-c", "core.askPass=",
                "-c", "http.followRedirects=false"]
-    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_ASKPASS": "",
-           "SSH_ASKPASS": ""}
+    env = dict(GIT_CLEAN_ENV)
     host = repo.netloc.rsplit("@", 1)[-1]
     if token and (host in config.git_token_hosts or repo.netloc in config.git_token_hosts):
         options += ["-c", f"credential.helper={GIT_CREDENTIAL_HELPER}"]
@@ -1451,7 +1466,7 @@ class GitOps:
         # The URL is read as data (git config --get runs nothing) and then validated here.
         lookup = await self.spaces.run_internal(info, ExecRequest(
             argv=["git", "-C", where.real, "config", "--get", f"remote.{remote}.url"],
-            env={"GIT_CONFIG_NOSYSTEM": "1"}, workdir=WORKSPACE, timeout=30), 65536)
+            env=GIT_CLEAN_ENV, workdir=WORKSPACE, timeout=30), 65536)
         if lookup["exitCode"] != 0 or not lookup["stdout"].strip():
             raise BadRequest(f"remote {remote!r} is not configured in {where.rel}",
                              "invalid_remote")
@@ -1463,9 +1478,11 @@ class GitOps:
         argv = ["sh", "-c", GIT_PUSH_SCRIPT, "sh", where.real, *options,
                 "-c", "core.hooksPath=/dev/null", "push", "--", repo.url, refspec]
         with self.spaces.busy(name):
+            # As the container's root, not the space user: code running in the space cannot
+            # read this process's environment (the token) through /proc.
             result = await self.spaces.run_internal(info, ExecRequest(
                 argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout),
-                1 << 20)
+                1 << 20, user="0")
         result = self._redacted(result, token)
         await self.spaces.audit.record("space.git.push", name, {
             "repoPath": where.rel, "remote": remote, "branch": branch,
@@ -1682,7 +1699,7 @@ class ExecRequest:
 
 
 def check_space_name(name: Any) -> str:
-    if not isinstance(name, str) or not SPACE_NAME_RE.match(name):
+    if not isinstance(name, str) or not SPACE_NAME_RE.fullmatch(name):
         raise BadRequest(
             "invalid space name: use 1-63 lowercase letters, digits and '-', starting and "
             "ending with a letter or digit", "invalid_name")
@@ -1697,7 +1714,7 @@ def parse_memory(value: Any, check_host: bool = True) -> int:
     if isinstance(value, int):
         amount = value
     else:
-        match = MEMORY_RE.match(value.strip())
+        match = MEMORY_RE.fullmatch(value.strip())
         if not match:
             raise BadRequest(f"memory {value!r} is not a size: use k, m, g or t, e.g. '2g'",
                              "invalid_memory")
@@ -1728,7 +1745,7 @@ def check_bool(field: str, value: Any) -> bool:
 
 
 def check_image_ref(value: Any) -> str:
-    if not isinstance(value, str) or not IMAGE_REF_RE.match(value):
+    if not isinstance(value, str) or not IMAGE_REF_RE.fullmatch(value):
         raise BadRequest("image must be an image reference such as 'clawdspace:latest'",
                          "invalid_image")
     return value
@@ -1750,7 +1767,7 @@ def check_env(value: Any) -> dict[str, str]:
         raise BadRequest("env must be an object of string values", "invalid_env")
     env: dict[str, str] = {}
     for key, item in value.items():
-        if not ENV_KEY_RE.match(key) or len(key) > 256:
+        if not ENV_KEY_RE.fullmatch(key) or len(key) > 256:
             raise BadRequest(f"env key {key[:64]!r} is not a valid variable name", "invalid_env")
         if not isinstance(item, str) or "\x00" in item:
             raise BadRequest(f"env value of {key} must be a string without NUL bytes",
@@ -2351,9 +2368,10 @@ class Spaces:
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
 
     async def run_internal(self, info: dict[str, Any], req: ExecRequest,
-                           output_limit: int) -> ExecResult:
+                           output_limit: int, user: str | None = None) -> ExecResult:
         """An exec of the service's own (files, probes): not audited, not activity."""
-        user = str((info.get("Config") or {}).get("User") or "")
+        if user is None:
+            user = str((info.get("Config") or {}).get("User") or "")
         started = time.monotonic()
         try:
             exec_id, sock = await self.engine.call(self._open_exec, info["Id"], user, req)
@@ -3582,16 +3600,21 @@ def tailscale_targets(status: dict[str, Any], port: int, tag: str | None
 
     def entry(node: dict[str, Any]) -> tuple[str, str] | None:
         dns = str(node.get("DNSName") or "").rstrip(".")
-        ips = [ip for ip in node.get("TailscaleIPs") or [] if ":" not in str(ip)]
+        listed = node.get("TailscaleIPs")
+        ips = [ip for ip in (listed if isinstance(listed, list) else []) if ":" not in str(ip)]
         host = dns or (str(ips[0]) if ips else "")
         name = str(node.get("HostName") or dns.split(".")[0] or host)
         if not host or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
             return None
         return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:63], f"http://{host}:{port}"
 
-    me = entry(status.get("Self") or {})
+    if not isinstance(status, dict):
+        return None, []
+    own = status.get("Self")
+    me = entry(own) if isinstance(own, dict) else None
+    peer_map = status.get("Peer")
     peers = []
-    for peer in (status.get("Peer") or {}).values():
+    for peer in (peer_map.values() if isinstance(peer_map, dict) else []):
         if not isinstance(peer, dict) or not peer.get("Online"):
             continue
         if tag and tag not in (peer.get("Tags") or []):
@@ -3626,7 +3649,7 @@ class Nodes:
               "url": self.config.public_url or f"http://{socket.gethostname()}:{self.config.port}"}
         if self.config.nodes:
             peers = [(n, u) for n, u in parse_nodes_setting(self.config.nodes)
-                     if n != me["name"]]
+                     if n != me["name"] and u != me["url"]]
             return me, peers
         code, out, err = await run_command([self.config.tailscale, "status", "--json"], 5)
         if code != 0:
@@ -3648,7 +3671,11 @@ class Nodes:
     async def _get_json(self, url: str, key: str | None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with self.session.get(url, headers=headers, allow_redirects=False) as response:
-            body = await response.content.read(NODE_ANSWER_LIMIT)
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > NODE_ANSWER_LIMIT:
+                    raise ValueError(f"{url}: answer larger than {NODE_ANSWER_LIMIT} bytes")
             try:
                 return response.status, json.loads(body)
             except ValueError:
@@ -3946,7 +3973,7 @@ class E2b:
         return None
 
     async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
-        if not SPACE_NAME_RE.match(sandbox_id) or not sandbox_id.startswith("e2b-"):
+        if not SPACE_NAME_RE.fullmatch(sandbox_id) or not sandbox_id.startswith("e2b-"):
             raise NotFound(f"sandbox {sandbox_id[:80]} not found")
         try:
             info = await self.spaces.inspect(sandbox_id)
@@ -4389,7 +4416,7 @@ def make_forward_middleware(nodes: Nodes) -> Any:
         if not target:
             sandbox = request.headers.get(E2B_ID_HEADER) if is_envd_request(request) else \
                 request.match_info.get("id") if is_e2b_rest(request) else None
-            if sandbox and SPACE_NAME_RE.match(sandbox) and request.path != "/health":
+            if sandbox and SPACE_NAME_RE.fullmatch(sandbox) and request.path != "/health":
                 forwarded = await e2b_elsewhere(request, sandbox)
                 if forwarded is not None:
                     return forwarded
@@ -4803,7 +4830,7 @@ def envd_sandbox(request: web.Request) -> str:
     port = request.headers.get("E2b-Sandbox-Port", E2B_ENVD_PORT)
     if port != E2B_ENVD_PORT:
         raise BadGateway(f"port {port[:8]} of sandbox {sandbox[:80]} is not served here")
-    if not SPACE_NAME_RE.match(sandbox):
+    if not SPACE_NAME_RE.fullmatch(sandbox):
         raise BadGateway(f"sandbox {sandbox[:80]} not found")
     return sandbox
 
@@ -5301,7 +5328,7 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(OSError):
         await housekeeper.save_activity()
     audit.close()
-    app[ENGINE_KEY].close()
+    await app[ENGINE_KEY].close()
 
 
 async def close_terminals(app: web.Application) -> None:
@@ -5332,7 +5359,9 @@ def create_app(config: Config) -> web.Application:
     firewall = Firewall(config, engine)
     spaces = Spaces(config, engine, audit, firewall)
     files = Files(spaces)
-    templates = Templates(config.shipped_templates_dir, config.templates_dir, audit)
+    templates = Templates(config.shipped_templates_dir,
+                          config.templates_dir or os.path.join(config.data_dir, "templates"),
+                          audit)
     app[FIREWALL_KEY] = firewall
     app[NODES_KEY] = nodes
     app[TEMPLATES_KEY] = templates
@@ -5369,7 +5398,7 @@ async def remove_networks(config: Config) -> int:
         print(f"ERROR: {err.message}", file=sys.stderr)
         return 1
     finally:
-        engine.close()
+        await engine.close()
     return 0
 
 

@@ -400,3 +400,306 @@ def shared_space(served: Served) -> Iterator[str]:
     yield name
     status, body = served.request("DELETE", f"/api/spaces/{name}?removeVolume=true")
     assert status == 200, body
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a space: engine-side checks, an image without python3/bash/find, terminals, polling
+# ---------------------------------------------------------------------------------------------
+
+def in_container(docker_api: docker.APIClient, container: str, script: str,
+                 user: str = "") -> tuple[int, bytes]:
+    """``sh -c script`` in a container straight through the engine, not the service:
+    (exit code, stdout and stderr together). ``user="0"`` runs as root."""
+    exec_id = docker_api.exec_create(container, ["sh", "-c", script], user=user,
+                                     stdout=True, stderr=True)["Id"]
+    output = docker_api.exec_start(exec_id)
+    code = docker_api.exec_inspect(exec_id).get("ExitCode")
+    return int(code if code is not None else -1), bytes(output)
+
+
+def container_processes(docker_api: docker.APIClient, container: str) -> list[str]:
+    """``comm args`` of every process of a container, as the host sees them."""
+    top = docker_api.top(container, ps_args="-eo pid,comm,args")
+    titles = top["Titles"]
+    comm, args = titles.index("COMMAND"), len(titles) - 1
+    return [f"{row[comm]} {row[args]}" if comm != args else row[comm]
+            for row in top["Processes"] or []]
+
+
+NOPY_DOCKERFILE = (
+    "FROM clawdspace:latest\n"
+    "USER root\n"
+    "RUN rm -f /usr/bin/python3* /bin/bash /usr/bin/bash /usr/bin/find\n"
+    "USER sandbox\n"
+)
+
+
+@pytest.fixture(scope="session")
+def nopy_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
+    """A local image like clawdspace:latest but without python3, bash and GNU find."""
+    import io
+
+    tag = f"{prefix}nopy:latest"
+    log: list[str] = []
+    for chunk in docker_api.build(fileobj=io.BytesIO(NOPY_DOCKERFILE.encode()), tag=tag,
+                                  rm=True, forcerm=True, decode=True):
+        if "error" in chunk:
+            raise AssertionError(f"building {tag} failed: {chunk['error']}\n{''.join(log)}")
+        log.append(str(chunk.get("stream", "")))
+    try:
+        yield tag
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_image(tag, force=True)
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 30,
+               interval: float = 0.2, what: str = "condition") -> Any:
+    """Await ``check()`` until it returns something truthy (returned) or ``timeout`` passes
+    (AssertionError naming ``what`` and the last value)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout} s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+class Terminal:
+    """A terminal websocket as a client sees it: binary output collected, text frames kept."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.output = bytearray()
+        self.texts: list[Any] = []
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+
+    async def type(self, text: str) -> None:
+        await self.ws.send_bytes(text.encode())
+
+    async def _receive_one(self, timeout: float) -> bool:
+        """One frame into output/texts; False once the socket is closed."""
+        import aiohttp
+
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            self.output += msg.data
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            self.texts.append(json.loads(msg.data))
+        elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                          aiohttp.WSMsgType.CLOSED):
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                self.close_code, self.close_reason = msg.data, msg.extra
+            else:
+                self.close_code = self.ws.close_code
+            return False
+        elif msg.type == aiohttp.WSMsgType.ERROR:
+            raise AssertionError(f"websocket error: {msg.data!r}")
+        return True
+
+    async def expect(self, needle: str | bytes, timeout: float = 30) -> bytes:
+        """Read until ``needle`` is in the output (from the start); returns all output."""
+        wanted = needle.encode() if isinstance(needle, str) else needle
+        deadline = time.monotonic() + timeout
+        while wanted not in self.output:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._receive_one(left):
+                raise AssertionError(f"{wanted!r} never came; output so far: "
+                                     f"{bytes(self.output[-2000:])!r}, close {self.close_code}")
+        return bytes(self.output)
+
+    async def text(self, timeout: float = 30) -> Any:
+        """The next text (JSON) frame the server sent."""
+        deadline = time.monotonic() + timeout
+        while not self.texts:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._receive_one(left):
+                raise AssertionError(f"no text frame came (close {self.close_code})")
+        return self.texts.pop(0)
+
+    async def closed(self, timeout: float = 30) -> int | None:
+        """Read until the server closes the socket; returns the close code."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("the terminal never closed")
+            if not await self._receive_one(left):
+                return self.close_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Network: our bridges and firewall chains, a test host in a network namespace
+# ---------------------------------------------------------------------------------------------
+
+from support.netns import NetnsHost  # noqa: E402 - helpers of this section
+
+
+def remove_prefix_networks(docker_api: docker.APIClient, prefix: str) -> list[str]:
+    """Remove the bridge networks of every instance whose prefix starts with ``prefix``, and
+    the firewall chains and jumps of their bridges (IPv4 and IPv6). Returns the networks."""
+    removed = []
+    for network in docker_api.networks(filters={"label": ["clawdspace.kind=network"]}):
+        instance = (network.get("Labels") or {}).get("clawdspace.instance", "")
+        if not instance.startswith(prefix):
+            continue
+        bridge = clawdspace.Firewall.bridge_name(network["Name"])
+        out_chain, in_chain = clawdspace.Firewall.chains(bridge)
+        for family, hook in (("iptables", "DOCKER-USER"), ("ip6tables", "FORWARD")):
+            for parent, chain in ((hook, out_chain), ("INPUT", in_chain)):
+                for _ in range(20):  # every copy of the jump, however many were inserted
+                    if subprocess.run([family, "-w", "5", "-D", parent, "-i", bridge, "-j", chain],
+                                      capture_output=True, check=False).returncode != 0:
+                        break
+                subprocess.run([family, "-w", "5", "-F", chain], capture_output=True, check=False)
+                subprocess.run([family, "-w", "5", "-X", chain], capture_output=True, check=False)
+        for _ in range(20):
+            try:
+                docker_api.remove_network(network["Id"])
+                break
+            except docker.errors.NotFound:
+                break
+            except docker.errors.APIError:
+                time.sleep(0.25)  # a container just removed may still hold its endpoint
+        removed.append(network["Name"])
+    return removed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_networks(docker_api: docker.APIClient) -> Iterator[None]:
+    """At the end of the session: the session's containers and volumes (again: this runs
+    before ``_cleanup_docker``), then its networks, firewall chains and jumps."""
+    yield
+    remove_everything(docker_api, SESSION_PREFIX)
+    remove_prefix_networks(docker_api, SESSION_PREFIX)
+
+
+@pytest.fixture(scope="session")
+def netns_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsHost]:
+    """A test host in a network namespace of this session (tests/support.netns.py): the
+    one place besides loopback that network tests may send traffic to."""
+    host = NetnsHost.create(tmp_path_factory.mktemp("testhost"))
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several instances: real processes on chosen loopback addresses (the nodes of a test cluster)
+# ---------------------------------------------------------------------------------------------
+
+def port_free_on(hosts: list[str]) -> int:
+    """A port that is free right now on every one of ``hosts`` (loopback addresses), so that
+    nodes can share one port, as Tailscale discovery assumes."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind((hosts[0], 0))
+            port = int(first.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no port is free on all of {hosts}")
+
+
+def wait_healthy(served: Served, timeout: float = 60) -> None:
+    """Until ``/api/health`` of ``served`` answers 200 (AssertionError with the log if the
+    process exits or never answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if served.process.poll() is not None:
+            raise AssertionError(f"serve exited {served.process.returncode}:\n{served.log()}")
+        with contextlib.suppress(OSError):
+            status, _ = http_json("GET", served.url + "/api/health", timeout=5)
+            if status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"serve never answered /api/health:\n{served.log()}")
+        time.sleep(0.1)
+
+
+class Instances:
+    """``start(host, port, prefix, env, **more)``: ``clawdspace.py serve`` as a real process on
+    that address with the variables of ``env`` and ``more`` (the session key unless ``key`` says
+    otherwise, no GPU unless ``CLAWDSPACE_NVIDIA_SMI`` is given); ``stop(served)`` ends one;
+    every one still running is stopped at teardown."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: list[Served] = []
+
+    def start(self, host: str, port: int, prefix: str, env: dict[str, str] | None = None,
+              key: str | None = SESSION_KEY, wait: bool = True, **more: str) -> Served:
+        workdir = self.workdir / f"{host}-{port}-{secrets.token_hex(3)}"
+        workdir.mkdir(parents=True)
+        data_dir, log_path = workdir / "data", workdir / "serve.log"
+        variables = {"CLAWDSPACE_HOST": host, "CLAWDSPACE_PORT": str(port),
+                     "CLAWDSPACE_DATA_DIR": str(data_dir), "CLAWDSPACE_PREFIX": prefix,
+                     "CLAWDSPACE_NVIDIA_SMI": NO_GPU, **(env or {}), **more}
+        if key is not None:
+            variables["CLAWDSPACE_API_KEY"] = key
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, str(ROOT / "clawdspace.py"), "serve"],
+                                       env=service_env(**variables), stdout=log_file,
+                                       stderr=subprocess.STDOUT, cwd=workdir)
+        served = Served(f"http://{host}:{port}", key or "", prefix, data_dir, log_path, process)
+        self.running.append(served)
+        if wait:
+            try:
+                wait_healthy(served)
+            except BaseException:
+                self.stop(served)
+                raise
+        return served
+
+    def stop(self, served: Served) -> None:
+        """Terminate one instance and wait for it (killed after 15 s)."""
+        if served in self.running:
+            self.running.remove(served)
+        served.process.terminate()
+        try:
+            served.process.wait(15)
+        except subprocess.TimeoutExpired:
+            served.process.kill()
+            served.process.wait()
+
+    def close(self) -> None:
+        for served in list(self.running):
+            self.stop(served)
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
+    """A factory of service processes for one module; all stopped after it."""
+    factory = Instances(tmp_path_factory.mktemp("instances"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@contextlib.asynccontextmanager
+async def served_terminal(served: Served, name: str, headers: dict[str, str] | None = None,
+                          **params: Any) -> AsyncIterator[Terminal]:
+    """A terminal websocket on a real service process; closed politely on exit."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            f"{served.url.replace('http', 'ws', 1)}/api/spaces/{name}/terminal",
+            headers={"Authorization": f"Bearer {served.key}", **(headers or {})},
+            params={k: str(v) for k, v in params.items()})
+        try:
+            yield Terminal(ws)
+        finally:
+            await ws.close()

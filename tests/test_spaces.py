@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ import clawdspace
 ALLOWED_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
                 "SETFCAP", "SETGID", "SETPCAP", "SETUID"}
 SPACE_FIELDS = {"name", "id", "status", "created", "started", "image", "memory", "cpus", "gpu",
-                "template", "network", "user", "lastActivity", "volume"}
+                "gpus", "template", "network", "writableRootfs", "idleTimeout", "user",
+                "lastActivity", "volume"}
 
 
 def iso(value: str) -> dt.datetime:
@@ -60,7 +62,9 @@ async def test_create_shape_and_hardening(make_client: MakeClient, space: SpaceM
     assert body["memory"] == 256 << 20
     assert body["cpus"] == 0.5
     assert body["gpu"] is False
-    assert body["template"] is None
+    assert body["template"] == "default"  # the template a create gets when it names none
+    assert body["gpus"] == []
+    assert body["writableRootfs"] is True and body["idleTimeout"] is None
     assert body["network"] == "internet"
     assert body["user"] == "sandbox"
     assert body["volume"] == {"name": f"{prefix}vol-{name}", "mountpoint": "/workspace"}
@@ -126,7 +130,6 @@ BAD_CREATES: list[tuple[str, dict[str, Any], str]] = [
     ("cpus-bool", {"cpus": True}, "invalid_cpus"),
     ("gpu-yes", {"gpu": "yes"}, "invalid_gpu"),
     ("gpu-one", {"gpu": 1}, "invalid_gpu"),
-    ("gpu-on-cpu-node", {"gpu": True}, "no_gpu"),
     ("image-missing", {"image": "cst-never-built:nope"}, "image_not_found"),
     ("image-bad-ref", {"image": "bad image!"}, "invalid_image"),
     ("unknown-privileged", {"privileged": True}, "unknown_field"),
@@ -154,6 +157,17 @@ async def test_bad_create_is_400_and_leaves_nothing(client: Api, docker_api: doc
     assert client.audit_lines() == []
 
 
+async def test_gpu_on_cpu_node_is_409_and_leaves_nothing(client: Api,
+                                                        docker_api: docker.APIClient,
+                                                        prefix: str) -> None:
+    before = docker_names(docker_api, prefix)
+    reply = await client.post("/api/spaces", {"name": unique_name("bad"), "gpu": True})
+    assert reply.status == 409, reply.body
+    assert reply.error_code() == "no_gpu"
+    assert docker_names(docker_api, prefix) == before
+    assert client.audit_lines() == []
+
+
 async def test_memory_t_suffix_is_parsed(client: Api) -> None:
     small = await client.post("/api/spaces", {"name": unique_name(), "memory": "0t"})
     assert small.status == 400 and "at least" in small.body["error"], small.body
@@ -177,21 +191,26 @@ async def test_memory_sizes(space: SpaceMaker, docker_api: docker.APIClient, pre
 
 
 async def test_failed_engine_create_leaves_nothing(make_client: MakeClient, tmp_path: Path,
-                                                   docker_api: docker.APIClient,
-                                                   prefix: str) -> None:
+                                                   docker_api: docker.APIClient, prefix: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A node that claims a GPU on an engine without the NVIDIA runtime: the engine refuses at
     start, after the volume and the container exist; both must be rolled back."""
-    rows = ["0, NVIDIA H100 80GB HBM3, 81559, GPU-aaaa"]
+    rows = ["0, GPU-aaaa, NVIDIA H100 80GB HBM3, 81559, 0, 0"]
     api = await make_client(nvidia_smi=fake_nvidia_smi(tmp_path / "gpu", rows))
+    toolkit = tmp_path / "toolkit"  # an nvidia-ctk on PATH: the service believes in a runtime
+    toolkit.mkdir()
+    (toolkit / "nvidia-ctk").write_text("#!/bin/sh\nexit 0\n")
+    (toolkit / "nvidia-ctk").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{toolkit}:{os.environ['PATH']}")
     before = docker_names(docker_api, prefix)
     name = unique_name("gpu")
     body = {"name": name, "gpu": True, "image": "clawdspace:latest"}
     reply = await api.post("/api/spaces", body)
-    assert reply.status == 400, reply.body
-    assert reply.error_code() == "create_failed"
+    assert reply.status == 503, reply.body
+    assert reply.error_code() == "no_gpu_runtime"
     assert docker_names(docker_api, prefix) == before
     retry = await api.post("/api/spaces", body)
-    assert retry.status == 400 and retry.error_code() == "create_failed", retry.body
+    assert retry.status == 503 and retry.error_code() == "no_gpu_runtime", retry.body
 
 
 async def test_duplicate_name_is_409(client: Api, space: SpaceMaker,

@@ -70,11 +70,14 @@ async def test_system_shape(client: Api, docker_api: docker.APIClient) -> None:
     assert {"gpu", "gpuName", "gpuMemory", "arch", "platform"} <= set(body["capabilities"])
 
 
+# nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu
+#            --format=csv,noheader,nounits
 @pytest.mark.parametrize(("rows", "count"), [
     ([], 0),
-    ([f"0, {H100}, 81559, GPU-aaaa"], 1),
-    ([f"0, {H100}, 81559, GPU-aaaa", "1, NVIDIA A100-SXM4-40GB, 40960, GPU-bbbb",
-      "2, NVIDIA GeForce RTX 3090, 24576, GPU-cccc"], 3),
+    ([f"0, GPU-aaaa, {H100}, 81559, 1024, 37"], 1),
+    ([f"0, GPU-aaaa, {H100}, 81559, 1024, 37",
+      "1, GPU-bbbb, NVIDIA A100-SXM4-40GB, 40960, 0, 0",
+      "2, GPU-cccc, NVIDIA GeForce RTX 3090, 24576, [N/A], [N/A]"], 3),
 ])
 async def test_capabilities_with_fake_gpus(make_client: MakeClient, tmp_path: Path,
                                            rows: list[str], count: int) -> None:
@@ -87,6 +90,7 @@ async def test_capabilities_with_fake_gpus(make_client: MakeClient, tmp_path: Pa
     assert caps["cpus"] == os.cpu_count()
     assert isinstance(caps["memory"], int) and caps["memory"] > 0
     assert caps["platform"] == "linux"
+    assert "gpuSupport" in caps
     if count == 0:
         assert caps["gpu"] is False
         assert caps["gpuName"] is None and caps["gpuMemory"] is None
@@ -94,14 +98,18 @@ async def test_capabilities_with_fake_gpus(make_client: MakeClient, tmp_path: Pa
     assert caps["gpu"] is True
     assert caps["gpuName"] == H100
     assert caps["gpuMemory"] == "81559 MiB"
-    assert caps["gpus"][0] == {"index": 0, "name": H100, "memoryMiB": 81559, "uuid": "GPU-aaaa"}
+    assert caps["gpus"][0] == {"index": 0, "uuid": "GPU-aaaa", "name": H100, "memoryMiB": 81559,
+                               "memoryUsedMiB": 1024, "utilizationPercent": 37}
+    assert set(caps["gpuSupport"]) == {"nvidiaRuntime", "nvidiaToolkit", "cdi"}
+    assert all(isinstance(v, bool) for v in caps["gpuSupport"].values())
     assert [g["index"] for g in caps["gpus"]] == list(range(count))
     system = await api.get("/api/system")
     assert system.body["capabilities"]["gpuCount"] == count
 
 
 async def test_failing_nvidia_smi_means_no_gpu(make_client: MakeClient, tmp_path: Path) -> None:
-    script = fake_nvidia_smi(tmp_path / "broken", [f"0, {H100}, 81559, GPU-aaaa"], exit_code=9)
+    script = fake_nvidia_smi(tmp_path / "broken", [f"0, GPU-aaaa, {H100}, 81559, 0, 0"],
+                             exit_code=9)
     api = await make_client(nvidia_smi=script)
     reply = await api.get("/api/system/capabilities")
     assert reply.status == 200, reply.body
@@ -110,14 +118,17 @@ async def test_failing_nvidia_smi_means_no_gpu(make_client: MakeClient, tmp_path
 
 
 def test_parse_nvidia_smi() -> None:
-    text = ("0, NVIDIA H100 80GB HBM3, 81559, GPU-1111\n"
+    text = ("0, GPU-1111, NVIDIA H100 80GB HBM3, 81559, 1024, 37\n"
             "\n"
             "No devices were found\n"
-            "1, NVIDIA RTX A6000, Ada, 49140, GPU-2222\n"  # a name holding a comma
-            "2, Some GPU, [N/A], GPU-3333\n")
+            "1, GPU-2222, NVIDIA RTX A6000, Ada, 49140, 0, 0\n"  # a name holding ", "
+            "2, GPU-3333, Some GPU, [N/A], [N/A], [N/A]\n")
     assert clawdspace.parse_nvidia_smi(text) == [
-        {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memoryMiB": 81559, "uuid": "GPU-1111"},
-        {"index": 1, "name": "NVIDIA RTX A6000, Ada", "memoryMiB": 49140, "uuid": "GPU-2222"},
-        {"index": 2, "name": "Some GPU", "memoryMiB": 0, "uuid": "GPU-3333"},
+        {"index": 0, "uuid": "GPU-1111", "name": "NVIDIA H100 80GB HBM3", "memoryMiB": 81559,
+         "memoryUsedMiB": 1024, "utilizationPercent": 37},
+        {"index": 1, "uuid": "GPU-2222", "name": "NVIDIA RTX A6000, Ada", "memoryMiB": 49140,
+         "memoryUsedMiB": 0, "utilizationPercent": 0},
+        {"index": 2, "uuid": "GPU-3333", "name": "Some GPU", "memoryMiB": 0,
+         "memoryUsedMiB": None, "utilizationPercent": None},
     ]
     assert clawdspace.parse_nvidia_smi("") == []

@@ -1,0 +1,1 @@
+"""Helpers for the test suite: a network-namespace test host, a git server, a listener."""
