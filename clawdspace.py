@@ -781,14 +781,19 @@ def decode_output(data: bytes | bytearray, truncated: bool) -> str:
     return decoder.decode(bytes(data), final=not truncated)
 
 
-def kill_exec_group(host_pid: int) -> int | None:
+def kill_exec_group(host_pid: int, container_id: str) -> int | None:
     """SIGKILL an exec's process group from the host; return its pid inside the container.
 
     runc makes every exec a session and group leader, so the group holds the whole command
-    tree. Returns the in-container pid when the host kill is not permitted (a non-root
-    service), so the caller can kill from inside instead; None when nothing is left to do.
+    tree. Returns the in-container pid when the host kill is not permitted (no CAP_KILL), so
+    the caller can kill from inside instead; None when nothing is left to do. The process
+    must be the container's (its cgroup names the container): where the engine's pids are
+    not this host's (a remote engine), nothing is killed here.
     """
     try:
+        with open(f"/proc/{host_pid}/cgroup", encoding="ascii", errors="replace") as cgroup:
+            if container_id not in cgroup.read():
+                return None
         with open(f"/proc/{host_pid}/status", encoding="ascii", errors="replace") as status:
             ns_pids = [line.split()[1:] for line in status if line.startswith("NSpid:")]
     except OSError:
@@ -2435,13 +2440,16 @@ class Spaces:
             await asyncio.sleep(0.05)
         if not details.get("Running") or host_pid <= 0:
             return
-        container_pid = kill_exec_group(host_pid)
+        container_pid = kill_exec_group(host_pid, container_id)
         if container_pid is None:
             return
+        # From inside, as the space's user, who owns the processes (root in the space has no
+        # capability over them).
+        user = next((u for _, (cid, u) in self.known.items() if cid == container_id), "")
         with contextlib.suppress(docker.errors.APIError):
             killer = await self.engine.call(
-                api.exec_create, container_id, ["kill", "-s", "KILL", "--", f"-{container_pid}"],
-                user="0")
+                api.exec_create, container_id,
+                ["sh", "-c", f"kill -s KILL -- -{int(container_pid)}"], user=user)
             await self.engine.call(api.exec_start, killer["Id"])
 
 
