@@ -78,6 +78,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import io
@@ -781,8 +782,9 @@ def decode_output(data: bytes | bytearray, truncated: bool) -> str:
     return decoder.decode(bytes(data), final=not truncated)
 
 
-def kill_exec_group(host_pid: int, container_id: str) -> int | None:
-    """SIGKILL an exec's process group from the host; return its pid inside the container.
+def kill_exec_group(host_pid: int, container_id: str,
+                    sig: signal.Signals = signal.SIGKILL) -> int | None:
+    """Signal an exec's process group from the host; return its pid inside the container.
 
     runc makes every exec a session and group leader, so the group holds the whole command
     tree. Returns the in-container pid when the host kill is not permitted (no CAP_KILL), so
@@ -800,7 +802,7 @@ def kill_exec_group(host_pid: int, container_id: str) -> int | None:
         return None
     container_pid = int(ns_pids[0][-1]) if ns_pids and ns_pids[0] else None
     try:
-        os.killpg(host_pid, signal.SIGKILL)
+        os.killpg(host_pid, sig)
         return None
     except ProcessLookupError:
         return None
@@ -2429,8 +2431,9 @@ class Spaces:
             "stderrTruncated": reader.truncated[2],
         }
 
-    async def kill_exec(self, container_id: str, exec_id: str) -> None:
-        """Kill an exec's whole process group (a timeout, a closed terminal)."""
+    async def kill_exec(self, container_id: str, exec_id: str,
+                        sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal an exec's whole process group (a timeout, a closed terminal)."""
         api = self.engine.api
         for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
             details = await self.engine.call(api.exec_inspect, exec_id)
@@ -2440,7 +2443,7 @@ class Spaces:
             await asyncio.sleep(0.05)
         if not details.get("Running") or host_pid <= 0:
             return
-        container_pid = kill_exec_group(host_pid, container_id)
+        container_pid = kill_exec_group(host_pid, container_id, sig)
         if container_pid is None:
             return
         # From inside, as the space's user, who owns the processes (root in the space has no
@@ -2449,7 +2452,7 @@ class Spaces:
         with contextlib.suppress(docker.errors.APIError):
             killer = await self.engine.call(
                 api.exec_create, container_id,
-                ["sh", "-c", f"kill -s KILL -- -{int(container_pid)}"], user=user)
+                ["sh", "-c", f"kill -s {sig.name[3:]} -- -{int(container_pid)}"], user=user)
             await self.engine.call(api.exec_start, killer["Id"])
 
 
@@ -2886,6 +2889,17 @@ def parse_ids(user: str, passwd: str, group: str) -> tuple[int, int]:
     return uid, gid
 
 
+def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A Files call keeps its space in use (auto-sleep waits) for as long as it runs."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Files, name: str, *args: Any, **kwargs: Any) -> T:
+        with self.spaces.busy(name):
+            return await method(self, name, *args, **kwargs)
+
+    return wrapper
+
+
 class Files:
     """The files API: everything under /workspace, through the engine's archive API and execs.
 
@@ -2966,6 +2980,7 @@ class Files:
 
     # -- list -----------------------------------------------------------------------------
 
+    @while_busy
     async def list_dir(self, name: str, raw_path: str | None, limit: int,
                    actor: Actor) -> dict[str, Any]:
         info, where = await self._resolved(name, raw_path, actor)
@@ -3049,6 +3064,7 @@ class Files:
             raise NotFound(f"{where.rel}: no such file") from None
         return where, response, reader, size
 
+    @while_busy
     async def read(self, name: str, raw_path: str | None, max_bytes: int,
                    actor: Actor) -> dict[str, Any]:
         where, response, reader, size = await self.open_file(name, raw_path, actor)
@@ -3061,6 +3077,11 @@ class Files:
 
     async def read_raw(self, request: web.Request, name: str, raw_path: str | None,
                        max_bytes: int | None, actor: Actor) -> web.StreamResponse:
+        with self.spaces.busy(name):
+            return await self._stream_file(request, name, raw_path, max_bytes, actor)
+
+    async def _stream_file(self, request: web.Request, name: str, raw_path: str | None,
+                           max_bytes: int | None, actor: Actor) -> web.StreamResponse:
         where, response, reader, size = await self.open_file(name, raw_path, actor)
         try:
             length = size if max_bytes is None else min(size, max_bytes)
@@ -3108,6 +3129,7 @@ class Files:
             self.ids[container_id] = parse_ids(user, passwd, group)
         return self.ids[container_id]
 
+    @while_busy
     async def write(self, name: str, raw_path: str | None, size: int,
                     chunks: Iterator[bytes], actor: Actor, mode: int = 0o644) -> dict[str, Any]:
         """Write a file atomically: stream into a temporary name beside it, then rename."""
@@ -3157,6 +3179,7 @@ class Files:
 
     # -- delete ---------------------------------------------------------------------------
 
+    @while_busy
     async def delete(self, name: str, raw_path: str | None, recursive: bool,
                      actor: Actor) -> dict[str, Any]:
         info, where = await self._resolved(name, raw_path, actor, follow_last=False)
@@ -3251,25 +3274,33 @@ class Terminals:
         await self.spaces.audit.record("terminal.open", name, {"shell": argv[0]}, actor)
         with contextlib.suppress(docker.errors.APIError, ClawdError):
             await self.engine.call(api.exec_resize, exec_id, height=rows, width=cols)
-        exit_code: int | None = None
         with self.spaces.busy(name):
             pump = asyncio.ensure_future(self._pump_output(name, sock, ws))
             try:
                 await self._pump_input(name, exec_id, sock, ws)
             finally:
-                if not pump.done():
-                    await self._end_shell(info["Id"], exec_id, sock)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pump, 10)
-                sock.close()
-                self.sockets.discard(ws)
-                with contextlib.suppress(docker.errors.APIError, ClawdError):
-                    exit_code = (await self.engine.call(api.exec_inspect, exec_id)).get(
-                        "ExitCode")
+                # Shielded: a cancelled handler (the client vanished) still ends the shell,
+                # closes the engine socket and audits the close.
+                await asyncio.shield(self._finish(
+                    name, info["Id"], exec_id, sock, ws, pump, opened, actor))
+        return ws
+
+    async def _finish(self, name: str, container_id: str, exec_id: str, sock: ExecSocket,
+                      ws: web.WebSocketResponse, pump: asyncio.Future[None], opened: float,
+                      actor: Actor) -> None:
+        if not pump.done():
+            await self._end_shell(container_id, exec_id, sock)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pump, 10)
+        sock.close()
+        self.sockets.discard(ws)
+        exit_code: int | None = None
+        with contextlib.suppress(docker.errors.APIError, ClawdError):
+            exit_code = (await self.engine.call(self.engine.api.exec_inspect, exec_id)).get(
+                "ExitCode")
         await self.spaces.audit.record("terminal.close", name, {
             "durationMs": int((time.monotonic() - opened) * 1000), "exitCode": exit_code},
             actor)
-        return ws
 
     async def _pump_output(self, name: str, sock: ExecSocket,
                            ws: web.WebSocketResponse) -> None:
@@ -3349,9 +3380,11 @@ class Terminals:
             await self.engine.stream(lambda: sock.sendall(data))
 
     async def _end_shell(self, container_id: str, exec_id: str, sock: ExecSocket) -> None:
-        """The client left: hang up the shell (EOF), then kill what is left of its group."""
+        """The client left: hang up like a dropped ssh session (SIGHUP, which bash passes on
+        to its jobs; nohup'd ones live on), then kill what is left of the shell's group."""
+        await self.spaces.kill_exec(container_id, exec_id, signal.SIGHUP)
         sock.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         await self.spaces.kill_exec(container_id, exec_id)
 
     async def close_all(self) -> None:
@@ -3384,8 +3417,16 @@ def read_json_file(path: str) -> Any:
         return None
 
 
+HISTORY_STAMP_RE = re.compile(r"#\d{9,12}")
+# Terminal control characters (ESC sequences, bells, backspaces, C1) never reach the audit.
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def parse_history(text: str) -> list[tuple[float | None, str]]:
-    """Commands of a bash history chunk: ``#<epoch>`` lines stamp the command that follows."""
+    """Commands of a bash history chunk: ``#<epoch>`` lines stamp the command that follows.
+
+    Control characters are removed, so a history line cannot drive a log viewer's terminal.
+    """
     commands: list[tuple[float | None, str]] = []
     stamp: float | None = None
     lines: list[str] = []
@@ -3395,8 +3436,9 @@ def parse_history(text: str) -> list[tuple[float | None, str]]:
             commands.append((stamp, "\n".join(lines)))
             lines.clear()
 
-    for line in text.split("\n"):
-        if re.fullmatch(r"#\d{9,12}", line):
+    for raw_line in text.split("\n"):
+        line = CONTROL_CHARS_RE.sub("", raw_line)
+        if HISTORY_STAMP_RE.fullmatch(line):
             flush()
             stamp = float(line[1:])
             continue
@@ -3495,14 +3537,27 @@ class Housekeeper:
                 "head", hashlib.sha256(b"").hexdigest()):
             offset = 0  # truncated or replaced: start again from the top
             first, chunk = await self.engine_read(space["id"], 0)
+        full = len(chunk) >= HISTORY_READ_LIMIT  # more may follow than one read takes
         end = chunk.rfind(b"\n")
-        if end < 0:
-            return
-        complete = chunk[:end + 1]
-        for stamp, command in parse_history(complete.decode("utf-8", "replace")):
-            await self.spaces.audit.record(
-                "space.shell", name, {"command": command, "source": "bash_history"},
-                ts=epoch_to_iso(stamp) if stamp else None)
+        if end < 0 and not full:
+            return  # the last line is still being written
+        complete = chunk[:end + 1] if end >= 0 else chunk
+        lines = complete.split(b"\n")
+        if end >= 0 and HISTORY_STAMP_RE.fullmatch(lines[-2].decode("ascii", "replace")):
+            if full:
+                complete = chunk  # the stamped command is longer than a read: take its start
+            elif len(lines) < 3:
+                return  # a timestamp waits for its command, so the command keeps its time
+            else:
+                complete = b"\n".join(lines[:-2]) + b"\n"
+        truncated = full and not complete.endswith(b"\n")
+        commands = parse_history(complete.decode("utf-8", "replace"))
+        for index, (stamp, command) in enumerate(commands):
+            meta: dict[str, Any] = {"command": command, "source": "bash_history"}
+            if truncated and index == len(commands) - 1:
+                meta["truncated"] = True  # a line longer than one read: its start only
+            await self.spaces.audit.record("space.shell", name, meta,
+                                           ts=epoch_to_iso(stamp) if stamp else None)
         new_offset = offset + len(complete)
         head_len = min(64, new_offset)
         self.cursors[name] = {"offset": new_offset, "mtime": stat["mtime"], "headLen": head_len,
