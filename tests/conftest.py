@@ -347,12 +347,10 @@ def run_cli(*args: str, env: dict[str, str],
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@contextlib.contextmanager
-def serve(workdir: Path, key: str | None, prefix: str, **env: str) -> Iterator[Served]:
-    """``clawdspace.py serve`` as a real process on a free loopback port, until exit."""
-    host, port = free_loopback()
-    data_dir = workdir / "data"
-    log_path = workdir / "serve.log"
+def launch(workdir: Path, host: str, port: int, prefix: str, key: str | None,
+           env: dict[str, str]) -> Served:
+    """Start ``clawdspace.py serve`` on host:port with its data and log under ``workdir``."""
+    data_dir, log_path = workdir / "data", workdir / "serve.log"
     variables = {"CLAWDSPACE_HOST": host, "CLAWDSPACE_PORT": str(port),
                  "CLAWDSPACE_DATA_DIR": str(data_dir), "CLAWDSPACE_PREFIX": prefix,
                  "CLAWDSPACE_NVIDIA_SMI": NO_GPU, **env}
@@ -362,26 +360,29 @@ def serve(workdir: Path, key: str | None, prefix: str, **env: str) -> Iterator[S
         process = subprocess.Popen([sys.executable, str(ROOT / "clawdspace.py"), "serve"],
                                    env=service_env(**variables), stdout=log_file,
                                    stderr=subprocess.STDOUT, cwd=workdir)
-    served = Served(f"http://{host}:{port}", key or "", prefix, data_dir, log_path, process)
+    return Served(f"http://{host}:{port}", key or "", prefix, data_dir, log_path, process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not ended 15 s later."""
+    process.terminate()
     try:
-        for _ in range(300):
-            if process.poll() is not None:
-                raise AssertionError(f"serve exited {process.returncode}:\n{served.log()}")
-            with contextlib.suppress(OSError):
-                status, _ = http_json("GET", served.url + "/api/health", timeout=5)
-                if status == 200:
-                    break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"serve never answered /api/health:\n{served.log()}")
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serve(workdir: Path, key: str | None, prefix: str, **env: str) -> Iterator[Served]:
+    """``clawdspace.py serve`` as a real process on a free loopback port, until exit."""
+    host, port = free_loopback()
+    served = launch(workdir, host, port, prefix, key, env)
+    try:
+        wait_healthy(served, timeout=30)
         yield served
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(served.process)
 
 
 @pytest.fixture(scope="session")
@@ -642,17 +643,7 @@ class Instances:
               key: str | None = SESSION_KEY, wait: bool = True, **more: str) -> Served:
         workdir = self.workdir / f"{host}-{port}-{secrets.token_hex(3)}"
         workdir.mkdir(parents=True)
-        data_dir, log_path = workdir / "data", workdir / "serve.log"
-        variables = {"CLAWDSPACE_HOST": host, "CLAWDSPACE_PORT": str(port),
-                     "CLAWDSPACE_DATA_DIR": str(data_dir), "CLAWDSPACE_PREFIX": prefix,
-                     "CLAWDSPACE_NVIDIA_SMI": NO_GPU, **(env or {}), **more}
-        if key is not None:
-            variables["CLAWDSPACE_API_KEY"] = key
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen([sys.executable, str(ROOT / "clawdspace.py"), "serve"],
-                                       env=service_env(**variables), stdout=log_file,
-                                       stderr=subprocess.STDOUT, cwd=workdir)
-        served = Served(f"http://{host}:{port}", key or "", prefix, data_dir, log_path, process)
+        served = launch(workdir, host, port, prefix, key, {**(env or {}), **more})
         self.running.append(served)
         if wait:
             try:
@@ -666,12 +657,7 @@ class Instances:
         """Terminate one instance and wait for it (killed after 15 s)."""
         if served in self.running:
             self.running.remove(served)
-        served.process.terminate()
-        try:
-            served.process.wait(15)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait()
+        stop_process(served.process)
 
     def close(self) -> None:
         for served in list(self.running):

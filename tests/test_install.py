@@ -46,6 +46,7 @@ from conftest import (
     http_json,
     remove_everything,
     service_env,
+    stop_process,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,10 +420,5 @@ def test_unit_capabilities_suffice(docker_api: docker.APIClient, prefix: str,
                                       key=key)
         assert status_code == 200, body
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         remove_everything(docker_api, instance)
