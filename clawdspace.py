@@ -4592,7 +4592,7 @@ def query_bool(request: web.Request, name: str, default: bool = False) -> bool:
     word = raw.strip().lower()
     if word in TRUE_WORDS:
         return True
-    if word in FALSE_WORDS:
+    if word in FALSE_WORDS and word:  # ?flag= (empty) is a mistake, not a "false"
         return False
     raise BadRequest(f"{name} must be true or false", f"invalid_{name}")
 
