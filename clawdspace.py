@@ -3,12 +3,24 @@
 
 One service per machine ("node"). Each space is a Docker container plus a persistent named
 volume mounted on ``/workspace``. Clients (agents, scripts, people) talk to the node over HTTP
-with a bearer token: create, exec, pause, resume and destroy spaces; every action lands in an
-append-only JSON Lines audit log.
+with a bearer token; every action lands in an append-only JSON Lines audit log.
+
+What it serves (``/api/openapi.json`` describes the ``/api`` part)
+------------------------------------------------------------------
+* Spaces: create (from YAML templates), exec, pause/resume, destroy; files under /workspace;
+  a websocket terminal; stats and observability; auto-sleep of idle spaces; shell history
+  ingested into the audit log; clone on create and a server-side git push.
+* Network policy: "internet" spaces sit on a bridge of ours whose firewall rules keep them off
+  the LAN, the tailnet, cloud metadata and this node; "none" spaces have no network.
+* Nodes: discovery through Tailscale (or a static list), one view over the cluster, and any
+  request forwarded to another node with ``?node=NAME``. NVIDIA GPUs assigned by UUID.
+* E2B compatibility: E2B's REST control plane and its in-sandbox daemon protocol, so the
+  official ``e2b`` SDK works unchanged with ``api_url`` and ``sandbox_url`` set to this node.
 
 Run it
 ------
     python3 clawdspace.py serve            # foreground; reads the environment below
+    python3 clawdspace.py remove-networks  # drop this instance's networks and firewall rules
     python3 clawdspace.py --help
 
 Environment (read once at start)
