@@ -56,13 +56,12 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_api import (  # noqa: E402 - bench/ is not a package
-    DOCKER_API_VERSION,
-    IMAGE,
     LABEL,
     WORKSPACE,
     BenchError,
     Service,
     Stop,
+    engine_and_user,
     environment,
     fmt,
     median,
@@ -805,19 +804,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.size_mb, args.rounds, args.cat_mb, args.keys, args.stats_calls) < 1:
         parser.error("every option must be >= 1")
 
-    try:
-        client = docker.from_env(version=DOCKER_API_VERSION, timeout=600)
-        client.ping()
-    except docker.errors.DockerException as err:
-        print(f"error: no Docker engine answers: {err}", file=sys.stderr)
+    found = engine_and_user(timeout=600)
+    if found is None:
         return 2
-    try:
-        image = client.api.inspect_image(IMAGE)
-    except docker.errors.ImageNotFound:
-        print(f"error: image {IMAGE} is missing; build it with: bash tests/build-image.sh",
-              file=sys.stderr)
-        return 2
-    user = str((image.get("Config") or {}).get("User") or "")
+    client, user = found
 
     prefix = f"bench{secrets.token_hex(2)}-"
     data_dir = tempfile.mkdtemp(prefix="clawdspace-bench-")
