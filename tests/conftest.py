@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -689,3 +691,31 @@ async def served_terminal(served: Served, name: str, headers: dict[str, str] | N
             yield Terminal(ws)
         finally:
             await ws.close()
+
+
+@dataclasses.dataclass
+class Leaks:
+    """What a ``leak_watch`` block left to the garbage collector."""
+
+    resource_warnings: list[str] = dataclasses.field(default_factory=list)
+    unraisable: list[str] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def leak_watch() -> Iterator[Leaks]:
+    """Collect the ResourceWarnings and unraisable exceptions of the block's own garbage
+    (earlier tests' garbage is collected first, and not counted)."""
+    leaks = Leaks()
+    hook = sys.unraisablehook
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        gc.collect()
+        warnings.simplefilter("always")
+        sys.unraisablehook = lambda u: leaks.unraisable.append(repr(u.exc_value))
+        try:
+            yield leaks
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+    leaks.resource_warnings = [str(w.message) for w in caught
+                               if issubclass(w.category, ResourceWarning)]

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-import sys
-import warnings
 from typing import Any
 
 import docker
 import pytest
-from conftest import Api, MakeClient, SpaceMaker, container_of, unique_name
+from conftest import Api, MakeClient, SpaceMaker, container_of, leak_watch, unique_name
 
 SPLIT_UTF8 = (
     "import sys, time\n"
@@ -211,19 +208,8 @@ async def test_fifty_concurrent_execs_do_not_stall_the_service(
 async def test_exec_releases_its_docker_connection(client: Api, shared_space: str) -> None:
     """Exec must close the engine's hijacked HTTP connection itself, not leave it to the
     garbage collector (which warns: ResourceWarning, and an error in urllib3's close)."""
-    unraisable: list[Any] = []
-    hook = sys.unraisablehook
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore")
-        gc.collect()  # garbage of earlier tests is not this test's
-        warnings.simplefilter("always")
-        sys.unraisablehook = unraisable.append
-        try:
-            for _ in range(3):
-                await client.exec(shared_space, "true")
-            gc.collect()
-        finally:
-            sys.unraisablehook = hook
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert leaks == []
-    assert [repr(u.exc_value) for u in unraisable] == []
+    with leak_watch() as leaks:
+        for _ in range(3):
+            await client.exec(shared_space, "true")
+    assert leaks.resource_warnings == []
+    assert leaks.unraisable == []

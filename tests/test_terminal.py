@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import os
 import re
 import struct
-import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from conftest import (
     container_of,
     container_processes,
     in_container,
+    leak_watch,
     poll,
     serve,
     served_terminal,
@@ -226,34 +224,23 @@ async def test_in_process_shell_exit_cleans_up(client: Api, space: SpaceMaker) -
     gone (``handler_cancellation=True``, as any runner may): the terminal's cleanup must
     still run (close audited, the engine socket closed)."""
     name = (await space(memory="64m"))["name"]
-    unraisable: list[Any] = []
-    hook = sys.unraisablehook
     closes: list[dict[str, Any]] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore")
-        gc.collect()  # garbage of earlier tests is not this test's
-        warnings.simplefilter("always")
-        sys.unraisablehook = unraisable.append
-        try:
-            ws = await client.client.ws_connect(f"/api/spaces/{name}/terminal",
-                                                headers=auth(client))
-            term = Terminal(ws)
-            await term.type("echo bye-$((1+1)); exit 3\n")
-            await term.expect("bye-2")
-            assert await term.closed() == 1000
-            await ws.close()
-            for _ in range(50):
-                closes = events_of(client, name, "terminal.close")
-                if closes:
-                    break
-                await asyncio.sleep(0.2)
-            gc.collect()
-        finally:
-            sys.unraisablehook = hook
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    with leak_watch() as leaks:
+        ws = await client.client.ws_connect(f"/api/spaces/{name}/terminal",
+                                            headers=auth(client))
+        term = Terminal(ws)
+        await term.type("echo bye-$((1+1)); exit 3\n")
+        await term.expect("bye-2")
+        assert await term.closed() == 1000
+        await ws.close()
+        for _ in range(50):
+            closes = events_of(client, name, "terminal.close")
+            if closes:
+                break
+            await asyncio.sleep(0.2)
     assert len(closes) == 1, "terminal.close was never audited"
     assert closes[0]["meta"]["exitCode"] == 3
-    assert leaks == [] and unraisable == []
+    assert leaks.resource_warnings == [] and leaks.unraisable == []
 
 
 async def test_terminal_on_missing_or_invalid_space(client: Api, shared_space: str) -> None:
