@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,10 +66,6 @@ MEMORY = "256m"
 MEMORY_BYTES = 256 << 20
 CPUS = 1.0  # the service's default
 PIDS_LIMIT = 1024  # the service's default (CLAWDSPACE_PIDS_LIMIT)
-SPACE_CAPABILITIES = [  # copy of clawdspace.SPACE_CAPABILITIES
-    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
-    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
-]
 EXEC_ARGV = ["sh", "-c", "true"]  # what the service runs for {"command": "true"}
 TARGETS = {"create": 1.2, "exec": 1.2, "list": 2.0}
 TRACED_SERVE = "_traced-serve"  # hidden first argument: run the service with timing wrappers
@@ -304,27 +301,19 @@ class Direct:
         }
 
     def host_config(self, volume: str) -> dict[str, Any]:
-        """The parameters of ``Spaces._host_config`` for a 256m, 1-CPU, non-GPU space."""
-        return self.api.create_host_config(  # type: ignore[no-any-return,unused-ignore]
-            mem_limit=MEMORY_BYTES,
-            memswap_limit=MEMORY_BYTES,
-            nano_cpus=int(CPUS * 1e9),
-            cap_drop=["ALL"],
-            cap_add=SPACE_CAPABILITIES,
-            security_opt=["no-new-privileges:true"],
-            pids_limit=PIDS_LIMIT,
-            init=True,
-            ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)],
-            restart_policy={"Name": "unless-stopped"},
-            log_config=docker.types.LogConfig(
-                type="json-file", config={"max-size": "10m", "max-file": "3"}),
-            mounts=[docker.types.Mount(target=WORKSPACE, source=volume, type="volume")],
-            # The bridge the service puts internet spaces on (made by the first API create).
-            network_mode=f"{self.prefix}net",
-            device_requests=None,
-            privileged=False,
-            read_only=False,
-        )
+        """Exactly what ``Spaces._host_config`` builds for a 256m, 1-CPU internet space (the
+        service's own function, so the two sides can never drift apart)."""
+        sys.path.insert(0, ROOT)
+        import clawdspace
+
+        request = clawdspace.CreateRequest(name="bench", memory=MEMORY_BYTES, cpus=CPUS,
+                                           gpu=False, image=IMAGE, template="default")
+        spaces = types.SimpleNamespace(engine=types.SimpleNamespace(api=self.api),
+                                       config=clawdspace.Config(pids_limit=PIDS_LIMIT))
+        # The bridge the service puts internet spaces on (made by the first API create).
+        config: dict[str, Any] = clawdspace.Spaces._host_config(
+            spaces, request, volume, f"{self.prefix}net", [])  # type: ignore[arg-type]
+        return config
 
     def create(self, name: str) -> str:
         volume = f"{self.prefix}vol-{name}"
