@@ -411,10 +411,12 @@ class ExecResult(TypedDict):
 
 @dataclasses.dataclass(frozen=True)
 class Actor:
-    """Who made a request, for the audit log: a key id (never the key) and an address."""
+    """Who made a request, for the audit log: a key id (never the key) or the E2B sandbox
+    whose daemon token was presented, and an address."""
 
     key_id: str | None
     addr: str | None
+    sandbox: str | None = None
 
 
 SYSTEM_ACTOR = Actor(key_id=None, addr=None)  # the service's own housekeeping
@@ -557,6 +559,8 @@ class AuditLog:
             event["meta"] = self.redactor.value(meta)
         if actor.key_id:
             event["keyId"] = actor.key_id
+        if actor.sandbox:
+            event["actor"] = f"sandbox:{actor.sandbox}"
         if actor.addr:
             event["clientAddr"] = actor.addr
         line = (json.dumps(event, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
@@ -3929,18 +3933,43 @@ CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permissi
 E2B_PATHS = ("/sandboxes", "/v2/sandboxes")
 
 
+ENVD_PATHS = ("/health", "/files", "/process.Process/", "/filesystem.Filesystem/")
+
+
 def is_envd_request(request: web.BaseRequest) -> bool:
-    return E2B_ID_HEADER in request.headers
+    """A call of E2B's in-sandbox daemon: one of its paths, for the sandbox the header names."""
+    path = request.path
+    return E2B_ID_HEADER in request.headers and (
+        path in ENVD_PATHS[:2] or path.startswith(ENVD_PATHS[2:]))
 
 
 def is_e2b_rest(request: web.BaseRequest) -> bool:
     return request.path.startswith(E2B_PATHS)
 
 
-def envd_token(config: Config, sandbox_id: str) -> str:
-    """The sandbox's daemon token: derived, never stored (HMAC of the id under the API key)."""
+ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
+
+
+def envd_token(config: Config, sandbox_id: str, container_id: str) -> str:
+    """The daemon token of one incarnation of a sandbox: derived, never stored.
+
+    ``<container id>.<HMAC of sandbox id and container id under the API key>``: any node of
+    the cluster (they share the key) can check it without state, and the node that holds the
+    sandbox also checks that the container it names is still the sandbox's, so a killed
+    sandbox's token is worth nothing, even if a sandbox of the same id were made again."""
+    incarnation = container_id[:12]
     secret = (config.api_key or "clawdspace-auth-disabled").encode("utf-8", "surrogateescape")
-    return hmac.new(secret, f"e2b-envd:{sandbox_id}".encode(), hashlib.sha256).hexdigest()
+    mac = hmac.new(secret, f"e2b-envd:{sandbox_id}:{incarnation}".encode(), hashlib.sha256)
+    return f"{incarnation}.{mac.hexdigest()}"
+
+
+def envd_token_incarnation(config: Config, sandbox_id: str, token: str) -> str | None:
+    """The container id (12 hex digits) a valid token of ``sandbox_id`` names; else None."""
+    match = ENVD_TOKEN_RE.fullmatch(token)
+    if match is None:
+        return None
+    expected = envd_token(config, sandbox_id, match.group(1))
+    return match.group(1) if hmac.compare_digest(token.encode(), expected.encode()) else None
 
 
 def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
@@ -4005,17 +4034,19 @@ class E2b:
 
     # -- control plane --------------------------------------------------------------------
 
-    def _sandbox(self, space: SpaceInfo, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    def _sandbox(self, space: SpaceInfo, labels: dict[str, str] | None = None,
+                 with_token: bool = True) -> dict[str, Any]:
+        """E2B's view of a sandbox. Lists leave the daemon token out (E2B's ListedSandbox
+        does): a token is handed out only by create, connect and get, one sandbox at a time."""
         name = space["name"]
         created = dt.datetime.fromisoformat(space["created"].replace("Z", "+00:00")) \
             if space["created"] else dt.datetime.now(dt.timezone.utc)
-        return {
+        sandbox: dict[str, Any] = {
             "templateID": (labels or {}).get(f"{LABEL}.e2b-template") or space["template"]
             or "base",
             "sandboxID": name,
             "clientID": self.nodes.self_name(),
             "envdVersion": E2B_ENVD_VERSION,
-            "envdAccessToken": envd_token(self.config, name),
             "domain": None,
             "startedAt": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "endAt": e2b_time(self.deadlines.get(name, time.time() + E2B_DEFAULT_TIMEOUT)),
@@ -4025,6 +4056,9 @@ class E2b:
             "state": "paused" if space["status"] == "paused" else "running",
             "metadata": json.loads((labels or {}).get(f"{LABEL}.e2b-metadata") or "{}"),
         }
+        if with_token:
+            sandbox["envdAccessToken"] = envd_token(self.config, name, space["id"])
+        return sandbox
 
     async def owner(self, sandbox_id: str) -> NodeInfo | None:
         """The other node that holds a sandbox this node does not have; None when local."""
@@ -4046,6 +4080,15 @@ class E2b:
                     if status == 200:
                         return node
         return None
+
+    async def is_incarnation(self, sandbox_id: str, incarnation: str) -> bool:
+        """Whether the sandbox exists here and its container's id starts with
+        ``incarnation``."""
+        if sandbox_id not in self.spaces.known:
+            with contextlib.suppress(NotFound, BadRequest):
+                await self.spaces.inspect(sandbox_id)
+        known = self.spaces.known.get(sandbox_id)
+        return known is not None and known[0].startswith(incarnation)
 
     async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
         if not SPACE_NAME_RE.fullmatch(sandbox_id) or not sandbox_id.startswith("e2b-"):
@@ -4102,7 +4145,7 @@ class E2b:
         for row in rows:
             labels = row.get("Labels") or {}
             sandbox = self._sandbox(self.spaces.view(row["Id"], labels, row.get("State", "")),
-                                    labels)
+                                    labels, with_token=False)
             if sandbox["state"] in states and all(
                     sandbox["metadata"].get(k) == v for k, v in wanted.items()):
                 found.append(sandbox)
@@ -4425,8 +4468,14 @@ FIREWALL_KEY = web.AppKey("firewall", Firewall)
 NODES_KEY = web.AppKey("nodes", Nodes)
 E2B_KEY = web.AppKey("e2b", E2b)
 GIT_KEY = web.AppKey("git", GitOps)
-PUBLIC_PATHS = frozenset({"/api/health", "/api/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a route accepts as credentials, fixed in the route table, never chosen by the headers a
+# request happens to carry. A route missing from the table (404, 405) needs the key.
+PUBLIC = "public"  # nothing (GET and HEAD only)
+NODE_KEY = "key"  # the node's API key
+ENVD_TOKEN = "envd"  # noqa: S105 - a route kind; one E2B sandbox's daemon token, for that sandbox only
+ACTOR_KEY = web.RequestKey("actor", Actor)
+ENVD_INCARNATION_KEY = web.RequestKey("envd_incarnation", str)
 
 
 def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
@@ -4451,30 +4500,37 @@ def presented_key(request: web.Request) -> str | None:
     return request.query.get("key") or request.headers.get("X-API-Key") or None
 
 
-def make_auth_middleware(config: Config) -> Any:
+def make_auth_middleware(config: Config, access: dict[web.AbstractRoute, str]) -> Any:
+    """Deny by default: the route's entry in ``access`` says which credential it takes."""
     expected = (config.api_key or "").encode("utf-8", "surrogateescape")
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Deny by default: every path but the public ones needs the key."""
-        if config.auth_disabled or (
-                request.path in PUBLIC_PATHS and request.method in ("GET", "HEAD")):
-            return await handler(request)
-        if is_envd_request(request):  # E2B's daemon protocol: a per-sandbox token instead
-            token = request.headers.get("X-Access-Token", "")
-            if request.path != "/health" and not hmac.compare_digest(
-                    token.encode("utf-8", "surrogateescape"),
-                    envd_token(config, request.headers[E2B_ID_HEADER]).encode()):
-                log.warning("auth: rejected envd %s %s from %s", request.method, request.path,
-                            request.remote)
+        kind = access.get(request.match_info.route, NODE_KEY)
+        if kind == PUBLIC and request.method in ("GET", "HEAD"):
+            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote)
+        elif config.auth_disabled:
+            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote)
+            if kind == ENVD_TOKEN:
+                request[ENVD_INCARNATION_KEY] = ""
+        elif kind == ENVD_TOKEN:
+            sandbox = request.headers.get(E2B_ID_HEADER, "")
+            incarnation = envd_token_incarnation(config, sandbox,
+                                                 request.headers.get("X-Access-Token", ""))
+            if incarnation is None:
+                log.warning("auth: rejected envd %s %s from %s", request.method,
+                            request.path, request.remote)
                 raise Unauthorized("Unauthorized")
-            return await handler(request)
-        key = presented_key(request)
-        if key is None or not hmac.compare_digest(
-                key.encode("utf-8", "surrogateescape"), expected):
-            log.warning("auth: rejected %s %s from %s (%s)", request.method, request.path,
-                        request.remote, "no key" if key is None else "wrong key")
-            raise Unauthorized("Unauthorized")
+            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote, sandbox=sandbox)
+            request[ENVD_INCARNATION_KEY] = incarnation
+        else:
+            key = presented_key(request)
+            if key is None or not hmac.compare_digest(
+                    key.encode("utf-8", "surrogateescape"), expected):
+                log.warning("auth: rejected %s %s from %s (%s)", request.method, request.path,
+                            request.remote, "no key" if key is None else "wrong key")
+                raise Unauthorized("Unauthorized")
+            request[ACTOR_KEY] = Actor(key_id=key_id(key), addr=request.remote)
         return await handler(request)
 
     return authenticate
@@ -4565,9 +4621,8 @@ class RedactingAccessLogger(AbstractAccessLogger):
 ###############################################################################
 
 def actor(request: web.Request) -> Actor:
-    """Who is calling: the id of the key they presented (the middleware checked it)."""
-    key = presented_key(request)
-    return Actor(key_id=key_id(key) if key else None, addr=request.remote)
+    """Who is calling, as the auth middleware established it."""
+    return request.get(ACTOR_KEY) or Actor(key_id=None, addr=request.remote)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -4897,7 +4952,7 @@ async def e2b_elsewhere(request: web.Request, sandbox_id: str) -> web.StreamResp
     return await request.app[NODES_KEY].forward(request, node)
 
 
-def envd_sandbox(request: web.Request) -> str:
+def envd_target(request: web.Request) -> str:
     """The space an envd request is for (E2b-Sandbox-Id), on the daemon's port only."""
     sandbox = request.headers.get(E2B_ID_HEADER)
     if sandbox is None:
@@ -4910,25 +4965,36 @@ def envd_sandbox(request: web.Request) -> str:
     return sandbox
 
 
+async def envd_sandbox(request: web.Request) -> str:
+    """The sandbox of an authenticated envd request, once its token's incarnation is known to
+    be the sandbox's current container (the middleware checked the token's signature)."""
+    sandbox = envd_target(request)
+    incarnation = request[ENVD_INCARNATION_KEY]
+    if incarnation and not await request.app[E2B_KEY].is_incarnation(sandbox, incarnation):
+        log.warning("auth: envd token of a gone sandbox %s from %s", sandbox, request.remote)
+        raise Unauthorized("Unauthorized")
+    return sandbox
+
+
 async def envd_health(request: web.Request) -> web.Response:
-    envd_sandbox(request)
+    envd_target(request)
     return web.Response(status=204)
 
 
 async def envd_download(request: web.Request) -> web.StreamResponse:
-    sandbox = envd_sandbox(request)
+    sandbox = await envd_sandbox(request)
     path = E2b.rel_path(request.query.get("path"))
     return await request.app[FILES_KEY].read_raw(request, sandbox, path, None, actor(request))
 
 
 async def envd_upload(request: web.Request) -> web.Response:
-    sandbox = envd_sandbox(request)
+    sandbox = await envd_sandbox(request)
     return web.json_response(await request.app[E2B_KEY].upload(request, sandbox,
                                                                actor(request)))
 
 
 async def envd_process(request: web.Request) -> web.StreamResponse:
-    sandbox = envd_sandbox(request)
+    sandbox = await envd_sandbox(request)
     e2b, method = request.app[E2B_KEY], request.match_info["method"]
     if method == "Start":
         return await e2b.start_process(request, sandbox, actor(request))
@@ -4941,7 +5007,7 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
 
 
 async def envd_filesystem(request: web.Request) -> web.Response:
-    sandbox = envd_sandbox(request)
+    sandbox = await envd_sandbox(request)
     body = await json_body(request) if request.can_read_body else {}
     return web.json_response(await request.app[E2B_KEY].filesystem(
         request.match_info["method"], sandbox, body, actor(request)))
@@ -5331,50 +5397,50 @@ def openapi_document() -> dict[str, Any]:
 # App factory #################################################################
 ###############################################################################
 
-ROUTES: list[tuple[str, str, Handler]] = [
-    ("GET", "/api/health", health),
-    ("GET", "/api/openapi.json", get_openapi),
-    ("GET", "/api/system", get_system),
-    ("GET", "/api/system/capabilities", get_capabilities),
-    ("GET", "/api/nodes", get_nodes),
-    ("GET", "/api/spaces", list_spaces),
-    ("POST", "/api/spaces", create_space),
-    ("GET", "/api/spaces/{name}", get_space),
-    ("DELETE", "/api/spaces/{name}", delete_space),
-    ("POST", "/api/spaces/{name}/stop", stop_space),
-    ("POST", "/api/spaces/{name}/start", start_space),
-    ("POST", "/api/spaces/{name}/exec", exec_space),
-    ("POST", "/api/spaces/{name}/touch", touch_space),
-    ("GET", "/api/spaces/{name}/stats", space_stats),
-    ("GET", "/api/spaces/{name}/observability", space_observability),
-    ("GET", "/api/spaces/{name}/files", list_files),
-    ("GET", "/api/spaces/{name}/file", read_file),
-    ("PUT", "/api/spaces/{name}/file", write_file),
-    ("DELETE", "/api/spaces/{name}/file", delete_file),
-    ("GET", "/api/spaces/{name}/terminal", terminal),
-    ("POST", "/api/spaces/{name}/git/push", git_push),
-    ("GET", "/api/templates", list_templates),
-    ("PUT", "/api/templates", put_template),
-    ("GET", "/api/templates/{name}", get_template),
-    ("DELETE", "/api/templates/{name}", delete_template),
-    ("GET", "/api/audit", get_audit),
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/api/health", health, PUBLIC),
+    ("GET", "/api/openapi.json", get_openapi, PUBLIC),
+    ("GET", "/api/system", get_system, NODE_KEY),
+    ("GET", "/api/system/capabilities", get_capabilities, NODE_KEY),
+    ("GET", "/api/nodes", get_nodes, NODE_KEY),
+    ("GET", "/api/spaces", list_spaces, NODE_KEY),
+    ("POST", "/api/spaces", create_space, NODE_KEY),
+    ("GET", "/api/spaces/{name}", get_space, NODE_KEY),
+    ("DELETE", "/api/spaces/{name}", delete_space, NODE_KEY),
+    ("POST", "/api/spaces/{name}/stop", stop_space, NODE_KEY),
+    ("POST", "/api/spaces/{name}/start", start_space, NODE_KEY),
+    ("POST", "/api/spaces/{name}/exec", exec_space, NODE_KEY),
+    ("POST", "/api/spaces/{name}/touch", touch_space, NODE_KEY),
+    ("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY),
+    ("GET", "/api/spaces/{name}/observability", space_observability, NODE_KEY),
+    ("GET", "/api/spaces/{name}/files", list_files, NODE_KEY),
+    ("GET", "/api/spaces/{name}/file", read_file, NODE_KEY),
+    ("PUT", "/api/spaces/{name}/file", write_file, NODE_KEY),
+    ("DELETE", "/api/spaces/{name}/file", delete_file, NODE_KEY),
+    ("GET", "/api/spaces/{name}/terminal", terminal, NODE_KEY),
+    ("POST", "/api/spaces/{name}/git/push", git_push, NODE_KEY),
+    ("GET", "/api/templates", list_templates, NODE_KEY),
+    ("PUT", "/api/templates", put_template, NODE_KEY),
+    ("GET", "/api/templates/{name}", get_template, NODE_KEY),
+    ("DELETE", "/api/templates/{name}", delete_template, NODE_KEY),
+    ("GET", "/api/audit", get_audit, NODE_KEY),
     # E2B-compatible control plane (outside /api: the SDK's paths)
-    ("POST", "/sandboxes", e2b_create),
-    ("POST", "/v2/sandboxes", e2b_create),
-    ("GET", "/sandboxes", e2b_list),
-    ("GET", "/v2/sandboxes", e2b_list),
-    ("GET", "/sandboxes/{id}", e2b_get),
-    ("DELETE", "/sandboxes/{id}", e2b_kill),
-    ("POST", "/sandboxes/{id}/timeout", e2b_timeout),
-    ("POST", "/sandboxes/{id}/pause", e2b_pause),
-    ("POST", "/sandboxes/{id}/connect", e2b_connect),
-    ("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
+    ("POST", "/sandboxes", e2b_create, NODE_KEY),
+    ("POST", "/v2/sandboxes", e2b_create, NODE_KEY),
+    ("GET", "/sandboxes", e2b_list, NODE_KEY),
+    ("GET", "/v2/sandboxes", e2b_list, NODE_KEY),
+    ("GET", "/sandboxes/{id}", e2b_get, NODE_KEY),
+    ("DELETE", "/sandboxes/{id}", e2b_kill, NODE_KEY),
+    ("POST", "/sandboxes/{id}/timeout", e2b_timeout, NODE_KEY),
+    ("POST", "/sandboxes/{id}/pause", e2b_pause, NODE_KEY),
+    ("POST", "/sandboxes/{id}/connect", e2b_connect, NODE_KEY),
+    ("POST", "/v2/sandboxes/{id}/connect", e2b_connect, NODE_KEY),
     # E2B's in-sandbox daemon, selected by the E2b-Sandbox-Id header
-    ("GET", "/health", envd_health),
-    ("GET", "/files", envd_download),
-    ("POST", "/files", envd_upload),
-    ("POST", "/process.Process/{method}", envd_process),
-    ("POST", "/filesystem.Filesystem/{method}", envd_filesystem),
+    ("GET", "/health", envd_health, PUBLIC),
+    ("GET", "/files", envd_download, ENVD_TOKEN),
+    ("POST", "/files", envd_upload, ENVD_TOKEN),
+    ("POST", "/process.Process/{method}", envd_process, ENVD_TOKEN),
+    ("POST", "/filesystem.Filesystem/{method}", envd_filesystem, ENVD_TOKEN),
 ]
 
 
@@ -5418,8 +5484,9 @@ def create_app(config: Config) -> web.Application:
                     "can reach this port controls every space. Use only on a trusted dev box.")
     engine = Engine()
     nodes = Nodes(config, engine)
+    access: dict[web.AbstractRoute, str] = {}  # filled below, with the routes
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(config),
+        middlewares=[error_middleware, make_auth_middleware(config, access),
                      make_forward_middleware(nodes)],
         client_max_size=config.max_body_bytes,
         # Long header lines get to the middlewares (and a JSON 401/400), not aiohttp's 8 KiB
@@ -5447,8 +5514,8 @@ def create_app(config: Config) -> web.Application:
     app[TERMINALS_KEY] = Terminals(spaces)
     app[OBSERVER_KEY] = Observer(spaces)
     app[HOUSEKEEPER_KEY] = Housekeeper(config, spaces, files)
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+    for method, path, handler, kind in ROUTES:
+        access[app.router.add_route(method, path, handler)] = kind
     app.cleanup_ctx.append(service_lifecycle)
     app.on_shutdown.append(close_terminals)
     return app

@@ -10,7 +10,7 @@ import docker
 import pytest
 from conftest import Api, MakeClient, Served, container_of, router_routes
 
-PUBLIC = {("GET", "/api/health"), ("GET", "/api/openapi.json")}
+PUBLIC = {("GET", "/api/health"), ("GET", "/api/openapi.json"), ("GET", "/health")}
 WRONG_KEY = "wrong-key-0123456789abcdef"
 
 
@@ -56,10 +56,14 @@ async def test_every_private_route_needs_the_key(client: Api, shared_space: str,
 
 
 async def test_public_routes_answer_without_key(client: Api) -> None:
-    for method, path in sorted(PUBLIC):
+    for method, path in sorted(PUBLIC - {("GET", "/health")}):
         reply = await client.call(method, path, key=None)
         assert reply.status == 200, (path, reply.body)
         assert reply.content_type == "application/json"
+    # E2B's daemon health check: public, for the sandbox its header names.
+    reply = await client.get("/health", key=None,
+                             headers={"E2b-Sandbox-Id": "e2b-0123456789abcdef"})
+    assert reply.status == 204, reply.body
 
 
 async def test_key_as_bearer_header_and_query(client: Api) -> None:
