@@ -93,7 +93,6 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -105,7 +104,6 @@ import signal
 import socket
 import struct
 import sys
-import tarfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -731,14 +729,40 @@ class ExecSocket:
                 closable.close()
 
 
+EXEC_FRAME = struct.Struct(">BxxxL")  # Docker's multiplexed stream: stream id, length
+
+
+def demux_frames(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int, bytes]]:
+    """(stream, bytes) pieces of an exec's multiplexed output, until the socket ends."""
+    buffer = bytearray()
+    stream, left = 0, 0
+    while True:
+        try:
+            chunk = sock.recv(recv_size)
+        except OSError:
+            return
+        if not chunk:
+            return
+        buffer += chunk
+        while buffer:
+            if left == 0:
+                if len(buffer) < EXEC_FRAME.size:
+                    break
+                stream, left = EXEC_FRAME.unpack_from(buffer)
+                del buffer[:EXEC_FRAME.size]
+                continue
+            take = min(left, len(buffer))
+            yield stream, bytes(buffer[:take])
+            del buffer[:take]
+            left -= take
+
+
 class DemuxReader:
-    """Reads Docker's multiplexed stream (8-byte frame headers) from an exec socket.
+    """Collects an exec's stdout and stderr from its socket.
 
     Keeps at most ``limit`` bytes per stream and drains the rest, so a process that prints
     gigabytes ends normally instead of blocking on a full pipe, and memory stays bounded.
     """
-
-    HEADER = struct.Struct(">BxxxL")
 
     def __init__(self, sock: ExecSocket, limit: int) -> None:
         self.sock = sock
@@ -749,27 +773,8 @@ class DemuxReader:
         self.sink: Callable[[int, bytes], Any] | None = None
 
     def run(self) -> None:
-        buffer = bytearray()
-        frame_stream, frame_left = 0, 0
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while buffer:
-                if frame_left == 0:
-                    if len(buffer) < self.HEADER.size:
-                        break
-                    frame_stream, frame_left = self.HEADER.unpack_from(buffer)
-                    del buffer[:self.HEADER.size]
-                    continue
-                take = min(frame_left, len(buffer))
-                self._keep(frame_stream, bytes(buffer[:take]))
-                del buffer[:take]
-                frame_left -= take
+        for stream, data in demux_frames(self.sock):
+            self._keep(stream, data)
 
     def _keep(self, stream: int, data: bytes) -> None:
         if self.sink is not None:
@@ -787,6 +792,44 @@ class DemuxReader:
 
     def abort(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class ExecStdout:
+    """An exec's stdout as a blocking byte stream, for data that must not be collected whole
+    (a file streamed out of a space); stderr is kept, capped, for the error message."""
+
+    def __init__(self, sock: ExecSocket, recv_size: int) -> None:
+        self.frames = demux_frames(sock, recv_size)
+        self.pending = b""
+        self.stderr = bytearray()
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of stdout; b"" once the exec's output has ended."""
+        while not self.pending:
+            piece = next(self.frames, None)
+            if piece is None:
+                return b""
+            stream, data = piece
+            if stream == 1:
+                self.pending = data
+            elif stream == 2 and len(self.stderr) < 65536:
+                self.stderr += data[:65536 - len(self.stderr)]
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+    def read_line(self, limit: int) -> bytes | None:
+        """One line of stdout (without its newline); None when the output ends first."""
+        line = b""
+        while len(line) <= limit:
+            data = self.read(limit + 1 - len(line))
+            if not data:
+                return None
+            cut = data.find(b"\n")
+            if cut >= 0:
+                self.pending = data[cut + 1:] + self.pending
+                return line + data[:cut]
+            line += data
+        return None
 
 
 def decode_output(data: bytes | bytearray, truncated: bool) -> str:
@@ -1719,6 +1762,9 @@ class ExecRequest:
     env: dict[str, str]
     workdir: str
     timeout: float
+    # The tree the working directory must really be in, checked by the space's user after
+    # entering it ("" for anywhere but /proc, /sys and /dev, as E2B's daemon allows).
+    root: str = WORKSPACE
 
 
 def check_space_name(name: Any) -> str:
@@ -1941,6 +1987,40 @@ def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
         workdir=check_workdir(body.get("workdir", WORKSPACE)),
         timeout=float(timeout),
     )
+
+
+# The working directory is entered by the command's own user and checked where it really is
+# before the command runs, in the same process: a space that swaps a directory for a link
+# cannot send a command elsewhere. The docker-level WorkingDir is then only ever "/".
+WORKDIR_MARK = "clawdspace-workdir:"
+WORKDIR_FAILED = 125
+WORKDIR_SCRIPT = r"""
+cd -P -- "$1" 2>/dev/null || { echo "clawdspace-workdir: missing $1" >&2; exit 125; }
+here=$(pwd -P)
+case $here in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;; esac
+case $here in "$2"|"$2"/*) ;; *) echo "clawdspace-workdir: outside $1" >&2; exit 125 ;; esac
+shift 2
+exec "$@"
+"""
+
+
+def confined(req: ExecRequest) -> ExecRequest:
+    """``req`` run through WORKDIR_SCRIPT (nothing to check for /workspace itself, a mount)."""
+    if req.workdir == WORKSPACE and req.root == WORKSPACE:
+        return req
+    return dataclasses.replace(req, workdir="/", argv=[
+        "sh", "-c", WORKDIR_SCRIPT, "sh", req.workdir, req.root, *req.argv])
+
+
+def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
+    """The error for an exec whose working directory could not be entered."""
+    if result["exitCode"] != WORKDIR_FAILED or not result["stderr"].startswith(WORKDIR_MARK):
+        return None
+    if result["stderr"][len(WORKDIR_MARK):].startswith(" missing"):
+        return BadRequest(f"workdir {req.workdir} does not exist or is not a directory the "
+                          "space's user may enter", "invalid_workdir")
+    return BadRequest(f"workdir {req.workdir} leads outside "
+                      f"{req.root or 'the allowed directories'}", "invalid_workdir")
 
 
 def space_status(state: str) -> str:
@@ -2364,8 +2444,12 @@ class Spaces:
                 "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
                 "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout},
                 actor)
-            return await self._collect(container_id, exec_id, sock, req.timeout,
-                                       self.config.exec_output_limit, started)
+            result = await self._collect(container_id, exec_id, sock, req.timeout,
+                                         self.config.exec_output_limit, started)
+        refusal = workdir_refusal(req, result)
+        if refusal is not None:
+            raise refusal
+        return result
 
     async def _start_exec(self, name: str, req: ExecRequest,
                           actor: Actor) -> tuple[str, str, ExecSocket]:
@@ -2375,7 +2459,8 @@ class Spaces:
                 await self.running(name, actor)
             container_id, user = self.known[name]
             try:
-                exec_id, sock = await self.engine.call(self._open_exec, container_id, user, req)
+                exec_id, sock = await self.engine.call(self._open_exec, container_id, user,
+                                                       confined(req))
                 return container_id, exec_id, sock
             except docker.errors.APIError as err:
                 message = api_message(err)
@@ -2391,24 +2476,58 @@ class Spaces:
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
 
     async def run_internal(self, info: dict[str, Any], req: ExecRequest,
-                           output_limit: int, user: str | None = None) -> ExecResult:
-        """An exec of the service's own (files, probes): not audited, not activity."""
+                           output_limit: int, user: str | None = None,
+                           stdin: Iterator[bytes] | None = None) -> ExecResult:
+        """An exec of the service's own (files, probes): not audited, not activity.
+
+        ``stdin``, a blocking iterator, is sent to the command (then end of file) while its
+        output is collected; an error the iterator raises (a client's broken upload) is
+        raised once the command has seen end of file and ended."""
+        started = time.monotonic()
+        exec_id, sock = await self.open_internal(info, req, user, stdin is not None)
+        failure: list[BaseException] = []
+
+        def feed(chunks: Iterator[bytes]) -> None:
+            try:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # the command ended without reading it all; its exit code tells
+            except Exception as err:  # noqa: BLE001 - handed to the caller below
+                failure.append(err)
+            finally:
+                sock.shutdown(socket.SHUT_WR)
+
+        feeding = None if stdin is None else asyncio.ensure_future(
+            self.engine.stream(functools.partial(feed, stdin)))
+        try:
+            result = await self._collect(info["Id"], exec_id, sock, req.timeout, output_limit,
+                                         started)
+        finally:
+            if feeding is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+                await feeding
+        if failure:
+            raise failure[0]
+        return result
+
+    async def open_internal(self, info: dict[str, Any], req: ExecRequest,
+                            user: str | None = None,
+                            stdin: bool = False) -> tuple[str, ExecSocket]:
+        """Start a service exec, as the space's user unless told otherwise."""
         if user is None:
             user = str((info.get("Config") or {}).get("User") or "")
-        started = time.monotonic()
         try:
-            exec_id, sock = await self.engine.call(self._open_exec, info["Id"], user, req)
+            return await self.engine.call(self._open_exec, info["Id"], user, req, stdin)
         except docker.errors.APIError as err:
             raise Conflict(f"exec could not start: {api_message(err)}", "exec_failed") from None
-        return await self._collect(info["Id"], exec_id, sock, req.timeout, output_limit,
-                                   started)
 
-    def _open_exec(self, container_id: str, user: str,
-                   req: ExecRequest) -> tuple[str, ExecSocket]:
+    def _open_exec(self, container_id: str, user: str, req: ExecRequest,
+                   stdin: bool = False) -> tuple[str, ExecSocket]:
         """Create and start an exec in one executor job (blocking)."""
         api = self.engine.api
         exec_id: str = api.exec_create(
-            container_id, req.argv, stdout=True, stderr=True, stdin=False, tty=False,
+            container_id, req.argv, stdout=True, stderr=True, stdin=stdin, tty=False,
             environment=req.env or None, workdir=req.workdir, user=user)["Id"]
         return exec_id, ExecSocket(api.exec_start(exec_id, socket=True))
 
@@ -2772,8 +2891,8 @@ MODE_SYMLINK = 1 << 27
 MODE_TYPE_MASK = (1 << 31) | (1 << 30) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | \
     (1 << 21) | (1 << 19)
 FILE_CHUNK = 256 << 10
-TAR_BUFFER = 1 << 20  # tarfile's stream reads; its 10 KiB default costs CPU per MiB
 LIST_OUTPUT_LIMIT = 8 << 20
+TEMP_MARK = ".clawdspace-upload-"  # temporary files of writes; left ones are swept at start
 
 
 class FileEntry(TypedDict):
@@ -2837,72 +2956,112 @@ def mode_type(mode: int) -> str:
     return "file"
 
 
-class IterReader(io.RawIOBase):
-    """A file object over an HTTP response body, for tarfile's streaming mode."""
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.raw.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-
-def read_tar(response: Any) -> tarfile.TarFile:
-    """A streaming tar reader over an engine archive answer."""
-    return tarfile.open(fileobj=IterReader(response.raw), mode="r|", bufsize=TAR_BUFFER)
-
-
-def tar_header(name: str, size: int, uid: int, gid: int, kind: bytes = tarfile.REGTYPE,
-               mode: int = 0o644) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size if kind == tarfile.REGTYPE else 0
-    info.type = kind
-    info.mode = mode
-    info.uid, info.gid = uid, gid
-    info.mtime = int(time.time())
-    return info.tobuf(format=tarfile.PAX_FORMAT)
-
-
-def tar_stream(dirs: list[str], name: str, size: int, uid: int, gid: int,
-               chunks: Iterator[bytes], mode: int = 0o644) -> Iterator[bytes]:
-    """A tar of the missing parent directories and one file, built while the body streams."""
-    for directory in dirs:
-        yield tar_header(directory, 0, uid, gid, tarfile.DIRTYPE, 0o755)
-    yield tar_header(name, size, uid, gid, mode=mode)
-    sent = 0
-    for chunk in chunks:
-        sent += len(chunk)
-        if sent > size:
-            raise BadRequest("the body is longer than its Content-Length", "invalid_body")
-        yield chunk
-    if sent != size:
-        raise BadRequest(f"the body ended after {sent} of {size} bytes", "invalid_body")
-    yield b"\0" * ((512 - size % 512) % 512) + b"\0" * 1024
+# Every byte a file call moves goes through a process of the space's own user, which opens
+# the path itself: the kernel then allows exactly what that user could do, whatever the space
+# does to its tree meanwhile (there is no check-then-use as root). The scripts also hold the
+# result to /workspace: they check the directory they are in, or the file they opened, after
+# opening it. POSIX sh and coreutils only (the image may have no python3 or bash).
+USER_READ_SCRIPT = r"""
+[ -p "$1" ] && exit 103
+exec <"$1" || exit 101
+case $(readlink -f /proc/self/fd/0) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+[ -f /proc/self/fd/0 ] || exit 103
+stat -L -c %s /proc/self/fd/0 || exit 104
+[ "$3" -gt 0 ] && head -c "$3" /proc/self/fd/0
+[ "$2" -eq 0 ] && exec cat
+exec tail -c "+$(($2 + 1))" /proc/self/fd/0
+"""
+USER_WRITE_SCRIPT = r"""
+mkdir -p -- "$1" || exit 101
+cd -P -- "$1" || exit 101
+case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+set -C
+cat >"$3" || { rm -f -- "$3"; exit 105; }
+[ "$(stat -c %s -- "$3")" = "$5" ] || { rm -f -- "$3"; exit 107; }
+chmod "$4" -- "$3" || { rm -f -- "$3"; exit 105; }
+if [ -d "$2" ] && [ ! -L "$2" ]; then rm -f -- "$3"; exit 103; fi
+mv -fT -- "$3" "$2" || { rm -f -- "$3"; exit 106; }
+"""
+USER_LIST_SCRIPT = r"""
+cd -P -- "$1" || exit 101
+case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+if find . -maxdepth 0 -printf '' 2>/dev/null; then
+    exec find . -mindepth 1 -maxdepth 1 -printf '%y\t%s\t%T@\t%f\0'
+fi
+for f in * .[!.]* ..?*; do
+    if [ -e "$f" ] || [ -L "$f" ]; then stat --printf '%f\t%s\t%Y\t%n\0' -- "$f"; fi
+done
+"""
+NOT_WORKSPACE, NOT_REGULAR, SHORT_BODY = 102, 103, 107
+STAT_TYPES = {0o040000: "d", 0o100000: "f", 0o120000: "l"}
 
 
-def parse_ids(user: str, passwd: str, group: str) -> tuple[int, int]:
-    """uid and gid of a Docker ``User`` value, looked up in the image's passwd and group."""
-    name, _, group_name = user.partition(":")
-    users = {f[0]: (int(f[2]), int(f[3])) for f in
-             (line.split(":") for line in passwd.splitlines())
-             if len(f) >= 4 and f[2].isdigit() and f[3].isdigit()}
-    groups = {f[0]: int(f[2]) for f in (line.split(":") for line in group.splitlines())
-              if len(f) >= 3 and f[2].isdigit()}
-    if not name:
-        uid, gid = 0, 0
-    elif name.isdigit():
-        uid = int(name)
-        gid = next((g for u, g in users.values() if u == uid), uid)
-    else:
-        uid, gid = users.get(name, (0, 0))
-    if group_name:
-        gid = int(group_name) if group_name.isdigit() else groups.get(group_name, gid)
-    return uid, gid
+def user_file_error(rel: str, code: int | None, stderr: str) -> ClawdError:
+    """What a file script's failure means for the client."""
+    detail = stderr.strip().rpartition(": ")[2] or "failed"
+    if code == NOT_WORKSPACE:
+        return Forbidden(f"{rel} leads outside /workspace", "outside_workspace")
+    if code == NOT_REGULAR:
+        return BadRequest(f"{rel} is not a regular file", "not_a_file")
+    if code == SHORT_BODY:
+        return BadRequest("the body does not match its Content-Length", "invalid_body")
+    if "Permission denied" in stderr or "Operation not permitted" in stderr:
+        return Forbidden(f"{rel}: permission denied (the space's user may not do this)",
+                         "permission_denied")
+    if "No such file" in stderr:
+        return NotFound(f"{rel}: no such file or directory")
+    if "Not a directory" in stderr:
+        return BadRequest(f"{rel}: a parent is not a directory", "not_a_dir")
+    if "No space left" in stderr or "Disk quota" in stderr:
+        return InsufficientStorage(f"{rel}: no space left in the space")
+    return Conflict(f"{rel}: {detail}", "file_failed")
+
+
+class UserFile:
+    """A regular file of a space, open in a process of the space's user, streaming out."""
+
+    def __init__(self, spaces: Spaces, container_id: str, exec_id: str, sock: ExecSocket,
+                 rel: str) -> None:
+        self.spaces = spaces
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.sock = sock
+        self.stdout = ExecStdout(sock, FILE_CHUNK)
+        self.rel = rel
+        self.size = 0
+
+    async def start(self) -> None:
+        """Read the size line the script prints once the file is open (or raise its error)."""
+        line = await self.spaces.engine.stream(lambda: self.stdout.read_line(32))
+        if line is None or not line.isdigit():
+            code = await self.close()
+            raise user_file_error(self.rel, code, self.stdout.stderr.decode("utf-8", "replace"))
+        self.size = int(line)
+
+    async def read(self, size: int) -> bytes:
+        return await self.spaces.engine.stream(lambda: self.stdout.read(size))
+
+    async def read_exactly(self, size: int) -> bytes:
+        """``size`` bytes (fewer only at the end of the output)."""
+        parts: list[bytes] = []
+        while size > 0:
+            data = await self.read(min(size, FILE_CHUNK))
+            if not data:
+                break
+            parts.append(data)
+            size -= len(data)
+        return b"".join(parts)
+
+    async def close(self) -> int | None:
+        """Close the stream and end the process; its exit code when it had ended by itself."""
+        self.sock.close()
+        api = self.spaces.engine.api
+        details = await self.spaces.engine.call(api.exec_inspect, self.exec_id)
+        if details.get("Running"):
+            await self.spaces.kill_exec(self.container_id, self.exec_id)
+            return None
+        code = details.get("ExitCode")
+        return None if code is None else int(code)
 
 
 def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -2917,17 +3076,19 @@ def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
 
 
 class Files:
-    """The files API: everything under /workspace, through the engine's archive API and execs.
+    """The files API: everything under /workspace, through processes of the space's user.
 
-    No host path of a volume is ever touched. Every path is resolved one component at a time
-    with the engine's stat (which resolves symlinks inside the container), and anything whose
-    real location is outside /workspace is refused with 403.
+    No host path of a volume is ever touched. A path is first resolved one component at a time
+    with the engine's stat (metadata only, which resolves symlinks inside the container), and
+    anything whose real location is outside /workspace is refused with 403. The access itself,
+    reading, writing, listing or deleting, is then done by a process of the space's user that
+    opens the path itself and checks again where it landed, so a space racing its own tree
+    gets at most what its user could read or write anyway.
     """
 
     def __init__(self, spaces: Spaces) -> None:
         self.spaces = spaces
         self.engine = spaces.engine
-        self.ids: dict[str, tuple[int, int]] = {}
 
     # -- engine archive calls -------------------------------------------------------------
 
@@ -2948,14 +3109,6 @@ class Files:
 
     async def stat(self, container_id: str, path: str) -> dict[str, Any] | None:
         return await self.engine.call(self._stat_blocking, container_id, path)
-
-    def open_archive(self, container_id: str, path: str) -> Any:
-        api = self.engine.api
-        # identity: the engine would otherwise gzip the tar, costing CPU on both sides.
-        response = api._get(self._archive_url(container_id), params={"path": path}, stream=True,
-                            headers={"Accept-Encoding": "identity"})
-        api._raise_for_status(response)
-        return response
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -3004,92 +3157,66 @@ class Files:
             raise NotFound(f"{where.rel}: no such file or directory")
         if not where.stat["mode"] & MODE_DIR:
             raise BadRequest(f"{where.rel} is not a directory", "not_a_dir")
-        entries = await self._list_with_find(info, where.real)
-        if entries is None:
-            entries = await self.engine.stream(
-                lambda: self._list_with_archive(info["Id"], where.real))
-        entries.sort(key=lambda e: e["name"])
-        return {"path": where.rel, "entries": entries[:limit], "truncated": len(entries) > limit}
-
-    async def _list_with_find(self, info: dict[str, Any], real: str) -> list[FileEntry] | None:
-        """One exec of GNU find; None when the image has no GNU find."""
-        request = ExecRequest(
-            argv=["find", real, "-mindepth", "1", "-maxdepth", "1", "-printf",
-                  "%y\\t%s\\t%T@\\t%f\\0"],
-            env={}, workdir=WORKSPACE, timeout=30)
-        result = await self.spaces.run_internal(info, request, LIST_OUTPUT_LIMIT)
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", where.real], env={}, workdir=WORKSPACE,
+            timeout=60), LIST_OUTPUT_LIMIT)
         if result["exitCode"] != 0:
-            return None
-        base = to_rel(real).rstrip("/")
+            raise user_file_error(where.rel, result["exitCode"], result["stderr"])
+        base = where.rel.rstrip("/")
         kinds = {"f": "file", "d": "dir", "l": "symlink"}
         entries: list[FileEntry] = []
         for record in result["stdout"].split("\0"):
             fields = record.split("\t", 3)
-            if len(fields) != 4:
+            if len(fields) != 4 or not fields[1].isdigit():
                 continue
             kind, size, mtime, entry_name = fields
-            entries.append({"name": entry_name, "path": f"{base}/{entry_name}",
-                            "type": kinds.get(kind, "other"), "size": int(size),
-                            "mtimeMs": int(float(mtime) * 1000)})
-        return entries
-
-    def _list_with_archive(self, container_id: str, real: str) -> list[FileEntry]:
-        """Fallback for images without GNU find: read the directory's tar headers."""
-        response = self.open_archive(container_id, real)
-        base = to_rel(real).rstrip("/")
-        entries: list[FileEntry] = []
-        try:
-            with read_tar(response) as archive:
-                for member in archive:
-                    parts = member.name.strip("/").split("/")
-                    if len(parts) != 2:
-                        continue
-                    kind = ("dir" if member.isdir() else "symlink" if member.issym()
-                            else "file" if member.isfile() else "other")
-                    entries.append({"name": parts[1], "path": f"{base}/{parts[1]}",
-                                    "type": kind, "size": member.size,
-                                    "mtimeMs": int(member.mtime * 1000)})
-        finally:
-            response.close()
-        return entries
+            if len(kind) > 1:  # stat's hex mode (the fallback without GNU find)
+                kind = STAT_TYPES.get(int(kind, 16) & 0o170000, "o") if all(
+                    c in "0123456789abcdef" for c in kind) else "o"
+            with contextlib.suppress(ValueError):
+                entries.append({"name": entry_name, "path": f"{base}/{entry_name}",
+                                "type": kinds.get(kind, "other"), "size": int(size),
+                                "mtimeMs": int(float(mtime) * 1000)})
+        entries.sort(key=lambda e: e["name"])
+        return {"path": where.rel, "entries": entries[:limit], "truncated": len(entries) > limit}
 
     # -- read -----------------------------------------------------------------------------
 
+    async def open_user_file(self, info: dict[str, Any], real: str, rel: str,
+                             offset: int = 0, head: int = 0) -> UserFile:
+        """Open a regular file as the space's user and learn its size; the caller closes it.
+
+        The stream is ``head`` bytes from the start, then everything from ``offset``."""
+        exec_id, sock = await self.spaces.open_internal(info, ExecRequest(
+            argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)], env={},
+            workdir=WORKSPACE, timeout=0))
+        opened = UserFile(self.spaces, info["Id"], exec_id, sock, rel)
+        await opened.start()
+        return opened
+
     async def open_file(self, name: str, raw_path: str | None,
-                        actor: Actor) -> tuple[Resolved, Any, Any, int]:
-        """Resolve and open a regular file; returns (where, response, reader, size)."""
+                        actor: Actor) -> tuple[Resolved, UserFile]:
+        """Resolve and open a regular file of a space, as its user."""
         info, where = await self._resolved(name, raw_path, actor)
         if where.stat is None:
             raise NotFound(f"{where.rel}: no such file")
         if mode_type(where.stat["mode"]) != "file":
             raise BadRequest(f"{where.rel} is not a regular file", "not_a_file")
-
-        def open_member() -> tuple[Any, Any, int]:
-            response = self.open_archive(info["Id"], where.real)
-            archive = read_tar(response)
-            member = archive.next()
-            reader = archive.extractfile(member) if member is not None else None
-            if member is None or not member.isfile() or reader is None:
-                response.close()
-                raise Conflict(f"{where.rel} changed while being read", "file_changed")
-            return response, reader, member.size
-
-        try:
-            response, reader, size = await self.engine.call(open_member)
-        except docker.errors.NotFound:
-            raise NotFound(f"{where.rel}: no such file") from None
-        return where, response, reader, size
+        return where, await self.open_user_file(info, where.real, where.rel)
 
     @while_busy
     async def read(self, name: str, raw_path: str | None, max_bytes: int,
                    actor: Actor) -> dict[str, Any]:
-        where, response, reader, size = await self.open_file(name, raw_path, actor)
+        where, opened = await self.open_file(name, raw_path, actor)
         try:
-            data = await self.engine.call(reader.read, max_bytes)
+            data = await opened.read_exactly(min(max_bytes, opened.size))
         finally:
-            await self.engine.call(response.close)
+            await opened.close()
+        if len(data) < min(max_bytes, opened.size):
+            raise Conflict(f"{where.rel} changed while being read; read it again",
+                           "file_changed")
         return {"path": where.rel, "contentBase64": base64.b64encode(data).decode("ascii"),
-                "truncated": size > len(data), "size": size}
+                "truncated": opened.size > len(data), "size": opened.size}
 
     async def read_raw(self, request: web.Request, name: str, raw_path: str | None,
                        max_bytes: int | None, actor: Actor) -> web.StreamResponse:
@@ -3098,8 +3225,9 @@ class Files:
 
     async def _stream_file(self, request: web.Request, name: str, raw_path: str | None,
                            max_bytes: int | None, actor: Actor) -> web.StreamResponse:
-        where, response, reader, size = await self.open_file(name, raw_path, actor)
+        where, opened = await self.open_file(name, raw_path, actor)
         try:
+            size = opened.size
             length = size if max_bytes is None else min(size, max_bytes)
             answer = web.StreamResponse(headers={
                 "Content-Type": "application/octet-stream",
@@ -3110,88 +3238,53 @@ class Files:
             await answer.prepare(request)
             left = length
             while left > 0:
-                want = min(FILE_CHUNK, left)
-                chunk = await self.engine.stream(lambda: reader.read(want))  # noqa: B023
+                chunk = await opened.read(min(FILE_CHUNK, left))
                 if not chunk:
                     break
                 left -= len(chunk)
                 await answer.write(chunk)
                 self.spaces.touch(name)
+            if left > 0:
+                # The file shrank after its length was promised: end the connection rather
+                # than let the client take a short body for the whole file.
+                log.warning("files: %s of %s shrank while being read; connection closed",
+                            where.rel, name)
+                if request.transport is not None:
+                    request.transport.abort()
+                return answer
             await answer.write_eof()
             return answer
         finally:
-            await self.engine.call(response.close)
+            await opened.close()
 
     # -- write ----------------------------------------------------------------------------
-
-    async def owner_ids(self, container_id: str, user: str) -> tuple[int, int]:
-        """The numeric owner of new files: the space user, from the image's own passwd."""
-        if container_id not in self.ids:
-            def read_text(path: str) -> str:
-                try:
-                    response = self.open_archive(container_id, path)
-                except docker.errors.NotFound:
-                    return ""
-                try:
-                    with read_tar(response) as archive:
-                        member = archive.next()
-                        reader = archive.extractfile(member) if member else None
-                        return reader.read(1 << 20).decode("utf-8", "replace") if reader else ""
-                finally:
-                    response.close()
-
-            passwd = await self.engine.call(read_text, "/etc/passwd")
-            group = await self.engine.call(read_text, "/etc/group")
-            self.ids[container_id] = parse_ids(user, passwd, group)
-        return self.ids[container_id]
 
     @while_busy
     async def write(self, name: str, raw_path: str | None, size: int,
                     chunks: Iterator[bytes], actor: Actor, mode: int = 0o644) -> dict[str, Any]:
-        """Write a file atomically: stream into a temporary name beside it, then rename."""
+        """Write a file atomically, as the space's user: stream into a temporary name beside
+        it, check its length, then rename it into place."""
         info, where = await self._resolved(name, raw_path, actor)
         if where.rel == "/":
             raise BadRequest("path must name a file inside /workspace", "invalid_path")
         if where.stat is not None and mode_type(where.stat["mode"]) != "file":
             raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
-        container_id = info["Id"]
-        uid, gid = await self.owner_ids(container_id, str(info["Config"].get("User") or ""))
         missing = list(where.missing) if where.stat is None else [where.real.rpartition("/")[2]]
         parent = where.parent if where.stat is None else where.real.rpartition("/")[0]
+        directory = "/".join([parent, *missing[:-1]])
         final = missing[-1]
-        temp = f".{final}.clawdspace-{os.urandom(6).hex()}"
-        dirs = ["/".join(missing[:i]) for i in range(1, len(missing))]
-        temp_member = "/".join([*missing[:-1], temp])
-        stream = tar_stream(dirs, temp_member, size, uid, gid, chunks, mode)
-        try:
-            await self.engine.stream(
-                lambda: self.engine.api.put_archive(container_id, parent, stream))
-        except docker.errors.APIError as err:
-            await self._remove_quietly(info, f"{parent}/{temp_member}")
-            message = api_message(err)
-            if "no space left" in message.lower():
-                raise InsufficientStorage(f"{where.rel}: no space left in the space") from None
-            raise Conflict(f"{where.rel} could not be written: {message}", "write_failed") \
-                from None
-        except BaseException:
-            await self._remove_quietly(info, f"{parent}/{temp_member}")
-            raise
-        target = f"{parent}/{'/'.join(missing)}"
-        moved = await self.spaces.run_internal(info, ExecRequest(
-            argv=["mv", "-f", "--", f"{parent}/{temp_member}", target], env={},
-            workdir=WORKSPACE, timeout=30), 65536)
-        if moved["exitCode"] != 0:
-            await self._remove_quietly(info, f"{parent}/{temp_member}")
-            raise Conflict(f"{where.rel} could not be renamed into place: "
-                           f"{moved['stderr'].strip() or 'mv failed'}", "write_failed")
+        temp = f"{TEMP_MARK}{os.urandom(6).hex()}.{final}"[:255]
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final, temp, f"{mode:o}",
+                  str(size)], env={}, workdir=WORKSPACE,
+            timeout=self.spaces.config.exec_max_timeout), 65536, stdin=chunks)
+        if result["exitCode"] == NOT_REGULAR:
+            raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
+        if result["exitCode"] != 0:
+            raise user_file_error(where.rel, result["exitCode"], result["stderr"])
         await self.spaces.audit.record("space.file.write", name,
                                        {"path": where.rel, "bytes": size}, actor)
         return {"message": "OK", "path": where.rel, "bytes": size}
-
-    async def _remove_quietly(self, info: dict[str, Any], real: str) -> None:
-        with contextlib.suppress(ClawdError, docker.errors.APIError):
-            await self.spaces.run_internal(info, ExecRequest(
-                argv=["rm", "-f", "--", real], env={}, workdir=WORKSPACE, timeout=30), 4096)
 
     # -- delete ---------------------------------------------------------------------------
 
@@ -3531,7 +3624,7 @@ class Housekeeper:
         for space in spaces[:HISTORY_SPACES_PER_TICK]:
             try:
                 await self._ingest_one(space)
-            except (ClawdError, docker.errors.APIError, OSError, tarfile.TarError) as err:
+            except (ClawdError, docker.errors.APIError, OSError) as err:
                 log.warning("history of %s: %s", space["name"], err)
         if spaces:
             await asyncio.get_running_loop().run_in_executor(
@@ -3547,12 +3640,12 @@ class Housekeeper:
         size = int(stat["size"])
         if size == offset and cursor.get("mtime") == stat["mtime"]:
             return
-        first, chunk = await self.engine_read(space["id"], offset)
+        first, chunk = await self.read_history(space, offset)
         head_len = int(cursor.get("headLen", 0))
         if size < offset or hashlib.sha256(first[:head_len]).hexdigest() != cursor.get(
                 "head", hashlib.sha256(b"").hexdigest()):
             offset = 0  # truncated or replaced: start again from the top
-            first, chunk = await self.engine_read(space["id"], 0)
+            first, chunk = await self.read_history(space, 0)
         full = len(chunk) >= HISTORY_READ_LIMIT  # more may follow than one read takes
         end = chunk.rfind(b"\n")
         if end < 0 and not full:
@@ -3579,31 +3672,18 @@ class Housekeeper:
         self.cursors[name] = {"offset": new_offset, "mtime": stat["mtime"], "headLen": head_len,
                               "head": hashlib.sha256(first[:head_len]).hexdigest()}
 
-    async def engine_read(self, container_id: str, offset: int) -> tuple[bytes, bytes]:
-        """(the file's first 64 bytes, up to HISTORY_READ_LIMIT bytes from offset)."""
-
-        def read() -> tuple[bytes, bytes]:
-            response = self.files.open_archive(container_id, HISTORY_FILE)
-            try:
-                with read_tar(response) as archive:
-                    member = archive.next()
-                    reader = archive.extractfile(member) if member and member.isfile() else None
-                    if reader is None:
-                        return b"", b""
-                    first = reader.read(64)
-                    skip = offset - len(first)
-                    while skip > 0:
-                        skipped = reader.read(min(skip, FILE_CHUNK))
-                        if not skipped:
-                            break
-                        skip -= len(skipped)
-                    data = first[offset:] if offset < len(first) else b""
-                    data += reader.read(HISTORY_READ_LIMIT - len(data))
-                    return first, data
-            finally:
-                response.close()
-
-        return await self.spaces.engine.call(read)
+    async def read_history(self, space: SpaceInfo, offset: int) -> tuple[bytes, bytes]:
+        """(the file's first 64 bytes, up to HISTORY_READ_LIMIT bytes from offset), read as the
+        space's user, so a history swapped for a link reads nothing the user could not."""
+        info = await self.spaces.inspect(space["name"])
+        opened = await self.files.open_user_file(info, HISTORY_FILE, "/.bash_history",
+                                                 offset, 64)
+        try:
+            first = await opened.read_exactly(min(64, opened.size))
+            data = await opened.read_exactly(HISTORY_READ_LIMIT)
+        finally:
+            await opened.close()
+        return first, data
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -4213,8 +4293,7 @@ class E2b:
         if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
                 isinstance(a, str) for a in args):
             raise BadRequest("process.cmd and args are required", "invalid_argument")
-        if not isinstance(cwd, str) or not cwd.startswith("/") or os.path.normpath(cwd).split(
-                "/")[1] in ("proc", "sys", "dev"):
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd:
             raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
                              "invalid_argument")
         timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
@@ -4222,7 +4301,8 @@ class E2b:
         keepalive = request.headers.get("Keepalive-Ping-Interval", "")
         ping_every = float(keepalive) if keepalive.isdigit() else 50.0
         req = ExecRequest(argv=[cmd, *args], env=check_env(envs),
-                          workdir=os.path.normpath(cwd), timeout=timeout or 86400.0)
+                          workdir="/" + os.path.normpath(cwd).lstrip("/"),
+                          timeout=timeout or 86400.0, root="")
         with self.spaces.busy(sandbox):
             container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req, actor)
             await self.spaces.audit.record("space.exec", sandbox, {

@@ -1,0 +1,133 @@
+"""The files API against a space that races its own tree: while code in the space swaps a
+directory of /workspace with a link to /etc (rename exchange, in a loop), every read, write,
+listing, exec working directory and history ingestion reads and writes only what the space's
+user could, and nothing lands outside /workspace."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Iterator
+
+import docker
+import pytest
+from conftest import Api, SpaceMaker, container_of
+
+ROUNDS = 120
+SHADOW_MARK = b"root:"  # /etc/shadow's first line; root-only in the image
+RACER = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+os.chdir("/workspace")
+os.makedirs("d", exist_ok=True)
+with open("d/shadow", "w") as f:
+    f.write("innocent\n")
+with open(".bash_history", "w") as f:
+    f.write("echo innocent\n")
+with open("h", "w") as f:
+    f.write("echo innocent too\n")
+for link, target in (("l", "/etc"), ("hl", "/etc/shadow")):
+    if not os.path.lexists(link):
+        os.symlink(target, link)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+while not os.path.exists("/workspace/stop-racing"):
+    for a, b in ((b"d", b"l"), (b".bash_history", b"hl"), (b".bash_history", b"h")):
+        if libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) != 0:
+            sys.exit(f"renameat2: errno {ctypes.get_errno()}")
+"""
+
+
+def root_sh(docker_api: docker.APIClient, container: str, script: str) -> tuple[int, bytes]:
+    exec_id = docker_api.exec_create(container, ["sh", "-c", script], user="0")["Id"]
+    out = docker_api.exec_start(exec_id)
+    return int(docker_api.exec_inspect(exec_id)["ExitCode"]), out
+
+
+@pytest.fixture
+async def racing(client: Api, space: SpaceMaker, docker_api: docker.APIClient,
+                 prefix: str) -> AsyncIterator[str]:
+    """A space whose user runs the racer in the background until the test ends."""
+    name = (await space(network="none", memory="256m"))["name"]
+    container = f"{prefix}{name}"
+    user = container_of(docker_api, prefix, name)["Config"]["User"]
+    write = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": "/race.py"},
+                              data=RACER.encode(),
+                              headers={"Content-Type": "application/octet-stream"})
+    assert write.status == 200, write.body
+    exec_id = docker_api.exec_create(container, ["python3", "/workspace/race.py"],
+                                     user=user)["Id"]
+    docker_api.exec_start(exec_id, detach=True)
+    for _ in range(200):  # the racer made its tree (condition, not a timed wait)
+        code, _ = root_sh(docker_api, container, "test -L /workspace/hl -o -L /workspace/l")
+        if code == 0:
+            break
+    else:
+        raise AssertionError("the racer did not start")
+    yield name
+    root_sh(docker_api, container, "touch /workspace/stop-racing")
+    assert docker_api.exec_inspect(exec_id)["ExitCode"] in (None, 0), "the racer failed"
+
+
+def reads(body: object) -> Iterator[bytes]:
+    if isinstance(body, dict) and "contentBase64" in body:
+        yield base64.b64decode(body["contentBase64"])
+    elif isinstance(body, (bytes, str)):
+        yield body if isinstance(body, bytes) else body.encode()
+
+
+async def test_racing_swaps_leak_nothing_and_write_nothing_outside(
+        client: Api, racing: str, docker_api: docker.APIClient, prefix: str) -> None:
+    name, container = racing, f"{prefix}{racing}"
+    seen: dict[str, set[int]] = {"json": set(), "raw": set(), "write": set(), "exec": set(),
+                                 "list": set()}
+    for index in range(ROUNDS):
+        got = await client.get(f"/api/spaces/{name}/file", params={"path": "/d/shadow"})
+        seen["json"].add(got.status)
+        assert got.status in (200, 400, 403, 404, 409), got.body
+        assert all(SHADOW_MARK not in data for data in reads(got.body)), got.body
+        async with client.client.get(f"/api/spaces/{name}/file",
+                                     params={"path": "/d/shadow", "raw": "true"},
+                                     headers={"Authorization": f"Bearer {client.key}"}) as raw:
+            body = await raw.read()
+            seen["raw"].add(raw.status)
+            assert SHADOW_MARK not in body, body
+        put = await client.call("PUT", f"/api/spaces/{name}/file",
+                                params={"path": f"/d/clawdspace-race-{index}"}, data=b"x",
+                                headers={"Content-Type": "application/octet-stream"})
+        seen["write"].add(put.status)
+        assert put.status in (200, 400, 403, 404, 409), put.body
+        ran = await client.post(f"/api/spaces/{name}/exec",
+                                {"command": "pwd -P; cat shadow", "workdir": "/workspace/d"})
+        seen["exec"].add(ran.status)
+        assert ran.status in (200, 400), ran.body
+        if ran.status == 200:
+            # The directory it entered (renamed to l since, perhaps), never /etc.
+            assert ran.body["stdout"].split("\n")[0] in ("/workspace/d", "/workspace/l"), \
+                ran.body
+            assert SHADOW_MARK.decode() not in ran.body["stdout"], ran.body
+        else:
+            assert ran.body["code"] == "invalid_workdir", ran.body
+        listed = await client.get(f"/api/spaces/{name}/files", params={"path": "/d"})
+        seen["list"].add(listed.status)
+        if listed.status == 200:
+            names = {e["name"] for e in listed.body["entries"]}
+            assert names <= {"shadow"} | {f"clawdspace-race-{i}" for i in range(ROUNDS)}, names
+    # Nothing was written outside /workspace, whatever the race did.
+    code, out = root_sh(docker_api, container, "ls -a /etc | grep clawdspace || true")
+    assert code == 0 and out.strip() == b"", out
+    # The race really happened: each call saw both sides of it at least once.
+    assert 200 in seen["json"] and 200 in seen["write"] and 200 in seen["exec"], seen
+    assert {403, 404, 400, 409} & (seen["json"] | seen["write"]), seen
+
+
+async def test_history_ingestion_reads_nothing_the_user_cannot(
+        client: Api, racing: str) -> None:
+    from clawdspace import HOUSEKEEPER_KEY
+
+    housekeeper = client.app[HOUSEKEEPER_KEY]
+    for _ in range(ROUNDS // 2):
+        housekeeper.cursors.pop(racing, None)  # read from the start each time
+        await housekeeper.ingest_history()
+    shells = [e for e in client.audit_lines()
+              if e.get("space") == racing and e["type"] == "space.shell"]
+    assert shells, "history was never ingested"
+    assert all("root:" not in e["meta"]["command"] for e in shells), shells
