@@ -96,6 +96,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -104,6 +105,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -435,22 +437,124 @@ def key_id(key: str) -> str:
     return "k-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
+def load_json(raw: str | bytes, what: str, code: str = "invalid_json") -> Any:
+    """Parse JSON from a client or a label; any malformed input (including nesting too deep
+    for the parser, or numbers too long to convert) is a 400 naming ``what``."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{what} is not valid JSON", code) from None
+
+
+def json_object(value: Any, what: str, code: str = "invalid_argument") -> dict[str, Any]:
+    """A field that must be a JSON object (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be an object", code)
+    return value
+
+
+def label_number(labels: dict[str, str], key: str, kind: Callable[[str], T], default: T) -> T:
+    """A numeric label: labels are anyone's to write, so a malformed one reads as ``default``."""
+    try:
+        value = kind(labels.get(key) or "")
+    except (ValueError, OverflowError):
+        return default
+    return value if not isinstance(value, float) or math.isfinite(value) else default
+
+
+# Files the service writes in its data directory: one writer at a time per file, each write to
+# a temporary name of its own, fsynced, then renamed over the old file; a crash leaves the old
+# file or the new one and at worst a temporary file, which ``remove_temp_files`` sweeps at start.
+TEMP_INFIX = ".tmp-"
+_write_locks: dict[str, Any] = {}
+_write_locks_guard = threading.Lock()
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically (blocking; run it on an executor thread)."""
+    with _write_locks_guard:
+        lock = _write_locks.setdefault(path, threading.Lock())
+    directory, base = os.path.split(path)
+    with lock:
+        temp = os.path.join(directory, f".{base}{TEMP_INFIX}{os.urandom(6).hex()}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+
+
+def remove_temp_files(directory: str) -> int:
+    """Remove what interrupted ``write_atomic`` calls left in ``directory``; how many."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(".") and TEMP_INFIX in entry.name and entry.is_file(
+                    follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+async def guarded(what: str, job: Callable[[], Awaitable[Any]]) -> None:
+    """Run one round of a background job; whatever it raises is logged and the caller's loop
+    goes on (expected failures as a line, anything else with its traceback)."""
+    try:
+        await job()
+    except asyncio.CancelledError:
+        raise
+    except ClawdError as err:
+        log.warning("%s: %s", what, err.message)
+    except (docker.errors.APIError, OSError) as err:
+        log.warning("%s: %s", what, err)
+    except Exception:  # noqa: BLE001 - a background loop must never die of one bad round
+        log.exception("%s failed unexpectedly; it goes on", what)
+
+
+async def supervised(what: str, loop_forever: Callable[[], Awaitable[Any]]) -> None:
+    """Run a background loop for the life of the service, restarting it if it ever ends."""
+    while True:
+        await guarded(what, loop_forever)
+        log.error("%s stopped; restarting it in 1 s", what)
+        await asyncio.sleep(1)
+
+
 ###############################################################################
 # Audit log ###################################################################
 ###############################################################################
 
 # Token shapes that must never reach the audit log or a response, wherever they appear.
 SECRET_PATTERNS = [
+    # Token shapes, wherever they stand.
     re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}"),
     re.compile(r"\bgithub_pat_[A-Za-z0-9_]{20,}"),
     re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"),
     re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    re.compile(r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{10,}"),  # Stripe
+    re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"),  # Google API keys
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-    re.compile(r"(?i)(authorization:\s*(?:bearer|basic|token)\s+)[^\s'\"]+"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWTs
+    # Secrets by their context: keep the context, drop the value.
+    re.compile(r"(?i)(authorization:\s*)[^'\"\r\n]+"),
     re.compile(r"(?i)(://[^/\s:@]+:)[^@\s/]+(@)"),
-    re.compile(r"(?i)\b((?:[a-z0-9_]*_)?(?:token|secret|password|passwd|api_?key)\s*[=:]\s*)"
-               r"['\"]?[^\s'\"&]+"),
+    re.compile(r"(?i)((?:^|\s)(?:-u|--user)[= ]?\s*['\"]?[^\s:'\"]+:)[^\s'\"]+"),  # curl -u
+    re.compile(r"(?i)(\bmysql(?:dump|admin|sh)?\b[^\n;|&]*?\s-p)(?!\s)['\"]?[^\s'\"]+"),
+    re.compile(r"(?i)(--pass(?:word|wd)?[= ]\s*)['\"]?[^\s'\"]+"),
+    re.compile(r"(?i)\b([a-z0-9_]*(?:token|secret|password|passwd|api_?key|access_?key)"
+               r"[a-z0-9_]*\s*[=:]\s*)['\"]?[^\s'\"&]+"),
 ]
 AUDIT_TEXT_LIMIT = 4096
 
@@ -955,7 +1059,8 @@ def parse_template(text: str, source: str = "user") -> Template:
         raise BadRequest("template YAML is larger than 64 KiB", "invalid_template")
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        # ValueError: an int too long to convert; RecursionError: nesting too deep.
         raise BadRequest(f"template YAML does not parse: {str(err)[:300]}",
                          "invalid_template") from None
     if not isinstance(data, dict):
@@ -1122,13 +1227,15 @@ class Templates:
 
         def store() -> None:
             os.makedirs(self.user_dir, mode=0o700, exist_ok=True)
-            path = self._path(self.user_dir, template.name)
-            temp = f"{path}.tmp-{os.getpid()}"
-            with open(temp, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.replace(temp, path)
+            write_atomic(self._path(self.user_dir, template.name),
+                         text.encode("utf-8", "surrogatepass"), 0o644)
 
-        await asyncio.get_running_loop().run_in_executor(None, store)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, store)
+        except OSError as err:
+            log.error("templates: cannot write %s: %s", template.name, err)
+            raise Unavailable(f"the template could not be stored: {err.strerror or err}",
+                              "disk_unavailable") from None
         await self.audit.record("template.upsert", meta={"template": template.name}, actor=actor)
         return template
 
@@ -2051,6 +2158,12 @@ class Spaces:
         # straight to the engine without an inspect first.
         self.known: dict[str, tuple[str, str]] = {}
         self.gpu_lock = asyncio.Lock()  # GPU choice and container create, one at a time
+        self.tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept referenced
+
+    def background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # -- names and labels ---------------------------------------------------------------
 
@@ -2081,14 +2194,14 @@ class Spaces:
             "created": created,
             "started": started,
             "image": labels.get(f"{LABEL}.image", ""),
-            "memory": int(labels.get(f"{LABEL}.memory", "0") or 0),
-            "cpus": float(labels.get(f"{LABEL}.cpus", "0") or 0),
+            "memory": label_number(labels, f"{LABEL}.memory", int, 0),
+            "cpus": label_number(labels, f"{LABEL}.cpus", float, 0.0),
             "gpu": labels.get(f"{LABEL}.gpu") == "true",
             "gpus": [g for g in labels.get(f"{LABEL}.gpus", "").split(",") if g],
             "template": labels.get(f"{LABEL}.template") or None,
             "network": labels.get(f"{LABEL}.network", "internet"),
             "writableRootfs": labels.get(f"{LABEL}.writable-rootfs", "true") == "true",
-            "idleTimeout": int(labels[f"{LABEL}.idle-timeout"])
+            "idleTimeout": label_number(labels, f"{LABEL}.idle-timeout", int, None)
             if labels.get(f"{LABEL}.idle-timeout", "").isdigit() else None,
             "user": labels.get(f"{LABEL}.user", ""),
             "lastActivity": epoch_to_iso(activity) if activity else (started or created),
@@ -2130,7 +2243,8 @@ class Spaces:
         missing = [row["Id"] for row in rows if row["Id"] not in self.started_at]
         if missing:
             # Start times are not in the list answer; learn them once, off the request path.
-            asyncio.get_running_loop().create_task(self._learn_start_times(missing))
+            self.background(guarded("start-time learning",
+                                    functools.partial(self._learn_start_times, missing)))
         spaces = [self.view(row["Id"], row.get("Labels") or {}, row.get("State", ""))
                   for row in rows]
         return sorted(spaces, key=lambda s: s["name"])
@@ -3511,11 +3625,7 @@ HISTORY_SPACES_PER_TICK = 64
 
 
 def write_json_atomic(path: str, value: Any) -> None:
-    """Temp file + rename: a crash leaves the old file or the new one, never half of one."""
-    temp = f"{path}.tmp-{os.getpid()}"
-    with open(temp, "w", encoding="utf-8") as out:
-        json.dump(value, out, separators=(",", ":"))
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(value, separators=(",", ":")).encode())
 
 
 def read_json_file(path: str) -> Any:
@@ -3702,14 +3812,8 @@ class Housekeeper:
             for job in due:
                 if time.monotonic() >= due[job]:
                     due[job] = time.monotonic() + every[job]
-                    try:
-                        await jobs[job]()
-                    except ClawdError as err:
-                        log.warning("housekeeping (%s): %s", job, err.message)
-                    except (docker.errors.APIError, OSError) as err:
-                        log.warning("housekeeping (%s): %s", job, err)
-            with contextlib.suppress(OSError):
-                await self.save_activity()
+                    await guarded(f"housekeeping ({job})", jobs[job])
+            await guarded("housekeeping (activity)", self.save_activity)
             await asyncio.sleep(max(0.2, min(due.values()) - time.monotonic()))
 
 
@@ -3887,10 +3991,7 @@ class Nodes:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.refresh()
-            except Exception:  # noqa: BLE001 - discovery must never stop
-                log.exception("node discovery failed")
+            await guarded("node discovery", self.refresh)
             await asyncio.sleep(self.config.nodes_refresh)
 
     async def recheck(self, node: NodeInfo) -> NodeInfo:
@@ -4061,10 +4162,7 @@ def read_envelope(raw: bytes) -> dict[str, Any]:
     if len(raw) < 5:
         raise BadRequest("empty Connect stream request", "invalid_argument")
     flags, size = struct.unpack(">BI", raw[:5])
-    try:
-        message = json.loads(raw[5:5 + size])
-    except ValueError:
-        raise BadRequest("the Connect message is not JSON", "invalid_argument") from None
+    message = load_json(raw[5:5 + size], "the Connect message", "invalid_argument")
     if flags & 0x01 or not isinstance(message, dict):
         raise BadRequest("compressed or malformed Connect message", "invalid_argument")
     return message
@@ -4099,6 +4197,7 @@ class E2b:
         self.nodes = nodes
         self.deadline_path = os.path.join(config.data_dir, "e2b-deadlines.json")
         self.deadlines: dict[str, float] = {}
+        self.save_lock = asyncio.Lock()
         self.processes: dict[int, E2bProcess] = {}
         self.next_pid = 1000
 
@@ -4109,8 +4208,9 @@ class E2b:
                               if isinstance(v, (int, float))}
 
     async def _save(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            None, write_json_atomic, self.deadline_path, dict(self.deadlines))
+        async with self.save_lock:  # in order: a later snapshot never loses to an earlier one
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self.deadline_path, dict(self.deadlines))
 
     # -- control plane --------------------------------------------------------------------
 
@@ -4119,8 +4219,14 @@ class E2b:
         """E2B's view of a sandbox. Lists leave the daemon token out (E2B's ListedSandbox
         does): a token is handed out only by create, connect and get, one sandbox at a time."""
         name = space["name"]
-        created = dt.datetime.fromisoformat(space["created"].replace("Z", "+00:00")) \
-            if space["created"] else dt.datetime.now(dt.timezone.utc)
+        try:
+            created = dt.datetime.fromisoformat(space["created"].replace("Z", "+00:00"))
+        except ValueError:  # absent or malformed (labels are anyone's to write)
+            created = dt.datetime.now(dt.timezone.utc)
+        try:
+            metadata = json.loads((labels or {}).get(f"{LABEL}.e2b-metadata") or "{}")
+        except (ValueError, RecursionError):
+            metadata = {}
         sandbox: dict[str, Any] = {
             "templateID": (labels or {}).get(f"{LABEL}.e2b-template") or space["template"]
             or "base",
@@ -4134,7 +4240,7 @@ class E2b:
             "memoryMB": space["memory"] >> 20,
             "diskSizeMB": 0,
             "state": "paused" if space["status"] == "paused" else "running",
-            "metadata": json.loads((labels or {}).get(f"{LABEL}.e2b-metadata") or "{}"),
+            "metadata": metadata if isinstance(metadata, dict) else {},
         }
         if with_token:
             sandbox["envdAccessToken"] = envd_token(self.config, name, space["id"])
@@ -4261,10 +4367,7 @@ class E2b:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.expire()
-            except (ClawdError, docker.errors.APIError, OSError) as err:
-                log.warning("e2b timeouts: %s", err)
+            await guarded("e2b timeouts", self.expire)
             await asyncio.sleep(5)
 
     async def expire(self) -> None:
@@ -4287,7 +4390,7 @@ class E2b:
     async def start_process(self, request: web.Request, sandbox: str,
                             actor: Actor) -> web.StreamResponse:
         message = read_envelope(await request.read())
-        process = message.get("process") or {}
+        process = json_object(message.get("process"), "process")
         cmd, args = process.get("cmd"), process.get("args") or []
         envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
         if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
@@ -4408,7 +4511,7 @@ class E2b:
         return {"processes": alive}
 
     async def signal(self, sandbox: str, body: dict[str, Any]) -> dict[str, Any]:
-        raw_pid = (body.get("process") or {}).get("pid")
+        raw_pid = json_object(body.get("process"), "process").get("pid")
         pid = raw_pid if isinstance(raw_pid, int) else -1
         process = self.processes.get(pid)
         if process is None or process.sandbox != sandbox:
@@ -4709,10 +4812,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         raise BadRequest("a JSON object body is required", "invalid_json")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body is not valid JSON", "invalid_json") from None
+    body = load_json(raw, "the body")
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", "invalid_json")
     return body
@@ -5528,6 +5628,9 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Open what the service owns at start, run the housekeeper; undo it all at shutdown."""
     audit = app[AUDIT_KEY]
     audit.open()
+    for directory in (app[CONFIG_KEY].data_dir, app[TEMPLATES_KEY].user_dir):
+        if remove_temp_files(directory):
+            log.info("removed temporary files of interrupted writes in %s", directory)
     housekeeper = app[HOUSEKEEPER_KEY]
     housekeeper.load()
     if not await app[FIREWALL_KEY].check():
@@ -5537,8 +5640,9 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT),
         trust_env=False)
     app[E2B_KEY].load()
-    tasks = [asyncio.create_task(housekeeper.run()), asyncio.create_task(nodes.run()),
-             asyncio.create_task(app[E2B_KEY].run())]
+    tasks = [asyncio.create_task(supervised(what, run)) for what, run in (
+        ("housekeeper", housekeeper.run), ("node discovery", nodes.run),
+        ("e2b timeouts", app[E2B_KEY].run))]
     yield
     for task in tasks:
         task.cancel()

@@ -1,0 +1,252 @@
+"""No 500 from any input or engine state, one writer per file, supervised background loops,
+and what interrupted writes leave behind is swept at start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+import yaml
+from conftest import Api, MakeClient, poll
+
+import clawdspace
+
+
+def connect_message(message: Any) -> bytes:
+    body = json.dumps(message).encode()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    b'{"name": "x", "memory": ' + b"9" * 5000 + b"}",
+    b'{"name": "x", "cpus": 1' + b"0" * 5000 + b"}",
+], ids=["deep-list", "deep-object", "long-int", "long-float"])
+async def test_pathological_json_is_400(client: Api, raw: bytes) -> None:
+    reply = await client.post("/api/spaces", data=raw,
+                              headers={"Content-Type": "application/json"})
+    assert reply.status == 400, reply.body
+    assert reply.error_code() in ("invalid_json", "invalid_memory", "invalid_cpus")
+
+
+@pytest.mark.parametrize("text", [
+    "name: deep\nresources: " + "[" * 5000 + "]" * 5000,
+    "name: deep\nresources: " + "{a: " * 5000 + "1" + "}" * 5000,
+    "name: big\nresources:\n  memory: " + "9" * 5000,
+    "name: big\nresources:\n  cpus: 0x" + "f" * 5000,
+], ids=["deep-list", "deep-map", "long-int", "long-hex"])
+async def test_pathological_yaml_is_400(client: Api, text: str) -> None:
+    reply = await client.call("PUT", "/api/templates", json={"yaml": text})
+    assert reply.status == 400, reply.body
+    assert reply.error_code() == "invalid_template"
+
+
+async def test_odd_envd_shapes_are_400(client: Api) -> None:
+    made = await client.post("/sandboxes", {"templateID": "offline"})
+    assert made.status == 201, made.body
+    sandbox = made.body
+    envd = {"E2b-Sandbox-Id": sandbox["sandboxID"], "X-Access-Token": sandbox["envdAccessToken"]}
+    try:
+        for message in ({"process": "x"}, {"process": ["cmd"]}, {"process": 7}, [1], "x"):
+            reply = await client.post("/process.Process/Start", key=None, data=connect_message(
+                message), headers={**envd, "Content-Type": "application/connect+json"})
+            assert reply.status == 400, (message, reply.status, reply.body)
+            assert reply.body["code"] == "invalid_argument", reply.body
+            signal = await client.post("/process.Process/SendSignal", key=None,
+                                       json={"process": message}, headers=envd)
+            assert signal.status in (400, 404), (message, signal.status, signal.body)
+        deep = await client.post("/process.Process/Start", key=None, data=connect_message(
+            0).replace(b"0", b"[" * 50_000 + b"]" * 50_000).replace(
+                b"\x00\x00\x00\x00\x01", b"\x00" + (100_000).to_bytes(4, "big")),
+            headers={**envd, "Content-Type": "application/connect+json"})
+        assert deep.status == 400, deep.body
+    finally:
+        assert (await client.delete(f"/sandboxes/{sandbox['sandboxID']}")).status == 204
+
+
+@pytest.fixture
+def hostile_container(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
+    """A container of ours (by its labels) whose other labels are nonsense, as anyone with
+    access to the engine could make."""
+    name = f"odd-{secrets.token_hex(3)}"
+    image = next(tag for row in docker_api.images() for tag in (row.get("RepoTags") or [])
+                 if tag.startswith(("clawdspace-test:", "clawdspace:")))
+    labels = {"clawdspace.instance": prefix, "clawdspace.kind": "space", "clawdspace.space": name,
+              "clawdspace.memory": "lots", "clawdspace.cpus": "1e999999", "clawdspace.gpus": "x,,",
+              "clawdspace.idle-timeout": "9" * 5000, "clawdspace.created-at": "yesterday",
+              "clawdspace.e2b-template": "base", "clawdspace.e2b-metadata": "{not json",
+              "clawdspace.network": "\x00"}
+    container = docker_api.create_container(image, ["sleep", "infinity"], labels=labels,
+                                            name=f"{prefix}{name}", network_disabled=True)
+    try:
+        yield name
+    finally:
+        docker_api.remove_container(container["Id"], force=True)
+
+
+async def test_malformed_labels_are_no_500(client: Api, hostile_container: str) -> None:
+    listed = await client.get("/api/spaces")
+    assert listed.status == 200, listed.body
+    mine = [s for s in listed.body["spaces"] if s["name"] == hostile_container]
+    assert mine and mine[0]["memory"] == 0 and mine[0]["idleTimeout"] is None
+    assert (await client.get(f"/api/spaces/{hostile_container}")).status == 200
+    for path in ("/sandboxes", "/v2/sandboxes"):
+        reply = await client.get(path)
+        assert reply.status == 200, reply.body
+    # The housekeeper goes through it too, and lives.
+    housekeeper = client.app[clawdspace.HOUSEKEEPER_KEY]
+    await housekeeper.sleep_idle()
+    await housekeeper.ingest_history()
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per file
+# ---------------------------------------------------------------------------------------------
+
+async def test_concurrent_template_puts_never_tear(client: Api) -> None:
+    name = f"race-{secrets.token_hex(3)}"
+    texts = [f"name: {name}\ndescription: writer {i}\nresources:\n  memory: {64 + i}m\n"
+             for i in range(120)]
+    replies = await asyncio.gather(*(client.call("PUT", "/api/templates", json={"yaml": text})
+                                     for text in texts))
+    assert [r.status for r in replies] == [200] * len(texts), [r.body for r in replies
+                                                               if r.status != 200][:3]
+    stored = Path(client.config.data_dir, "templates", f"{name}.yaml").read_text()
+    assert stored in texts  # one whole version, not a mix
+    assert not [p for p in Path(client.config.data_dir, "templates").iterdir()
+                if p.name.startswith(".")]
+
+
+async def test_concurrent_timeout_updates_never_tear(client: Api) -> None:
+    made = await client.post("/sandboxes", {"templateID": "offline"})
+    assert made.status == 201, made.body
+    sandbox_id = made.body["sandboxID"]
+    try:
+        replies = await asyncio.gather(*(client.post(f"/sandboxes/{sandbox_id}/timeout",
+                                                     {"timeout": 100 + i}) for i in range(200)))
+        assert {r.status for r in replies} == {204}, [r.body for r in replies][:3]
+        saved = json.loads(Path(client.config.data_dir, "e2b-deadlines.json").read_text())
+        assert sandbox_id in saved
+    finally:
+        assert (await client.delete(f"/sandboxes/{sandbox_id}")).status == 204
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs, filled up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "templates").mkdir()
+        with pytest.raises(OSError):
+            with open(mount / "filler", "wb") as filler:
+                while True:
+                    filler.write(b"\0" * 4096)
+                    filler.flush()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_template_put_on_a_full_disk_is_503(make_client: MakeClient,
+                                                  tiny_disk: Path) -> None:
+    api = await make_client(templates_dir=str(tiny_disk / "templates"))
+    text = "name: full\ndescription: fills the disk\n" + "# pad\n" * 9000
+    reply = await api.call("PUT", "/api/templates", json={"yaml": text})
+    assert reply.status == 503, reply.body
+    assert reply.error_code() == "disk_unavailable"
+    assert list((tiny_disk / "templates").iterdir()) == []  # no temporary file left
+
+
+async def test_interrupted_writes_are_swept_at_start(make_client: MakeClient,
+                                                     tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "templates").mkdir(parents=True)
+    left = [data / f".e2b-deadlines.json{clawdspace.TEMP_INFIX}0a1b2c",
+            data / "templates" / f".t.yaml{clawdspace.TEMP_INFIX}ffff"]
+    for path in left:
+        path.write_text("half")
+    keep = data / "templates" / "keep.yaml"
+    keep.write_text(yaml.safe_dump({"name": "keep"}))
+    api = await make_client(data_dir=str(data))
+    assert (await api.get("/api/templates")).status == 200
+    assert [p for p in left if p.exists()] == []
+    assert keep.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised background loops
+# ---------------------------------------------------------------------------------------------
+
+async def test_a_failing_housekeeping_job_is_logged_and_the_loop_goes_on(
+        make_client: MakeClient, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await make_client(idle_timeout=2)  # the sleep job runs every 0.5 s
+    housekeeper = client.app[clawdspace.HOUSEKEEPER_KEY]
+    calls: list[int] = []
+
+    async def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(housekeeper, "sleep_idle", broken)
+    caplog.set_level(logging.ERROR, "clawdspace")
+    task = asyncio.ensure_future(clawdspace.supervised("housekeeper", housekeeper.run))
+    try:
+        await poll(lambda: asyncio.sleep(0, len(calls) >= 3), what="three rounds")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    failures = [r for r in caplog.records if "injected failure" in str(r.exc_info)]
+    assert failures and failures[0].exc_info is not None  # logged with its traceback
+
+
+async def test_a_loop_that_dies_is_restarted(caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[int] = []
+
+    async def dies_once() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise KeyError("boom")
+        await asyncio.Event().wait()
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    monkeypatch.setattr("clawdspace.asyncio.sleep", no_wait)  # the restart's pause
+    caplog.set_level(logging.ERROR, "clawdspace")
+    task = asyncio.ensure_future(clawdspace.supervised("test loop", dies_once))
+    try:
+        for _ in range(1000):  # loop turns, not time
+            if len(runs) >= 2:
+                break
+            await _yield()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(runs) == 2
+    assert any("test loop" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def _yield() -> None:
+    fut = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(fut.set_result, None)
+    await fut
