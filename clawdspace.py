@@ -594,21 +594,19 @@ class Redactor:
         return value
 
 
-class AuditLog:
-    """Append-only JSON Lines file with a single writer thread.
+class JsonlFile:
+    """One append-only JSON Lines file and its rotations (blocking; the audit writer thread).
 
     One record is one ``os.write`` of one line on an ``O_APPEND`` descriptor, so concurrent
     readers never see half a record. A torn last line (a crash mid-write) is moved aside at
-    start. The file rotates by size: ``audit.jsonl`` -> ``audit.jsonl.1`` -> ... ``.N``.
+    start. The file rotates by size: ``NAME.jsonl`` -> ``NAME.jsonl.1`` -> ... ``.N``.
     """
 
-    def __init__(self, data_dir: str, max_bytes: int, keep: int, redactor: Redactor) -> None:
-        self.path = os.path.join(data_dir, "audit.jsonl")
+    def __init__(self, path: str, max_bytes: int, keep: int) -> None:
+        self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
-        self.redactor = redactor
         self._fd: int | None = None
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
 
     def open(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -616,7 +614,6 @@ class AuditLog:
         self._fd = self._open_fd()
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -651,6 +648,72 @@ class AuditLog:
         finally:
             os.close(fd)
 
+    def append(self, line: bytes) -> None:
+        if self._fd is None:
+            raise OSError("audit log is closed")
+        if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
+            self._rotate()
+        before = os.fstat(self._fd).st_size
+        written = os.write(self._fd, line)
+        if written != len(line):
+            os.ftruncate(self._fd, before)
+            raise OSError(f"short write ({written} of {len(line)} bytes)")
+
+    def _rotate(self) -> None:
+        assert self._fd is not None  # noqa: S101 - guarded by append
+        os.close(self._fd)
+        for index in range(self.keep - 1, 0, -1):
+            older = f"{self.path}.{index}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{index + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._fd = self._open_fd()
+
+    def read_tail(self, space: str | None, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` events (of one space, if given), oldest first, read backwards."""
+        found: list[dict[str, Any]] = []
+        paths = [self.path] + [f"{self.path}.{i}" for i in range(1, self.keep + 1)]
+        for path in paths:
+            for line in reversed_lines(path):
+                try:
+                    event = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if space is not None and event.get("space") != space:
+                    continue
+                found.append(event)
+                if len(found) >= limit:
+                    return found[::-1]
+        return found[::-1]
+
+
+class AuditLog:
+    """The audit trail: ``audit.jsonl`` for every action, and ``shell.jsonl`` beside it for
+    the shell history ingested from spaces, each rotating on its own. A space that floods its
+    history can so push out only history, never the record of what was done to spaces. Both
+    are written by a single writer thread; reads merge them by time.
+    """
+
+    SHELL_TYPES = ("space.shell",)
+
+    def __init__(self, data_dir: str, max_bytes: int, keep: int, redactor: Redactor) -> None:
+        self.main = JsonlFile(os.path.join(data_dir, "audit.jsonl"), max_bytes, keep)
+        self.shell = JsonlFile(os.path.join(data_dir, "shell.jsonl"), max_bytes, keep)
+        self.path = self.main.path
+        self.redactor = redactor
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+
+    def open(self) -> None:
+        self.main.open()
+        self.shell.open()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.main.close()
+        self.shell.close()
+
     async def record(self, type_: str, space: str | None = None,
                      meta: dict[str, Any] | None = None, actor: Actor = SYSTEM_ACTOR,
                      ts: str | None = None) -> None:
@@ -667,55 +730,21 @@ class AuditLog:
             event["clientAddr"] = actor.addr
         line = (json.dumps(event, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
         loop = asyncio.get_running_loop()
+        target = self.shell if type_ in self.SHELL_TYPES else self.main
         try:
-            await loop.run_in_executor(self._writer, self._append, line)
+            await loop.run_in_executor(self._writer, target.append, line)
         except OSError as err:
-            log.error("audit: cannot write %s: %s", self.path, err)
+            log.error("audit: cannot write %s: %s", target.path, err)
             raise Unavailable("the audit log cannot be written", "audit_unavailable") from err
-
-    def _append(self, line: bytes) -> None:
-        if self._fd is None:
-            raise OSError("audit log is closed")
-        if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
-            self._rotate()
-        before = os.fstat(self._fd).st_size
-        written = os.write(self._fd, line)
-        if written != len(line):
-            os.ftruncate(self._fd, before)
-            raise OSError(f"short write ({written} of {len(line)} bytes)")
-
-    def _rotate(self) -> None:
-        assert self._fd is not None  # noqa: S101 - guarded by _append
-        os.close(self._fd)
-        for index in range(self.keep - 1, 0, -1):
-            older = f"{self.path}.{index}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{index + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self._fd = self._open_fd()
 
     async def read(self, space: str | None, limit: int) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._read_tail, space, limit)
 
     def _read_tail(self, space: str | None, limit: int) -> list[dict[str, Any]]:
-        """The last ``limit`` events (of one space, if given), oldest first, read backwards."""
-        found: list[dict[str, Any]] = []
-        paths = [self.path] + [f"{self.path}.{i}" for i in range(1, self.keep + 1)]
-        for path in paths:
-            for line in reversed_lines(path):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                if space is not None and event.get("space") != space:
-                    continue
-                found.append(event)
-                if len(found) >= limit:
-                    return found[::-1]
-        return found[::-1]
+        merged = self.main.read_tail(space, limit) + self.shell.read_tail(space, limit)
+        merged.sort(key=lambda event: str(event.get("ts", "")))
+        return merged[-limit:]
 
 
 def reversed_lines(path: str, block: int = 65536) -> Iterator[bytes]:
@@ -3620,7 +3649,13 @@ class Terminals:
 ###############################################################################
 
 HISTORY_FILE = f"{WORKSPACE}/.bash_history"
-HISTORY_READ_LIMIT = 256 << 10  # new bytes read per space per tick
+# The budget of history ingestion, per tick: what one space may add to the audit trail, and
+# what all spaces together may. What a space writes beyond its share is skipped (one summary
+# event says how much); spaces over the node's share wait for the next tick, in turn.
+HISTORY_READ_LIMIT = 64 << 10  # bytes read per space
+HISTORY_LINES_PER_SPACE = 256  # commands recorded per space
+HISTORY_NODE_BYTES = 1 << 20
+HISTORY_NODE_LINES = 2048
 HISTORY_SPACES_PER_TICK = 64
 
 
@@ -3686,6 +3721,7 @@ class Housekeeper:
         self.activity_path = os.path.join(config.data_dir, "activity.json")
         self.cursor_path = os.path.join(config.data_dir, "history-cursors.json")
         self.cursors: dict[str, dict[str, Any]] = {}
+        self.history_turn = 0  # where the next tick's round of the spaces starts
         self.saved_activity: dict[str, float] = {}
 
     def load(self) -> None:
@@ -3730,17 +3766,24 @@ class Housekeeper:
     # -- shell history --------------------------------------------------------------------
 
     async def ingest_history(self) -> None:
+        """One tick: the running spaces in turn, from where the last tick stopped, until the
+        node's budget is spent."""
         spaces = [s for s in await self.spaces.list_all() if s["status"] == "running"]
-        for space in spaces[:HISTORY_SPACES_PER_TICK]:
-            try:
-                await self._ingest_one(space)
-            except (ClawdError, docker.errors.APIError, OSError) as err:
-                log.warning("history of %s: %s", space["name"], err)
+        start = self.history_turn % len(spaces) if spaces else 0
+        budget = {"bytes": HISTORY_NODE_BYTES, "lines": HISTORY_NODE_LINES}
+        done = 0
+        for space in (spaces[start:] + spaces[:start])[:HISTORY_SPACES_PER_TICK]:
+            if budget["bytes"] <= 0 or budget["lines"] <= 0:
+                break
+            await guarded(f"history of {space['name']}",
+                          functools.partial(self._ingest_one, space, budget))
+            done += 1
+        self.history_turn = start + done
         if spaces:
             await asyncio.get_running_loop().run_in_executor(
                 None, write_json_atomic, self.cursor_path, self.cursors)
 
-    async def _ingest_one(self, space: SpaceInfo) -> None:
+    async def _ingest_one(self, space: SpaceInfo, budget: dict[str, int]) -> None:
         name = space["name"]
         stat = await self.files.stat(space["id"], HISTORY_FILE)
         if stat is None or mode_type(stat["mode"]) != "file":
@@ -3756,6 +3799,15 @@ class Housekeeper:
                 "head", hashlib.sha256(b"").hexdigest()):
             offset = 0  # truncated or replaced: start again from the top
             first, chunk = await self.read_history(space, 0)
+        if cursor.get("resync") and offset:
+            # The last tick skipped ahead to the middle of a line: start at the next one.
+            cut = chunk.find(b"\n")
+            if cut < 0 and len(chunk) < HISTORY_READ_LIMIT:
+                return
+            cut = cut if cut >= 0 else len(chunk) - 1
+            offset, chunk = offset + cut + 1, chunk[cut + 1:]
+            await self.spaces.audit.record("space.shell.skipped", name, {
+                "commands": 0, "bytes": cut + 1, "reason": "the rest of a skipped line"})
         full = len(chunk) >= HISTORY_READ_LIMIT  # more may follow than one read takes
         end = chunk.rfind(b"\n")
         if end < 0 and not full:
@@ -3771,16 +3823,30 @@ class Housekeeper:
                 complete = b"\n".join(lines[:-2]) + b"\n"
         truncated = full and not complete.endswith(b"\n")
         commands = parse_history(complete.decode("utf-8", "replace"))
-        for index, (stamp, command) in enumerate(commands):
+        allowed = min(HISTORY_LINES_PER_SPACE, budget["lines"])
+        for index, (stamp, command) in enumerate(commands[:allowed]):
             meta: dict[str, Any] = {"command": command, "source": "bash_history"}
             if truncated and index == len(commands) - 1:
                 meta["truncated"] = True  # a line longer than one read: its start only
             await self.spaces.audit.record("space.shell", name, meta,
                                            ts=epoch_to_iso(stamp) if stamp else None)
+        budget["lines"] -= min(allowed, len(commands))
+        budget["bytes"] -= len(complete)
         new_offset = offset + len(complete)
+        # A backlog of more than one more read is skipped, to the last read's worth of the
+        # file: ingestion never falls behind a space that writes faster than its budget, and
+        # the newest commands are the ones kept.
+        skipped_bytes = max(0, size - HISTORY_READ_LIMIT - new_offset)
+        skipped_lines = max(0, len(commands) - allowed)
+        if skipped_bytes or skipped_lines:
+            new_offset += skipped_bytes
+            await self.spaces.audit.record("space.shell.skipped", name, {
+                "commands": skipped_lines, "bytes": skipped_bytes,
+                "reason": "over the history budget of a space"})
         head_len = min(64, new_offset)
         self.cursors[name] = {"offset": new_offset, "mtime": stat["mtime"], "headLen": head_len,
-                              "head": hashlib.sha256(first[:head_len]).hexdigest()}
+                              "head": hashlib.sha256(first[:head_len]).hexdigest(),
+                              "resync": bool(skipped_bytes)}
 
     async def read_history(self, space: SpaceInfo, offset: int) -> tuple[bytes, bytes]:
         """(the file's first 64 bytes, up to HISTORY_READ_LIMIT bytes from offset), read as the

@@ -90,8 +90,11 @@ def audit_file(served: Served) -> list[dict[str, Any]]:
 
 
 def shell_events(served: Served, name: str) -> list[dict[str, Any]]:
-    return [e for e in audit_file(served) if e.get("space") == name
-            and e["type"] == "space.shell"]
+    """Ingested history: in shell.jsonl, beside the audit log, rotating on its own."""
+    path = served.data_dir / "shell.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()] \
+        if path.exists() else []
+    return [e for e in events if e.get("space") == name and e["type"] == "space.shell"]
 
 
 async def wait_for_command(served: Served, name: str, needle: str,
