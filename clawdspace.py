@@ -49,6 +49,8 @@ CLAWDSPACE_EXEC_TIMEOUT     Default exec timeout in seconds. Default ``600``.
 CLAWDSPACE_EXEC_MAX_TIMEOUT Largest exec timeout a client may ask for. Default ``86400``.
 CLAWDSPACE_EXEC_OUTPUT_LIMIT  Bytes kept per exec stream (stdout, stderr). Default ``1048576``.
 CLAWDSPACE_MAX_BODY_BYTES   Largest request body accepted. Default ``8388608``.
+CLAWDSPACE_BODY_TIMEOUT     Seconds a request body may go without sending a byte before the
+                            request is dropped with 408. Default ``60``.
 CLAWDSPACE_PIDS_LIMIT       Process limit per space. Default ``1024``.
 CLAWDSPACE_AUDIT_MAX_BYTES  Audit file size that triggers rotation. Default ``52428800``.
 CLAWDSPACE_AUDIT_KEEP       Rotated audit files kept. Default ``5``.
@@ -129,6 +131,7 @@ T = TypeVar("T")
 ###############################################################################
 
 WORKSPACE = "/workspace"
+CGROUP_ROOT = "/sys/fs/cgroup"
 LABEL = "clawdspace"  # label namespace: clawdspace.<key>
 SPACE_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 MEMORY_RE = re.compile(r"^(\d+)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -196,6 +199,7 @@ class Config:
     exec_max_timeout: int = 86400
     exec_output_limit: int = 1 << 20
     max_body_bytes: int = 8 << 20
+    body_timeout: int = 60
     pids_limit: int = 1024
     audit_max_bytes: int = 50 << 20
     audit_keep: int = 5
@@ -240,6 +244,7 @@ class Config:
             exec_output_limit=env_int(
                 "CLAWDSPACE_EXEC_OUTPUT_LIMIT", cls.exec_output_limit, minimum=1024),
             max_body_bytes=env_int("CLAWDSPACE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            body_timeout=env_int("CLAWDSPACE_BODY_TIMEOUT", cls.body_timeout, minimum=1),
             pids_limit=env_int("CLAWDSPACE_PIDS_LIMIT", cls.pids_limit, minimum=16),
             audit_max_bytes=env_int(
                 "CLAWDSPACE_AUDIT_MAX_BYTES", cls.audit_max_bytes, minimum=4096),
@@ -346,6 +351,12 @@ class InsufficientStorage(ClawdError):
     status, code = 507, "no_space"
 
 
+class BodyTimeout(ClawdError):
+    """The client stopped sending the request body (408)."""
+
+    status, code = 408, "body_timeout"
+
+
 class LengthRequired(ClawdError):
     """A streamed upload did not say how long it is (411)."""
 
@@ -405,6 +416,7 @@ class ExecResult(TypedDict):
     exitCode: int
     durationMs: int
     timedOut: bool
+    oomKilled: bool
     stdoutTruncated: bool
     stderrTruncated: bool
 
@@ -737,6 +749,22 @@ class AuditLog:
             log.error("audit: cannot write %s: %s", target.path, err)
             raise Unavailable("the audit log cannot be written", "audit_unavailable") from err
 
+    @contextlib.asynccontextmanager
+    async def action(self, type_: str, space: str | None = None,
+                     meta: dict[str, Any] | None = None,
+                     actor: Actor = SYSTEM_ACTOR) -> AsyncIterator[None]:
+        """Audit an action before it is done: when the record cannot be written (a full disk,
+        a file-size limit, a read-only file system) this raises 503 and nothing is done. An
+        action that then fails adds ``<type>.failed`` with the error (best effort)."""
+        await self.record(type_, space, meta, actor)
+        try:
+            yield
+        except Exception as err:
+            detail = err.message if isinstance(err, ClawdError) else type(err).__name__
+            with contextlib.suppress(ClawdError):
+                await self.record(f"{type_}.failed", space, {"error": detail}, actor)
+            raise
+
     async def read(self, space: str | None, limit: int) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._read_tail, space, limit)
@@ -972,6 +1000,26 @@ def decode_output(data: bytes | bytearray, truncated: bool) -> str:
     """
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     return decoder.decode(bytes(data), final=not truncated)
+
+
+def oom_kill_count(container_id: str) -> int | None:
+    """How many processes the kernel's OOM killer has killed in a container's memory cgroup
+    (cgroup v2 or v1, systemd or cgroupfs driver); None where this host cannot see it."""
+    for path, key in (
+            (f"{CGROUP_ROOT}/system.slice/docker-{container_id}.scope/memory.events", "oom_kill"),
+            (f"{CGROUP_ROOT}/docker/{container_id}/memory.events", "oom_kill"),
+            (f"{CGROUP_ROOT}/memory/docker/{container_id}/memory.oom_control", "oom_kill"),
+            (f"{CGROUP_ROOT}/memory/system.slice/docker-{container_id}.scope/"
+             "memory.oom_control", "oom_kill")):
+        try:
+            with open(path, encoding="ascii") as source:
+                for line in source:
+                    name, _, value = line.partition(" ")
+                    if name == key and value.strip().isdigit():
+                        return int(value)
+        except OSError:
+            continue
+    return None
 
 
 def kill_exec_group(host_pid: int, container_id: str,
@@ -1259,33 +1307,29 @@ class Templates:
             write_atomic(self._path(self.user_dir, template.name),
                          text.encode("utf-8", "surrogatepass"), 0o644)
 
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, store)
-        except OSError as err:
-            log.error("templates: cannot write %s: %s", template.name, err)
-            raise Unavailable(f"the template could not be stored: {err.strerror or err}",
-                              "disk_unavailable") from None
-        await self.audit.record("template.upsert", meta={"template": template.name}, actor=actor)
+        async with self.audit.action("template.upsert", meta={"template": template.name},
+                                     actor=actor):
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, store)
+            except OSError as err:
+                log.error("templates: cannot write %s: %s", template.name, err)
+                raise Unavailable(f"the template could not be stored: {err.strerror or err}",
+                                  "disk_unavailable") from None
         return template
 
     async def delete(self, name: str, actor: Actor) -> None:
         check_template_name(name)
-
-        def remove() -> str:
-            try:
-                os.unlink(self._path(self.user_dir, name))
-                return "removed"
-            except FileNotFoundError:
-                return "shipped" if os.path.exists(self._path(self.shipped_dir, name)) \
-                    else "missing"
-
-        outcome = await asyncio.get_running_loop().run_in_executor(None, remove)
-        if outcome == "missing":
+        path = self._path(self.user_dir, name)
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, os.path.lexists, path):
+            if await loop.run_in_executor(None, os.path.exists,
+                                          self._path(self.shipped_dir, name)):
+                raise Conflict(f"{name} is a shipped template; it cannot be deleted, only "
+                               "overridden with PUT", "shipped_template")
             raise NotFound(f"Template not found: {name}")
-        if outcome == "shipped":
-            raise Conflict(f"{name} is a shipped template; it cannot be deleted, only "
-                           "overridden with PUT", "shipped_template")
-        await self.audit.record("template.delete", meta={"template": name}, actor=actor)
+        async with self.audit.action("template.delete", meta={"template": name}, actor=actor):
+            with contextlib.suppress(FileNotFoundError):  # a concurrent delete won
+                await loop.run_in_executor(None, os.unlink, path)
 
 
 ###############################################################################
@@ -1679,6 +1723,8 @@ class GitOps:
         refspec = f"refs/heads/{branch}:refs/heads/{branch}"
         argv = ["sh", "-c", GIT_PUSH_SCRIPT, "sh", where.real, *options,
                 "-c", "core.hooksPath=/dev/null", "push", "--", repo.url, refspec]
+        await self.spaces.audit.record("space.git.push.start", name, {
+            "repoPath": where.rel, "remote": remote, "branch": branch}, actor)
         with self.spaces.busy(name):
             # As the container's root, not the space user: code running in the space cannot
             # read this process's environment (the token) through /proc.
@@ -2353,6 +2399,17 @@ class Spaces:
     async def _create(self, req: CreateRequest, actor: Actor,
                       provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
                       user: str, gpu_ids: list[str]) -> SpaceInfo:
+        async with self.audit.action("space.create", req.name, {
+                "memory": req.memory, "cpus": req.cpus, "gpu": req.gpu, "image": req.image,
+                "template": req.template, "network": req.network,
+                "writableRootfs": req.writable_rootfs, "envKeys": sorted(req.env),
+                "repoUrl": req.repo.url if req.repo else None,
+                "repoDest": req.repo_dest if req.repo else None}, actor):
+            return await self._make(req, actor, provision, user, gpu_ids)
+
+    async def _make(self, req: CreateRequest, actor: Actor,
+                    provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
+                    user: str, gpu_ids: list[str]) -> SpaceInfo:
         api = self.engine.api
         network_mode = await self.firewall.network_for(req.network, req.allow_cidrs)
         volume, volume_created = await self._claim_volume(req.name)
@@ -2409,12 +2466,6 @@ class Spaces:
                                  "create_failed") from None
             raise
         self.touch(req.name)
-        await self.audit.record("space.create", req.name, {
-            "memory": req.memory, "cpus": req.cpus, "gpu": req.gpu, "image": req.image,
-            "template": req.template, "network": req.network,
-            "writableRootfs": req.writable_rootfs, "envKeys": sorted(req.env),
-            "repoUrl": req.repo.url if req.repo else None, "repoDest": req.repo_dest
-            if req.repo else None, "volumeReused": not volume_created}, actor)
         return self.view_inspected(info)
 
     def _host_config(self, req: CreateRequest, volume: str, network_mode: str,
@@ -2486,20 +2537,21 @@ class Spaces:
             if not remove_volume or not await self._volume_is_ours(name):
                 raise
             info = None
-        if info is not None:
-            try:
-                await self.engine.call(api.remove_container, info["Id"], force=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as err:
-                if api_status(err) != 409:  # 409: removal already in progress
-                    raise
-            self.started_at.pop(info["Id"], None)
-        self.known.pop(name, None)
-        if remove_volume:
-            await self._remove_volume(volume)
-        self.last_activity.pop(name, None)
-        await self.audit.record("space.destroy", name, {"removeVolume": remove_volume}, actor)
+        async with self.audit.action("space.destroy", name, {"removeVolume": remove_volume},
+                                     actor):
+            if info is not None:
+                try:
+                    await self.engine.call(api.remove_container, info["Id"], force=True)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as err:
+                    if api_status(err) != 409:  # 409: removal already in progress
+                        raise
+                self.started_at.pop(info["Id"], None)
+            self.known.pop(name, None)
+            if remove_volume:
+                await self._remove_volume(volume)
+            self.last_activity.pop(name, None)
 
     async def _volume_is_ours(self, name: str) -> bool:
         try:
@@ -2530,12 +2582,12 @@ class Spaces:
             return
         if not state.get("Running"):
             raise Conflict("Space is stopped; start it first", "space_stopped")
-        try:
-            await self.engine.call(self.engine.api.pause, info["Id"])
-        except docker.errors.APIError as err:
-            raise Conflict(f"Space could not be paused: {api_message(err)}") from None
-        await self.audit.record("space.pause", name, {"reason": reason} if reason else None,
-                                actor)
+        async with self.audit.action("space.pause", name,
+                                     {"reason": reason} if reason else None, actor):
+            try:
+                await self.engine.call(self.engine.api.pause, info["Id"])
+            except docker.errors.APIError as err:
+                raise Conflict(f"Space could not be paused: {api_message(err)}") from None
 
     async def start(self, name: str, actor: Actor, reason: str | None = None) -> None:
         info = await self.inspect(name)
@@ -2546,19 +2598,19 @@ class Spaces:
         """Unpause a paused space, start a stopped one; returns fresh inspect data."""
         api = self.engine.api
         state = info["State"]
-        try:
-            if state.get("Paused"):
-                await self.engine.call(api.unpause, info["Id"])
-            elif not state.get("Running"):
-                await self.engine.call(api.start, info["Id"])
-            else:
-                return info
-        except docker.errors.APIError as err:
-            raise Conflict(f"Space could not be started: {api_message(err)}",
-                           "start_failed") from None
+        if state.get("Running") and not state.get("Paused"):
+            return info
+        async with self.audit.action("space.start", name,
+                                     {"reason": reason} if reason else None, actor):
+            try:
+                if state.get("Paused"):
+                    await self.engine.call(api.unpause, info["Id"])
+                else:
+                    await self.engine.call(api.start, info["Id"])
+            except docker.errors.APIError as err:
+                raise Conflict(f"Space could not be started: {api_message(err)}",
+                               "start_failed") from None
         self.touch(name)
-        await self.audit.record("space.start", name, {"reason": reason} if reason else None,
-                                actor)
         if state.get("Paused"):  # unpausing changes nothing else the caller reads
             return {**info, "State": {**state, "Paused": False, "Status": "running"}}
         fresh = await self.engine.call(api.inspect_container, info["Id"])
@@ -2582,13 +2634,23 @@ class Spaces:
         check_space_name(name)
         with self.busy(name):
             started = time.monotonic()
-            container_id, exec_id, sock = await self._start_exec(name, req, actor)
-            await self.audit.record("space.exec", name, {
-                "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
-                "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout},
-                actor)
+            loop = asyncio.get_running_loop()
+            async with self.audit.action("space.exec", name, {
+                    "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+                    "envKeys": sorted(req.env), "workdir": req.workdir,
+                    "timeout": req.timeout}, actor):
+                container_id, exec_id, sock = await self._start_exec(name, req, actor)
+            ooms = await loop.run_in_executor(None, oom_kill_count, container_id)
             result = await self._collect(container_id, exec_id, sock, req.timeout,
                                          self.config.exec_output_limit, started)
+            if result["exitCode"] == 137 and ooms is not None and not result["timedOut"]:
+                # Killed (SIGKILL) while the cgroup's OOM killer struck: out of memory.
+                after = await loop.run_in_executor(None, oom_kill_count, container_id)
+                result["oomKilled"] = after is not None and after > ooms
+                if result["oomKilled"]:
+                    await self.audit.record("space.exec.oom", name, {
+                        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv},
+                        actor)
         refusal = workdir_refusal(req, result)
         if refusal is not None:
             raise refusal
@@ -2705,6 +2767,7 @@ class Spaces:
             "exitCode": int(exit_code),
             "durationMs": int((time.monotonic() - started) * 1000),
             "timedOut": timed_out,
+            "oomKilled": False,
             "stdoutTruncated": reader.truncated[1],
             "stderrTruncated": reader.truncated[2],
         }
@@ -2749,7 +2812,6 @@ class SpaceStats(TypedDict):
     blockWriteBytes: int
 
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 CPU_SAMPLE_SECONDS = 0.04
 CPU_SAMPLE_MAX_AGE = 60.0
 
@@ -3008,6 +3070,9 @@ class Observer:
         return {
             "stats": await self.stats(info),
             **observation,
+            # Processes the kernel killed for want of memory since the container started.
+            "oomKills": await asyncio.get_running_loop().run_in_executor(
+                None, oom_kill_count, info["Id"]),
             "status": "paused" if state.get("Paused") else space_status(
                 str(state.get("Status", ""))),
             "settings": {
@@ -3417,16 +3482,16 @@ class Files:
         directory = "/".join([parent, *missing[:-1]])
         final = missing[-1]
         temp = f"{TEMP_MARK}{os.urandom(6).hex()}.{final}"[:255]
-        result = await self.spaces.run_internal(info, ExecRequest(
-            argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final, temp, f"{mode:o}",
-                  str(size)], env={}, workdir=WORKSPACE,
-            timeout=self.spaces.config.exec_max_timeout), 65536, stdin=chunks)
-        if result["exitCode"] == NOT_REGULAR:
-            raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
-        if result["exitCode"] != 0:
-            raise user_file_error(where.rel, result["exitCode"], result["stderr"])
-        await self.spaces.audit.record("space.file.write", name,
-                                       {"path": where.rel, "bytes": size}, actor)
+        async with self.spaces.audit.action("space.file.write", name,
+                                            {"path": where.rel, "bytes": size}, actor):
+            result = await self.spaces.run_internal(info, ExecRequest(
+                argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final, temp,
+                      f"{mode:o}", str(size)], env={}, workdir=WORKSPACE,
+                timeout=self.spaces.config.exec_max_timeout), 65536, stdin=chunks)
+            if result["exitCode"] == NOT_REGULAR:
+                raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
+            if result["exitCode"] != 0:
+                raise user_file_error(where.rel, result["exitCode"], result["stderr"])
         return {"message": "OK", "path": where.rel, "bytes": size}
 
     # -- delete ---------------------------------------------------------------------------
@@ -3446,16 +3511,16 @@ class Files:
             argv = ["rmdir", "--", where.real]
         else:
             argv = ["rm", "-f", "--", where.real]
-        result = await self.spaces.run_internal(info, ExecRequest(
-            argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
-        if result["exitCode"] != 0:
-            detail = result["stderr"].strip() or "failed"
-            if is_dir and not recursive:
-                raise Conflict(f"{where.rel} is a directory that is not empty; pass "
-                               "recursive=true", "dir_not_empty")
-            raise Conflict(f"{where.rel} could not be deleted: {detail}", "delete_failed")
-        await self.spaces.audit.record("space.file.delete", name,
-                                       {"path": where.rel, "recursive": recursive}, actor)
+        async with self.spaces.audit.action("space.file.delete", name,
+                                            {"path": where.rel, "recursive": recursive}, actor):
+            result = await self.spaces.run_internal(info, ExecRequest(
+                argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
+            if result["exitCode"] != 0:
+                detail = result["stderr"].strip() or "failed"
+                if is_dir and not recursive:
+                    raise Conflict(f"{where.rel} is a directory that is not empty; pass "
+                                   "recursive=true", "dir_not_empty")
+                raise Conflict(f"{where.rel} could not be deleted: {detail}", "delete_failed")
         return {"message": "OK", "path": where.rel}
 
 
@@ -3505,6 +3570,7 @@ class Terminals:
         info = await self.spaces.running(name, actor)
         user = str(info["Config"].get("User") or "")
         argv = await self.shell(info)
+        await self.spaces.audit.record("terminal.open", name, {"shell": argv[0]}, actor)
         try:
             exec_id = (await self.engine.call(
                 api.exec_create, info["Id"], argv, stdin=True, tty=True, stdout=True,
@@ -3523,7 +3589,6 @@ class Terminals:
             raise
         self.sockets.add(ws)
         opened = time.monotonic()
-        await self.spaces.audit.record("terminal.open", name, {"shell": argv[0]}, actor)
         with contextlib.suppress(docker.errors.APIError, ClawdError):
             await self.engine.call(api.exec_resize, exec_id, height=rows, width=cols)
         with self.spaces.busy(name):
@@ -4455,7 +4520,7 @@ class E2b:
 
     async def start_process(self, request: web.Request, sandbox: str,
                             actor: Actor) -> web.StreamResponse:
-        message = read_envelope(await request.read())
+        message = read_envelope(await read_body(request))
         process = json_object(message.get("process"), "process")
         cmd, args = process.get("cmd"), process.get("args") or []
         envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
@@ -4473,10 +4538,11 @@ class E2b:
                           workdir="/" + os.path.normpath(cwd).lstrip("/"),
                           timeout=timeout or 86400.0, root="")
         with self.spaces.busy(sandbox):
-            container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req, actor)
-            await self.spaces.audit.record("space.exec", sandbox, {
-                "command": [cmd, *args], "envKeys": sorted(req.env), "workdir": req.workdir,
-                "source": "e2b"}, actor)
+            async with self.spaces.audit.action("space.exec", sandbox, {
+                    "command": [cmd, *args], "envKeys": sorted(req.env),
+                    "workdir": req.workdir, "source": "e2b"}, actor):
+                container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req,
+                                                                            actor)
             pid = self._remember(E2bProcess(sandbox, container_id, exec_id,
                                             {"cmd": cmd, "args": args, "envs": envs,
                                              "cwd": req.workdir}, message.get("tag")))
@@ -4718,6 +4784,7 @@ NODES_KEY = web.AppKey("nodes", Nodes)
 E2B_KEY = web.AppKey("e2b", E2b)
 GIT_KEY = web.AppKey("git", GitOps)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HEADER_LIMIT = 128 << 10
 # What a route accepts as credentials, fixed in the route table, never chosen by the headers a
 # request happens to carry. A route missing from the table (404, 405) needs the key.
 PUBLIC = "public"  # nothing (GET and HEAD only)
@@ -4874,8 +4941,16 @@ def actor(request: web.Request) -> Actor:
     return request.get(ACTOR_KEY) or Actor(key_id=None, addr=request.remote)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole (size-capped) body; a client that stops sending it gets 408."""
+    try:
+        return await asyncio.wait_for(request.read(), request.app[CONFIG_KEY].body_timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout("the request body stopped arriving") from None
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         raise BadRequest("a JSON object body is required", "invalid_json")
     body = load_json(raw, "the body")
@@ -4887,10 +4962,18 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 def body_chunks(request: web.Request) -> Iterator[bytes]:
     """The request body as a blocking iterator, for a writer thread; it pulls from the loop."""
     loop = asyncio.get_running_loop()
+    timeout = request.app[CONFIG_KEY].body_timeout
+
+    async def next_chunk() -> bytes:
+        try:
+            return await asyncio.wait_for(request.content.readany(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("upload from %s stalled for %d s; dropped", request.remote, timeout)
+            raise BodyTimeout(f"the request body stopped arriving for {timeout} s") from None
 
     def chunks() -> Iterator[bytes]:
         while True:
-            chunk = asyncio.run_coroutine_threadsafe(request.content.readany(), loop).result()
+            chunk = asyncio.run_coroutine_threadsafe(next_chunk(), loop).result()
             if not chunk:
                 return
             yield chunk
@@ -5739,9 +5822,11 @@ def create_app(config: Config) -> web.Application:
         middlewares=[error_middleware, make_auth_middleware(config, access),
                      make_forward_middleware(nodes)],
         client_max_size=config.max_body_bytes,
-        # Long header lines get to the middlewares (and a JSON 401/400), not aiohttp's 8 KiB
-        # plain-text refusal.
-        handler_args={"max_line_size": 1 << 20, "max_field_size": 1 << 20},
+        # Long header lines (up to 128 KiB) get to the middlewares (and a JSON 401/400), not
+        # aiohttp's 8 KiB plain-text refusal; bounded in size and count, so what a client
+        # sends before auth cannot grow the service (64 x 128 KiB at most per request).
+        handler_args={"max_line_size": HEADER_LIMIT, "max_field_size": HEADER_LIMIT,
+                      "max_headers": 64},
     )
     audit = AuditLog(config.data_dir, config.audit_max_bytes, config.audit_keep,
                      Redactor([config.api_key or ""]))

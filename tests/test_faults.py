@@ -4,6 +4,8 @@ and what interrupted writes leave behind is swept at start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import secrets
@@ -250,3 +252,148 @@ async def _yield() -> None:
     fut = asyncio.get_running_loop().create_future()
     asyncio.get_running_loop().call_soon(fut.set_result, None)
     await fut
+
+
+# ---------------------------------------------------------------------------------------------
+# An action that cannot be audited is not done
+# ---------------------------------------------------------------------------------------------
+
+async def test_nothing_is_done_while_the_audit_log_cannot_be_written(
+        client: Api, docker_api: docker.APIClient, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made = await client.post("/api/spaces", {"name": f"fc-{secrets.token_hex(3)}",
+                                             "network": "none", "memory": "64m"})
+    assert made.status == 201, made.body
+    name = made.body["space"]["name"]
+    container = f"{prefix}{name}"
+    try:
+        append = clawdspace.JsonlFile.append
+
+        def disk_full(self: clawdspace.JsonlFile, line: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(clawdspace.JsonlFile, "append", disk_full)
+        lines_before = len(client.audit_lines())
+        other = f"fc-{secrets.token_hex(3)}"
+        attempts: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", f"/api/spaces/{name}/exec", {"json": {"command": "touch /workspace/ran"}}),
+            ("PUT", f"/api/spaces/{name}/file", {"params": {"path": "/written"},
+                                                 "json": {"contentBase64": "aGk="}}),
+            ("POST", "/api/spaces", {"json": {"name": other, "network": "none"}}),
+            ("POST", f"/api/spaces/{name}/stop", {}),
+            ("DELETE", f"/api/spaces/{name}", {}),
+            ("PUT", "/api/templates", {"json": {"yaml": "name: fc\n"}}),
+            ("POST", "/sandboxes", {"json": {"templateID": "offline"}}),
+        ]
+        for method, path, kwargs in attempts:
+            reply = await client.call(method, path, **kwargs)
+            assert reply.status == 503, (method, path, reply.status, reply.body)
+        monkeypatch.setattr(clawdspace.JsonlFile, "append", append)
+        # Nothing happened: the space runs, unpaused, untouched; no new space or template.
+        state = docker_api.inspect_container(container)["State"]
+        assert state["Running"] and not state["Paused"]
+        for path in ("/workspace/ran", "/workspace/written"):
+            exec_id = docker_api.exec_create(container, ["test", "-e", path])["Id"]
+            docker_api.exec_start(exec_id)
+            assert docker_api.exec_inspect(exec_id)["ExitCode"] == 1, path
+        names = {c["Names"][0].lstrip("/") for c in docker_api.containers(all=True)}
+        assert f"{prefix}{other}" not in names
+        assert not [n for n in names if n.startswith(f"{prefix}e2b-")], names
+        assert not Path(client.config.data_dir, "templates", "fc.yaml").exists()
+        assert len(client.audit_lines()) == lines_before
+        # Once the log can be written again, so can everything else.
+        assert (await client.exec(name, "true"))["exitCode"] == 0
+    finally:
+        assert (await client.delete(f"/api/spaces/{name}",
+                                    params={"removeVolume": "true"})).status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# A stalled client holds nothing
+# ---------------------------------------------------------------------------------------------
+
+async def test_a_stalled_upload_times_out_and_the_space_stays_usable(
+        make_client: MakeClient, docker_api: docker.APIClient, prefix: str) -> None:
+    api = await make_client(body_timeout=2)
+    name = f"stall-{secrets.token_hex(3)}"
+    made = await api.post("/api/spaces", {"name": name, "network": "none", "memory": "64m"})
+    assert made.status == 201, made.body
+    try:
+        url = api.client.make_url("/")
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write((f"PUT /api/spaces/{name}/file?path=/stalled HTTP/1.1\r\n"
+                      f"Host: {url.host}\r\nAuthorization: Bearer {api.key}\r\n"
+                      "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\nx"
+                      ).encode())
+        await writer.drain()
+        # While the upload hangs, the space answers.
+        assert (await api.get(f"/api/spaces/{name}")).status == 200
+        assert (await api.exec(name, "echo fine"))["stdout"] == "fine\n"
+        status_line = await asyncio.wait_for(reader.readline(), 60)  # bounded, not timed
+        assert b" 408 " in status_line, status_line
+        writer.close()
+        # Nothing was written, not even a temporary file.
+        listed = await api.exec(name, "ls -A /workspace")
+        assert "stalled" not in listed["stdout"] and "clawdspace" not in listed["stdout"]
+    finally:
+        assert (await api.delete(f"/api/spaces/{name}",
+                                 params={"removeVolume": "true"})).status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Exec reports what happened; headers before auth are bounded
+# ---------------------------------------------------------------------------------------------
+
+async def test_exec_reports_a_missing_workdir_and_an_oom_kill(client: Api) -> None:
+    name = f"oom-{secrets.token_hex(3)}"
+    made = await client.post("/api/spaces", {"name": name, "network": "none", "memory": "64m"})
+    assert made.status == 201, made.body
+    try:
+        missing = await client.post(f"/api/spaces/{name}/exec",
+                                    {"command": "true", "workdir": "/workspace/nope"})
+        assert missing.status == 400, missing.body
+        assert missing.error_code() == "invalid_workdir"
+        ok = await client.exec(name, "mkdir -p sub && echo made")
+        assert ok["oomKilled"] is False
+        assert (await client.exec(name, "pwd", workdir="/workspace/sub"))["stdout"] == \
+            "/workspace/sub\n"
+        hog = await client.exec(name, ["python3", "-c", "x = bytearray(1 << 30)"])
+        assert hog["exitCode"] == 137 and hog["oomKilled"] is True, hog
+        observed = await client.get(f"/api/spaces/{name}/observability")
+        assert observed.body["observability"]["oomKills"] >= 1, observed.body
+        oom = [e for e in client.audit_lines() if e["type"] == "space.exec.oom"]
+        assert oom and oom[-1]["space"] == name
+        # A kill that is not the OOM killer's is not reported as one.
+        killed = await client.exec(name, "kill -KILL $$")
+        assert killed["exitCode"] == 137 and killed["oomKilled"] is False, killed
+    finally:
+        assert (await client.delete(f"/api/spaces/{name}",
+                                    params={"removeVolume": "true"})).status == 200
+
+
+async def test_huge_headers_without_a_key_are_refused_without_growing_the_service(
+        client: Api) -> None:
+    import resource
+
+    url = client.client.make_url("/")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    statuses = []
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(b"GET /api/spaces HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for index in range(200):
+                writer.write(f"X-Pad-{index}: ".encode() + b"a" * (1 << 20) + b"\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass  # refused mid-way: what we want
+        with contextlib.suppress(ConnectionError):
+            statuses.append(await asyncio.wait_for(reader.readline(), 60))
+        writer.close()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 25 << 10, f"the service grew by {grown} KiB"
+    assert all(not line or b" 4" in line for line in statuses), statuses
+    # A long (100 KB) key is still answered in JSON.
+    reply = await client.get("/api/spaces", key=None,
+                             headers={"Authorization": "Bearer " + "k" * 100_000})
+    assert reply.status == 401 and reply.error_code() == "unauthorized"
