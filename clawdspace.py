@@ -2171,27 +2171,35 @@ def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
     )
 
 
-# The working directory is entered by the command's own user and checked where it really is
-# before the command runs, in the same process: a space that swaps a directory for a link
-# cannot send a command elsewhere. The docker-level WorkingDir is then only ever "/".
+# Every command a client runs starts through this script, as the command's own user:
+# - the working directory is entered and checked where it really is before the command runs,
+#   in the same process, so a space that swaps a directory for a link cannot send a command
+#   elsewhere (the docker-level WorkingDir is only ever "/");
+# - the command runs under coreutils' timeout (where the image has it), so its time limit
+#   holds even when the service is killed or restarted while it runs. It fires a little after
+#   the service's own timer, which normally ends the command first.
 WORKDIR_MARK = "clawdspace-workdir:"
 WORKDIR_FAILED = 125
-WORKDIR_SCRIPT = r"""
+TIMEOUT_GRACE = 2
+COMMAND_SCRIPT = r"""
 cd -P -- "$1" 2>/dev/null || { echo "clawdspace-workdir: missing $1" >&2; exit 125; }
-here=$(pwd -P)
-case $here in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;; esac
-case $here in "$2"|"$2"/*) ;; *) echo "clawdspace-workdir: outside $1" >&2; exit 125 ;; esac
-shift 2
+if [ "$1" != "$2" ]; then
+    here=$(pwd -P)
+    case $here in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;; esac
+    case $here in "$2"|"$2"/*) ;; *) echo "clawdspace-workdir: outside $1" >&2; exit 125 ;; esac
+fi
+limit=$3
+shift 3
+command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
 exec "$@"
 """
 
 
 def confined(req: ExecRequest) -> ExecRequest:
-    """``req`` run through WORKDIR_SCRIPT (nothing to check for /workspace itself, a mount)."""
-    if req.workdir == WORKSPACE and req.root == WORKSPACE:
-        return req
+    """``req`` as run through COMMAND_SCRIPT."""
+    limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE)
     return dataclasses.replace(req, workdir="/", argv=[
-        "sh", "-c", WORKDIR_SCRIPT, "sh", req.workdir, req.root, *req.argv])
+        "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, *req.argv])
 
 
 def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
@@ -2234,6 +2242,10 @@ class Spaces:
         self.known: dict[str, tuple[str, str]] = {}
         self.gpu_lock = asyncio.Lock()  # GPU choice and container create, one at a time
         self.tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept referenced
+        # Creates under way, on disk: what a create made before a crash is undone at start.
+        self.pending_path = os.path.join(config.data_dir, "pending-creates.json")
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.pending_lock = asyncio.Lock()
 
     def background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -2407,12 +2419,59 @@ class Spaces:
                 "repoDest": req.repo_dest if req.repo else None}, actor):
             return await self._make(req, actor, provision, user, gpu_ids)
 
+    async def _note_pending(self, key: str, entry: dict[str, Any] | None) -> None:
+        """Record (or, with None, forget) a create under way, durably, before going on."""
+        async with self.pending_lock:
+            if entry is None:
+                self.pending.pop(key, None)
+            else:
+                self.pending[key] = entry
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self.pending_path, dict(self.pending))
+
+    async def recover(self) -> None:
+        """At start: undo every create a crash interrupted (its container, and its volume if
+        that create made it), so the client's retry finds the name free."""
+        saved = await asyncio.get_running_loop().run_in_executor(
+            None, read_json_file, self.pending_path)
+        for key, entry in (saved.items() if isinstance(saved, dict) else ()):
+            name = str(key).partition("/")[0]
+            if not isinstance(entry, dict) or not SPACE_NAME_RE.fullmatch(name):
+                continue
+            try:
+                info = await self.engine.call(self.engine.api.inspect_container,
+                                              self.container_name(name))
+            except docker.errors.NotFound:
+                info = None
+            if info is not None and self.is_ours((info.get("Config") or {}).get("Labels"),
+                                                 name):
+                await self.engine.call(self.engine.api.remove_container, info["Id"],
+                                       force=True)
+            if entry.get("volumeCreated") and await self._volume_is_ours(name):
+                await self._remove_volume(self.volume_name(name))
+            log.warning("undid the create of %s that a restart interrupted", name)
+            await self.audit.record("space.create.undone", name,
+                                    {"reason": "the service stopped during the create"})
+        await self._note_pending("", None)
+
     async def _make(self, req: CreateRequest, actor: Actor,
                     provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
                     user: str, gpu_ids: list[str]) -> SpaceInfo:
-        api = self.engine.api
         network_mode = await self.firewall.network_for(req.network, req.allow_cidrs)
         volume, volume_created = await self._claim_volume(req.name)
+        key = f"{req.name}/{os.urandom(4).hex()}"  # two creates of one name are two entries
+        try:
+            await self._note_pending(key, {"volumeCreated": volume_created})
+            return await self._make_container(req, actor, provision, user, gpu_ids,
+                                              network_mode, volume, volume_created)
+        finally:
+            await self._note_pending(key, None)
+
+    async def _make_container(self, req: CreateRequest, actor: Actor,
+                              provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
+                              user: str, gpu_ids: list[str], network_mode: str, volume: str,
+                              volume_created: bool) -> SpaceInfo:
+        api = self.engine.api
         labels = {
             **self.owner_labels(req.name),
             f"{LABEL}.kind": "space",
@@ -2635,11 +2694,9 @@ class Spaces:
         with self.busy(name):
             started = time.monotonic()
             loop = asyncio.get_running_loop()
-            async with self.audit.action("space.exec", name, {
-                    "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
-                    "envKeys": sorted(req.env), "workdir": req.workdir,
-                    "timeout": req.timeout}, actor):
-                container_id, exec_id, sock = await self._start_exec(name, req, actor)
+            container_id, exec_id, sock = await self._start_exec(name, req, actor, {
+                "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+                "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout})
             ooms = await loop.run_in_executor(None, oom_kill_count, container_id)
             result = await self._collect(container_id, exec_id, sock, req.timeout,
                                          self.config.exec_output_limit, started)
@@ -2656,17 +2713,17 @@ class Spaces:
             raise refusal
         return result
 
-    async def _start_exec(self, name: str, req: ExecRequest,
-                          actor: Actor) -> tuple[str, str, ExecSocket]:
-        """Start an exec on the known container id, inspecting only when that fails."""
+    async def _start_exec(self, name: str, req: ExecRequest, actor: Actor,
+                          event: dict[str, Any]) -> tuple[str, str, ExecSocket]:
+        """Create an exec on the known container id (inspecting only when that fails), audit
+        ``event`` (a space.exec record) and start it: nothing runs that was not audited."""
         for _ in range(3):
             if name not in self.known:
                 await self.running(name, actor)
             container_id, user = self.known[name]
             try:
-                exec_id, sock = await self.engine.call(self._open_exec, container_id, user,
-                                                       confined(req))
-                return container_id, exec_id, sock
+                exec_id = await self.engine.call(self._create_exec, container_id, user,
+                                                 confined(req))
             except docker.errors.APIError as err:
                 message = api_message(err)
                 if api_status(err) == 404:
@@ -2678,6 +2735,15 @@ class Spaces:
                                    "/start", "space_stopped") from None
                 else:
                     raise Conflict(f"exec could not start: {message}", "exec_failed") from None
+                continue
+            async with self.audit.action("space.exec", name, event, actor):
+                try:
+                    sock = ExecSocket(await self.engine.call(self.engine.api.exec_start,
+                                                             exec_id, socket=True))
+                except docker.errors.APIError as err:
+                    raise Conflict(f"exec could not start: {api_message(err)}",
+                                   "exec_failed") from None
+            return container_id, exec_id, sock
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
 
     async def run_internal(self, info: dict[str, Any], req: ExecRequest,
@@ -2727,14 +2793,18 @@ class Spaces:
         except docker.errors.APIError as err:
             raise Conflict(f"exec could not start: {api_message(err)}", "exec_failed") from None
 
+    def _create_exec(self, container_id: str, user: str, req: ExecRequest,
+                     stdin: bool = False) -> str:
+        exec_id: str = self.engine.api.exec_create(
+            container_id, req.argv, stdout=True, stderr=True, stdin=stdin, tty=False,
+            environment=req.env or None, workdir=req.workdir, user=user)["Id"]
+        return exec_id
+
     def _open_exec(self, container_id: str, user: str, req: ExecRequest,
                    stdin: bool = False) -> tuple[str, ExecSocket]:
         """Create and start an exec in one executor job (blocking)."""
-        api = self.engine.api
-        exec_id: str = api.exec_create(
-            container_id, req.argv, stdout=True, stderr=True, stdin=stdin, tty=False,
-            environment=req.env or None, workdir=req.workdir, user=user)["Id"]
-        return exec_id, ExecSocket(api.exec_start(exec_id, socket=True))
+        exec_id = self._create_exec(container_id, user, req, stdin)
+        return exec_id, ExecSocket(self.engine.api.exec_start(exec_id, socket=True))
 
     async def _collect(self, container_id: str, exec_id: str, sock: ExecSocket,
                        timeout: float, output_limit: int, started: float) -> ExecResult:
@@ -4538,11 +4608,9 @@ class E2b:
                           workdir="/" + os.path.normpath(cwd).lstrip("/"),
                           timeout=timeout or 86400.0, root="")
         with self.spaces.busy(sandbox):
-            async with self.spaces.audit.action("space.exec", sandbox, {
-                    "command": [cmd, *args], "envKeys": sorted(req.env),
-                    "workdir": req.workdir, "source": "e2b"}, actor):
-                container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req,
-                                                                            actor)
+            container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req, actor, {
+                "command": [cmd, *args], "envKeys": sorted(req.env), "workdir": req.workdir,
+                "source": "e2b"})
             pid = self._remember(E2bProcess(sandbox, container_id, exec_id,
                                             {"cmd": cmd, "args": args, "envs": envs,
                                              "cwd": req.workdir}, message.get("tag")))
@@ -5780,6 +5848,7 @@ async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
     for directory in (app[CONFIG_KEY].data_dir, app[TEMPLATES_KEY].user_dir):
         if remove_temp_files(directory):
             log.info("removed temporary files of interrupted writes in %s", directory)
+    await guarded("undoing interrupted creates", app[SPACES_KEY].recover)
     housekeeper = app[HOUSEKEEPER_KEY]
     housekeeper.load()
     if not await app[FIREWALL_KEY].check():

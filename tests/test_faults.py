@@ -10,6 +10,7 @@ import json
 import logging
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import docker
 import docker.errors
 import pytest
 import yaml
-from conftest import Api, MakeClient, poll
+from conftest import SESSION_KEY, Api, MakeClient, free_loopback, launch, poll, wait_healthy
+from support.fakes import wait_until
 
 import clawdspace
 
@@ -397,3 +399,85 @@ async def test_huge_headers_without_a_key_are_refused_without_growing_the_servic
     reply = await client.get("/api/spaces", key=None,
                              headers={"Authorization": "Bearer " + "k" * 100_000})
     assert reply.status == 401 and reply.error_code() == "unauthorized"
+
+
+# ---------------------------------------------------------------------------------------------
+# A restart finishes or undoes what a crash interrupted
+# ---------------------------------------------------------------------------------------------
+
+def test_an_exec_timeout_holds_when_the_service_is_killed(
+        tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
+    host, port = free_loopback()
+    served = launch(tmp_path, host, port, prefix, SESSION_KEY, {})
+    name = f"tmo-{secrets.token_hex(3)}"
+    container = f"{prefix}{name}"
+    marker = f"sleep 3{secrets.randbelow(1000):03d}"  # a command line to find
+    try:
+        wait_healthy(served)
+        status, body = served.request("POST", "/api/spaces",
+                                      {"name": name, "network": "none", "memory": "64m"})
+        assert status == 201, body
+
+        def run_long() -> None:
+            with contextlib.suppress(OSError):  # the service is killed under it
+                served.request("POST", f"/api/spaces/{name}/exec",
+                               {"command": marker, "timeout": 3})
+
+        threading.Thread(target=run_long, daemon=True).start()
+
+        def running() -> bool:
+            exec_id = docker_api.exec_create(container, ["pgrep", "-f", marker])["Id"]
+            docker_api.exec_start(exec_id)
+            return bool(docker_api.exec_inspect(exec_id)["ExitCode"] == 0)
+
+        wait_until(running, 30, "the command to start")
+    finally:
+        served.process.kill()
+        served.process.wait()
+    try:
+        # Nobody is left to enforce it but the space itself: it still ends.
+        wait_until(lambda: not running(), 60, "the command to end after its timeout")
+    finally:
+        docker_api.remove_container(container, force=True)
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_volume(f"{prefix}vol-{name}")
+
+
+def test_an_upload_killed_with_the_service_leaves_no_temporary_file(
+        tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
+    import socket
+
+    host, port = free_loopback()
+    served = launch(tmp_path, host, port, prefix, SESSION_KEY, {})
+    name = f"upl-{secrets.token_hex(3)}"
+    container = f"{prefix}{name}"
+
+    def temp_files() -> bytes:
+        exec_id = docker_api.exec_create(
+            container, ["sh", "-c", "find /workspace -name '.clawdspace-upload-*'"])["Id"]
+        return bytes(docker_api.exec_start(exec_id))
+
+    try:
+        wait_healthy(served)
+        status, body = served.request("POST", "/api/spaces",
+                                      {"name": name, "network": "none", "memory": "64m"})
+        assert status == 201, body
+        upload = socket.create_connection((host, port))
+        upload.sendall((f"PUT /api/spaces/{name}/file?path=/big.bin HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Bearer {SESSION_KEY}\r\n"
+                        "Content-Type: application/octet-stream\r\n"
+                        f"Content-Length: {1 << 20}\r\n\r\n").encode() + b"x" * 4096)
+        wait_until(lambda: temp_files().strip() != b"", 30, "the upload to begin")
+    finally:
+        served.process.kill()
+        served.process.wait()
+    try:
+        wait_until(lambda: temp_files().strip() == b"", 30, "the temporary file to go")
+        exec_id = docker_api.exec_create(container, ["test", "-e", "/workspace/big.bin"])["Id"]
+        docker_api.exec_start(exec_id)
+        assert docker_api.exec_inspect(exec_id)["ExitCode"] == 1  # no half file in its place
+        upload.close()
+    finally:
+        docker_api.remove_container(container, force=True)
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_volume(f"{prefix}vol-{name}")
