@@ -2234,6 +2234,8 @@ class Spaces:
         self.engine = engine
         self.audit = audit
         self.firewall = firewall
+        # Wall-clock seconds for activity, auto-sleep and E2B deadlines; tests replace it.
+        self.clock: Callable[[], float] = time.time
         self.last_activity: dict[str, float] = {}
         self.busy_count: dict[str, int] = {}  # running execs and open terminals
         self.started_at: dict[str, str | None] = {}  # container id -> StartedAt
@@ -2343,7 +2345,7 @@ class Spaces:
                 self.view_inspected(info)
 
     def touch(self, name: str) -> None:
-        self.last_activity[name] = time.time()
+        self.last_activity[name] = self.clock()
 
     @contextlib.contextmanager
     def busy(self, name: str) -> Iterator[None]:
@@ -3879,7 +3881,7 @@ class Housekeeper:
     # -- auto-sleep -----------------------------------------------------------------------
 
     async def sleep_idle(self) -> None:
-        now = time.time()
+        now = self.spaces.clock()
         for space in await self.spaces.list_all():
             name = space["name"]
             if space["status"] != "running" or self.spaces.is_busy(name):
@@ -4436,7 +4438,8 @@ class E2b:
             "envdVersion": E2B_ENVD_VERSION,
             "domain": None,
             "startedAt": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "endAt": e2b_time(self.deadlines.get(name, time.time() + E2B_DEFAULT_TIMEOUT)),
+            "endAt": e2b_time(self.deadlines.get(name,
+                                                 self.spaces.clock() + E2B_DEFAULT_TIMEOUT)),
             "cpuCount": max(1, int(space["cpus"])),
             "memoryMB": space["memory"] >> 20,
             "diskSizeMB": 0,
@@ -4513,7 +4516,7 @@ class E2b:
         request = dataclasses.replace(request, labels={
             f"{LABEL}.e2b-template": template_id, f"{LABEL}.e2b-metadata": encoded})
         space = await self.spaces.create(request, actor)
-        self.deadlines[name] = time.time() + timeout
+        self.deadlines[name] = self.spaces.clock() + timeout
         await self._save()
         return self._sandbox(space, request.labels)
 
@@ -4546,7 +4549,7 @@ class E2b:
 
     async def set_timeout(self, sandbox_id: str, body: dict[str, Any]) -> None:
         await self._find(sandbox_id)
-        self.deadlines[sandbox_id] = time.time() + self._timeout(body)
+        self.deadlines[sandbox_id] = self.spaces.clock() + self._timeout(body)
         await self._save()
 
     async def pause(self, sandbox_id: str, actor: Actor) -> None:
@@ -4561,7 +4564,7 @@ class E2b:
         resumed = space["status"] != "running"
         if resumed:
             await self.spaces.start(sandbox_id, actor, reason="e2b connect")
-        self.deadlines[sandbox_id] = time.time() + self._timeout(body)
+        self.deadlines[sandbox_id] = self.spaces.clock() + self._timeout(body)
         await self._save()
         space, labels = await self._find(sandbox_id)
         return (201 if resumed else 200), self._sandbox(space, labels)
@@ -4573,7 +4576,7 @@ class E2b:
 
     async def expire(self) -> None:
         """Sandboxes past their timeout are paused (never deleted: /workspace survives)."""
-        now = time.time()
+        now = self.spaces.clock()
         for name, deadline in list(self.deadlines.items()):
             if deadline > now or self.spaces.last_activity.get(name, 0) > deadline:
                 continue  # used after its deadline (woken by a call): auto-sleep governs now
@@ -5538,10 +5541,11 @@ def openapi_document() -> dict[str, Any]:
         "ExecResult": {
             "type": "object",
             "required": ["stdout", "stderr", "exitCode", "durationMs", "timedOut",
-                         "stdoutTruncated", "stderrTruncated"],
+                         "oomKilled", "stdoutTruncated", "stderrTruncated"],
             "properties": {"stdout": {"type": "string"}, "stderr": {"type": "string"},
                            "exitCode": {"type": "integer"}, "durationMs": {"type": "integer"},
                            "timedOut": {"type": "boolean"},
+                           "oomKilled": {"type": "boolean"},
                            "stdoutTruncated": {"type": "boolean"},
                            "stderrTruncated": {"type": "boolean"}},
         },
