@@ -74,7 +74,14 @@ DOCKER_HOST                 Honoured through the docker SDK (default: the local 
 Constraints
 -----------
 * Docker is the database: everything the service knows about a space is a ``clawdspace.*``
-  label on its container. The service may be killed at any moment and restarted.
+  label on its container (labels are anyone's to write: a malformed one reads as a default).
+  The service may be killed at any moment and restarted: creates under way are journalled in
+  the data directory and undone at start, exec timeouts are enforced inside the space too, and
+  the service's own files are written atomically, one writer at a time.
+* Authentication is decided by route (the route table names the credential), never by which
+  header a request carries. Every state-changing action is audited before it is done; when the
+  audit log cannot be written, the action is refused with 503.
+* File calls run as the space's user, in processes that open paths themselves.
 * The docker SDK is synchronous: every call runs on an executor thread, exec streams on their
   own threads, so the event loop never blocks.
 * A container's HostConfig is built only from server-side rules; request fields are validated
