@@ -9,6 +9,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import docker
 import pytest
 from conftest import Api, SpaceMaker, container_of
@@ -133,3 +134,51 @@ async def test_history_ingestion_reads_nothing_the_user_cannot(
               if e.get("space") == racing and e["type"] == "space.shell"]
     assert shells, "history was never ingested"
     assert all("root:" not in e["meta"]["command"] for e in shells), shells
+
+
+SHRINKER = r"""
+import os
+big = b"y" * (1 << 20)
+while not os.path.exists("/workspace/stop-shrinking"):
+    with open("/workspace/shrinking", "r+b") as f:
+        f.truncate(0)
+        f.write(big)
+"""
+
+
+async def test_a_file_that_shrinks_while_read_is_409_or_a_cut_connection_never_short(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient, prefix: str) -> None:
+    name = (await space(network="none", memory="256m"))["name"]
+    container = f"{prefix}{name}"
+    user = container_of(docker_api, prefix, name)["Config"]["User"]
+    for path, text in (("/shrink.py", SHRINKER), ("/shrinking", "")):
+        reply = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": path},
+                                  data=text.encode(),
+                                  headers={"Content-Type": "application/octet-stream"})
+        assert reply.status == 200, reply.body
+    exec_id = docker_api.exec_create(container, ["python3", "/workspace/shrink.py"],
+                                     user=user)["Id"]
+    docker_api.exec_start(exec_id, detach=True)
+    outcomes: dict[str, int] = {}
+    try:
+        for _ in range(ROUNDS):
+            got = await client.get(f"/api/spaces/{name}/file",
+                                   params={"path": "/shrinking", "maxBytes": str(2 << 20)})
+            assert got.status in (200, 409), got.body
+            if got.status == 200:
+                data = base64.b64decode(got.body["contentBase64"])
+                assert len(data) == got.body["size"], (len(data), got.body["size"])
+            outcomes[f"json {got.status}"] = outcomes.get(f"json {got.status}", 0) + 1
+            try:
+                async with client.client.get(
+                        f"/api/spaces/{name}/file", params={"path": "/shrinking", "raw": "true"},
+                        headers={"Authorization": f"Bearer {client.key}"}) as raw:
+                    body = await raw.read()
+                    assert raw.status == 200
+                    assert len(body) == int(raw.headers["Content-Length"])
+                    outcomes["raw whole"] = outcomes.get("raw whole", 0) + 1
+            except aiohttp.ClientPayloadError:
+                outcomes["raw cut"] = outcomes.get("raw cut", 0) + 1  # told, not fooled
+    finally:
+        root_sh(docker_api, container, "touch /workspace/stop-shrinking")
+    assert outcomes.get("json 200") and outcomes.get("raw whole"), outcomes
