@@ -55,6 +55,7 @@ import docker
 import docker.errors
 import docker.types
 import requests
+from aiohttp import web
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVICE = os.path.join(ROOT, "clawdspace.py")
@@ -369,7 +370,8 @@ def engine_and_user(timeout: int,
     try:
         image = client.api.inspect_image(IMAGE)
     except docker.errors.ImageNotFound:
-        print(f"error: image {IMAGE} is missing; build it with: bash tests/build-image.sh",
+        print(f"error: image {IMAGE} is missing; build it with: "
+              f"bash tests/build-image.sh --tag {IMAGE}",
               file=sys.stderr)
         return None
     return client, str((image.get("Config") or {}).get("User") or "")
@@ -670,8 +672,8 @@ def traced_serve(trace_path: str) -> int:
         finally:
             note("audit record", started)
 
-    def wrap(method: str, path: str, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        async def traced_handler(request: Any) -> Any:
+    def wrap(method: str, path: str, handler: cs.Handler) -> cs.Handler:
+        async def traced_handler(request: web.Request) -> web.StreamResponse:
             token = spans.set([])
             started = time.perf_counter()
             ok = False
@@ -690,7 +692,7 @@ def traced_serve(trace_path: str) -> int:
     cs.Engine.call = call  # type: ignore[method-assign]
     cs.Engine.stream = stream  # type: ignore[method-assign]
     cs.AuditLog.record = record  # type: ignore[method-assign]
-    cs.ROUTES = [(m, p, wrap(m, p, h)) for m, p, h in cs.ROUTES]
+    cs.ROUTES = [(m, p, wrap(m, p, h), kind) for m, p, h, kind in cs.ROUTES]
     return cs.main(["serve"])
 
 

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Build the sandbox image the tests use, `clawdspace:latest`, without any image registry.
+# Build the sandbox image the tests use, `clawdspace-test:<hash>`, without any image registry,
+# and print its tag on stdout.
+#
+#   bash tests/build-image.sh                         # the suite's image: clawdspace-test:<hash>
+#   bash tests/build-image.sh --tag clawdspace:latest # also tag it so (the service's default
+#                                                     # image), e.g. to run a checkout offline
 #
 # 1. A base image `clawdspace-base:bookworm` is made once from Debian packages: a minimal root
 #    file system from mmdebstrap, loaded with `docker import`.
-# 2. images/Dockerfile is built on it (build arg BASE_IMAGE) and tagged
-#    `clawdspace-test:<hash>` and `clawdspace:latest`, where <hash> is the first 12 hex digits of
-#    the sha256 of the build context (images/). When that tag exists already, it is only re-tagged.
+# 2. images/Dockerfile is built on it (build arg BASE_IMAGE) and tagged `clawdspace-test:<hash>`,
+#    where <hash> is the first 12 hex digits of the sha256 of the build context (images/). When
+#    that tag exists already, nothing is built.
+# Without --tag, no other tag is made or moved: the suite never touches `clawdspace:latest`, so it
+# can share an engine with an installed service. With --tag, that tag is printed instead.
 #
 # Needs root (mmdebstrap, docker), a running Docker engine, and a Debian package mirror.
 # Environment (all optional):
+#   CLAWDSPACE_BUILD_TAG       the same as --tag
 #   CLAWDSPACE_BASE_SUITE      Debian suite of the base image (default bookworm)
 #   CLAWDSPACE_DEBIAN_MIRROR   mirror URI for mmdebstrap (default: the host's Debian mirror, else
 #                              mmdebstrap's own default, deb.debian.org with updates and security)
@@ -20,11 +28,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SUITE="${CLAWDSPACE_BASE_SUITE:-bookworm}"
 BASE_IMAGE="clawdspace-base:${SUITE}"
 TEST_REPO="clawdspace-test"
-FINAL_TAG="clawdspace:latest"
+EXTRA_TAG="${CLAWDSPACE_BUILD_TAG:-}"
 CONTEXT="images"
 
 log() { printf 'build-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --tag) [ "$#" -ge 2 ] || die "--tag needs an image tag"; EXTRA_TAG="$2"; shift 2 ;;
+        --tag=*) EXTRA_TAG="${1#--tag=}"; shift ;;
+        -h | --help) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1 (usage: bash tests/build-image.sh [--tag IMAGE:TAG])" ;;
+    esac
+done
+case "$EXTRA_TAG" in
+    "${TEST_REPO}:"*) die "--tag $EXTRA_TAG: the ${TEST_REPO} tags are this script's own" ;;
+esac
 
 command -v docker >/dev/null || die "docker is not installed"
 command -v sha256sum >/dev/null || die "sha256sum is not installed"
@@ -73,10 +93,21 @@ host_debian_mirror() {
 HASH="$(context_hash)"
 TEST_TAG="${TEST_REPO}:${HASH}"
 
+# The tag the caller gets: the extra one if asked for (pointed at the test image), else the test
+# image's own.
+finish() {
+    if [ -n "$EXTRA_TAG" ]; then
+        docker tag "$TEST_TAG" "$EXTRA_TAG"
+        log "tagged $TEST_TAG as $EXTRA_TAG"
+        printf '%s\n' "$EXTRA_TAG"
+    else
+        printf '%s\n' "$TEST_TAG"
+    fi
+}
+
 if docker image inspect "$TEST_TAG" >/dev/null 2>&1; then
-    docker tag "$TEST_TAG" "$FINAL_TAG"
     log "cached: $TEST_TAG"
-    printf '%s\n' "$FINAL_TAG"
+    finish
     exit 0
 fi
 
@@ -101,17 +132,17 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     rm -f "$tmp/base.tar"
 fi
 
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$TEST_TAG" -t "$FINAL_TAG")
+build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$TEST_TAG")
 if [ -n "${CLAWDSPACE_BUILD_NETWORK:-}" ]; then
     build_args+=(--network "$CLAWDSPACE_BUILD_NETWORK")
 fi
 log "building $TEST_TAG from $CONTEXT/Dockerfile on $BASE_IMAGE"
 docker build "${build_args[@]}" "$CONTEXT" >&2
 
-# Drop test images of older contexts (ignore any still used by a container).
+# Drop test images of older contexts (ignore any still used by a container, or by another tag).
 docker image ls "$TEST_REPO" --format '{{.Repository}}:{{.Tag}}' \
     | { grep -v -x -F "$TEST_TAG" || true; } \
     | while read -r old; do docker rmi "$old" >/dev/null 2>&1 || true; done
 
 log "built: $TEST_TAG"
-printf '%s\n' "$FINAL_TAG"
+finish

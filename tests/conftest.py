@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import random
@@ -36,6 +37,46 @@ if str(ROOT) not in sys.path:  # clawdspace.py is a module at the repository roo
 
 import clawdspace  # noqa: E402
 
+TEST_REPO = "clawdspace-test"
+
+
+def context_tag(root: Path = ROOT) -> str:
+    """``clawdspace-test:<hash>`` of images/ as tests/build-image.sh names it: the first 12 hex
+    digits of the sha256 of ``sha256sum`` over every file of images/, in byte order of path."""
+    files = sorted((p for p in (root / "images").rglob("*") if p.is_file()),
+                   key=lambda p: os.fsencode(p.relative_to(root)))
+    listing = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}\n"
+                      for p in files)
+    return f"{TEST_REPO}:{hashlib.sha256(listing.encode()).hexdigest()[:12]}"
+
+
+def find_test_image() -> str:
+    """The sandbox image of this run: ``$CLAWDSPACE_TEST_IMAGE`` (tests/run.sh exports the tag
+    it built), else the ``clawdspace-test`` image of the checkout's images/, else the newest
+    ``clawdspace-test`` image there is. Never ``clawdspace:latest``: that tag belongs to whatever
+    service shares the engine, and the suite leaves it alone."""
+    given = os.environ.get("CLAWDSPACE_TEST_IMAGE", "")
+    if given:
+        return given
+    api = docker.APIClient(version="auto")
+    try:
+        want = context_tag()
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            api.inspect_image(want)
+            return want
+        images = sorted(api.images(name=TEST_REPO), key=lambda image: image["Created"])
+    finally:
+        api.close()
+    tags: list[str] = [tag for image in reversed(images) for tag in image.get("RepoTags") or []
+                       if tag.startswith(f"{TEST_REPO}:")]
+    if not tags:
+        raise pytest.UsageError(
+            f"no {TEST_REPO}:* image on this engine: run `bash tests/build-image.sh` (or "
+            "`bash tests/run.sh`, which builds it), or set CLAWDSPACE_TEST_IMAGE to an image")
+    return tags[0]
+
+
+TEST_IMAGE = find_test_image()
 SESSION_PREFIX = f"cst{secrets.token_hex(3)}-"
 SESSION_KEY = f"cs-test-key-{secrets.token_hex(16)}"
 NO_GPU = "/nonexistent/nvidia-smi"  # an nvidia-smi that is not there: a GPU-less node
@@ -142,6 +183,7 @@ def make_config(tmp_path: Path, prefix: str, api_key: str) -> MakeConfig:
         values: dict[str, Any] = {
             "api_key": api_key, "data_dir": str(tmp_path / "data"), "prefix": prefix,
             "host": "127.0.0.1", "port": 0, "nvidia_smi": NO_GPU,
+            "image": TEST_IMAGE,  # gpu_image "" follows it, as CLAWDSPACE_GPU_IMAGE does
         }
         values.update(overrides)
         return clawdspace.Config(**values)
@@ -337,10 +379,11 @@ class Served:
 
 
 def service_env(**env: str) -> dict[str, str]:
-    """The parent environment minus every CLAWDSPACE_* variable, plus ``env``."""
+    """The parent environment minus every CLAWDSPACE_* variable, plus the suite's image as
+    CLAWDSPACE_IMAGE (and so CLAWDSPACE_GPU_IMAGE, which follows it), plus ``env``."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("CLAWDSPACE_") and k != "API_KEY"}
-    return {**base, "PYTHONUNBUFFERED": "1", **env}
+    return {**base, "PYTHONUNBUFFERED": "1", "CLAWDSPACE_IMAGE": TEST_IMAGE, **env}
 
 
 def run_cli(*args: str, env: dict[str, str],
@@ -430,7 +473,7 @@ def container_processes(docker_api: docker.APIClient, container: str) -> list[st
 
 
 NOPY_DOCKERFILE = (
-    "FROM clawdspace:latest\n"
+    f"FROM {TEST_IMAGE}\n"
     "USER root\n"
     "RUN rm -f /usr/bin/python3* /bin/bash /usr/bin/bash /usr/bin/find\n"
     "USER sandbox\n"
@@ -439,7 +482,7 @@ NOPY_DOCKERFILE = (
 
 @pytest.fixture(scope="session")
 def nopy_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
-    """A local image like clawdspace:latest but without python3, bash and GNU find."""
+    """A local image like the suite's (TEST_IMAGE) but without python3, bash and GNU find."""
     import io
 
     tag = f"{prefix}nopy:latest"

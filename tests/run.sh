@@ -4,9 +4,11 @@
 # On a Debian/Ubuntu machine, as root, from any directory, it:
 #   1. installs what is missing (docker.io, mmdebstrap, iptables, ca-certificates, python3-venv),
 #   2. starts dockerd in the background when no Docker engine answers (no systemd needed),
-#   3. builds the sandbox test image clawdspace:latest (tests/build-image.sh, cached),
+#   3. builds the sandbox test image clawdspace-test:<hash> (tests/build-image.sh, cached) and
+#      exports its tag as CLAWDSPACE_TEST_IMAGE (the suite never uses or moves clawdspace:latest),
 #   4. creates or updates the virtualenv .venv from requirements*.txt (cached by their hash),
-#   5. runs ruff, mypy and pytest; every step runs, and any failure fails the whole run.
+#   5. runs ruff, mypy (clawdspace.py, tests, bench) and pytest; every step runs, and any failure
+#      fails the whole run.
 # pytest's exit code 5 (no tests collected) counts as a failure.
 set -euo pipefail
 
@@ -137,7 +139,10 @@ install_packages
 ensure_docker
 
 log "building the sandbox image"
-bash tests/build-image.sh >/dev/null
+CLAWDSPACE_TEST_IMAGE="$(bash tests/build-image.sh)"
+[ -n "$CLAWDSPACE_TEST_IMAGE" ] || die "tests/build-image.sh printed no image tag"
+export CLAWDSPACE_TEST_IMAGE
+log "sandbox image: $CLAWDSPACE_TEST_IMAGE"
 
 ensure_venv
 export VIRTUAL_ENV="$VENV"
@@ -148,8 +153,8 @@ failed=()
 log "ruff check ."
 ruff check . || failed+=(ruff)
 
-log "mypy clawdspace.py"
-mypy clawdspace.py || failed+=(mypy)
+log "mypy clawdspace.py tests bench"
+mypy clawdspace.py tests bench || failed+=(mypy)
 
 log "pytest $*"
 pytest_rc=0

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import docker
 import pytest
-from conftest import Api, MakeClient, SpaceMaker, container_of, leak_watch, unique_name
+from conftest import (
+    Api,
+    MakeClient,
+    SpaceMaker,
+    container_of,
+    in_container,
+    leak_watch,
+    poll,
+    unique_name,
+)
 
 SPLIT_UTF8 = (
     "import sys, time\n"
@@ -177,17 +187,24 @@ async def test_exec_on_stopped_space_is_409(client: Api, space: SpaceMaker,
 async def test_fifty_concurrent_execs_do_not_stall_the_service(
         client: Api, shared_space: str, docker_api: docker.APIClient, prefix: str) -> None:
     """All 50 run at once (none waits for a free reader thread), and health and listing answer
-    while they run. Order, not duration: the sleeps are long enough for 50 to start first."""
+    while they run. Order, not duration: each exec marks that it started, then waits for a
+    release file that the test writes only after all 50 are up and both requests answered."""
     container = f"{prefix}{shared_space}"
-    execs = [asyncio.ensure_future(client.exec(shared_space, f"sleep 6; echo {i}"))
+    gate = f"/workspace/.cst-fifty-{secrets.token_hex(4)}"
+    in_container(docker_api, container, f"mkdir -p {gate}")
+    execs = [asyncio.ensure_future(client.exec(
+        shared_space, f"touch {gate}/up.{i}; "
+                      f"while [ ! -e {gate}/go ]; do sleep 0.2; done; echo {i}"))
              for i in range(50)]
+
+    async def all_up() -> bool:
+        assert not any(task.done() for task in execs), "an exec ended before the release"
+        code, out = await asyncio.to_thread(in_container, docker_api, container,
+                                            f"ls {gate} | grep -c '^up\\.'")
+        return code == 0 and int(out.split()[0]) == 50
+
     try:
-        running = 0
-        while running < 50:
-            assert not any(task.done() for task in execs), f"an exec ended with {running} up"
-            await asyncio.sleep(0.1)
-            running = sum(p.startswith("sleep 6") for p in
-                          await asyncio.to_thread(processes, docker_api, container))
+        await poll(all_up, timeout=120, what="all 50 execs running at once")
         health, listing = await asyncio.gather(client.get("/api/health", key=None),
                                                client.get("/api/spaces"))
         finished_first = sum(task.done() for task in execs)
@@ -196,11 +213,14 @@ async def test_fifty_concurrent_execs_do_not_stall_the_service(
             task.cancel()
         await asyncio.gather(*execs, return_exceptions=True)
         raise
+    finally:
+        in_container(docker_api, container, f"touch {gate}/go")
     assert health.status == 200 and health.body["docker"]["ok"] is True
     assert listing.status == 200
     assert shared_space in {s["name"] for s in listing.body["spaces"]}
     assert finished_first == 0  # both answered while every exec was still running
     results = await asyncio.gather(*execs)
+    in_container(docker_api, container, f"rm -rf {gate}")
     assert [r["stdout"] for r in results] == [f"{i}\n" for i in range(50)]
     assert all(r["exitCode"] == 0 and not r["timedOut"] for r in results)
 

@@ -32,6 +32,7 @@ from conftest import (
     unique_name,
     volume_exists,
 )
+from support.fakes import wait_until
 from support.netns import SUPPORT, Listener, NetnsHost
 
 pytestmark = pytest.mark.network
@@ -125,6 +126,12 @@ class GitWorld:
             not volume_exists(self.docker_api, f"{GIT_PREFIX}vol-{name}")
 
 
+def slow_gate(root: Path) -> Path:
+    """The file that lets the git servers answer the requests of priv-slow (until it exists,
+    they hold them: a push to it runs as long as the test needs to watch it)."""
+    return root.parent / "slow-gate"
+
+
 def seed(root: Path, work: Path) -> None:
     """Bare repos public.git (main + feature), priv.git and priv-slow.git (main), from one
     history, all accepting pushes over HTTP."""
@@ -158,7 +165,7 @@ def world(netns_host: NetnsHost, docker_api: docker.APIClient,
     for port, log in zip(ports, logs, strict=True):
         netns_host.start([sys.executable, str(SUPPORT / "gitserver.py"), "--root", str(root),
                           "--port", str(port), "--log", str(log), "--private", "priv",
-                          "--slow", "priv-slow", "--delay", "1"],
+                          "--slow", "priv-slow", "--gate", str(slow_gate(root))],
                          env={"CST_GIT_PASSWORD": CANARY})
         netns_host.wait_port(port)
     trap = netns_host.listener()
@@ -654,25 +661,41 @@ class ArgvSampler(threading.Thread):
             time.sleep(self.interval)
 
 
+def saw_git(seen: set[bytes]) -> bool:
+    """Is a git push among these argvs (NUL-separated, as /proc/PID/cmdline has them)?"""
+    argv = [cmd.replace(b"\0", b" ") for cmd in seen]
+    return any(b"remote-http" in cmd or b"git push" in cmd or b" push " in cmd for cmd in argv)
+
+
 def test_secret_hygiene(world: GitWorld, pusher: str) -> None:
     container = world.container(pusher)
     world.sh(pusher, f"cd /workspace/repo && (git remote remove slow 2>/dev/null; true) && "
                      f"git remote add slow {world.url('priv-slow')}")
     sha = commit(world, pusher, "/workspace/repo", "slow push")
     sampler = ArgvSampler(cgroup_procs(world.docker_api, container))
+    gate = slow_gate(world.root)
+    gate.unlink(missing_ok=True)
     sampler.start()
+    answer: list[tuple[int, Any]] = []
+    pushing = threading.Thread(target=lambda: answer.append(push(
+        world, pusher, repoPath="/repo", remote="slow", branch="main", token=CANARY)))
+    pushing.start()
     try:
-        status, body = push(world, pusher, repoPath="/repo", remote="slow", branch="main",
-                            token=CANARY)
+        # The server holds the push until the sampler has watched git run for 50 samples.
+        wait_until(lambda: sampler.samples > 50 and saw_git(sampler.seen.copy()), timeout=120,
+                   what="the sampler watched the push run")
     finally:
+        gate.touch()
+        pushing.join()
+        gate.unlink()  # closed again for whoever uses priv-slow next
         sampler.stop.set()
         sampler.join()
+    [(status, body)] = answer
     assert status == 200 and body["exitCode"] == 0, body
     assert world.head("priv-slow") == sha
     assert sampler.samples > 50, sampler.samples
     argv = [cmd.replace(b"\0", b" ") for cmd in sampler.seen]
-    assert any(b"remote-http" in cmd or b"git push" in cmd or b" push " in cmd for cmd in argv), \
-        f"the sampler never saw git run: {argv}"
+    assert saw_git(sampler.seen), f"the sampler never saw git run: {argv}"
     assert not [cmd for cmd in argv if leaks(cmd)], "the token was in a process's argv"
 
     # Nowhere at rest: the audit log, the service log, docker inspect, the space's files.

@@ -18,6 +18,7 @@ import docker
 import docker.errors
 import pytest
 from conftest import (
+    TEST_IMAGE,
     Api,
     MakeClient,
     MakeConfig,
@@ -216,9 +217,9 @@ async def test_no_gpu_runtime_is_503_with_advice(make_client: MakeClient, tmp_pa
 
 @pytest.fixture
 def gpu_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
-    """clawdspace:latest under a name of its own, to show the GPU image is the one used."""
+    """The suite's image under a name of its own, to show the GPU image is the one used."""
     repository = f"{prefix}gpu-image"
-    docker_api.tag("clawdspace:latest", repository, "latest")
+    docker_api.tag(TEST_IMAGE, repository, "latest")
     try:
         yield f"{repository}:latest"
     finally:
@@ -253,7 +254,7 @@ async def test_engine_without_nvidia_driver(make_client: MakeClient, tmp_path: P
     instance = f"{prefix}gdrv-"
     api = await make_client(nvidia_smi=smi(tmp_path, ROWS_4), gpu_image=gpu_image,
                             prefix=instance, firewall=False)
-    busy = docker_api.create_container("clawdspace:latest", ["sleep", "infinity"],
+    busy = docker_api.create_container(TEST_IMAGE, ["sleep", "infinity"],
                                        name=f"{instance}busy", labels={
                                            "clawdspace.instance": instance,
                                            "clawdspace.kind": "space",
@@ -309,7 +310,7 @@ async def test_assign_gpus_fewest_spaces_first(make_client: MakeClient, tmp_path
     def container(name: str, gpus: list[str], owner: str = instance, kind: str = "space",
                   start: bool = False) -> None:
         created = docker_api.create_container(
-            "clawdspace:latest", ["sleep", "infinity"], name=f"{prefix}asg{name}",
+            TEST_IMAGE, ["sleep", "infinity"], name=f"{prefix}asg{name}",
             labels={"clawdspace.instance": owner, "clawdspace.kind": kind,
                     "clawdspace.space": name, "clawdspace.gpu": "true",
                     "clawdspace.gpus": ",".join(gpus)})
@@ -355,7 +356,7 @@ async def test_assign_gpus_refusals(make_client: MakeClient, tmp_path: Path,
 
 def gpu_request(network: str = "none", **overrides: Any) -> clawdspace.CreateRequest:
     values: dict[str, Any] = {"name": "g", "memory": 256 << 20, "cpus": 1.0, "gpu": True,
-                              "image": "clawdspace:latest", "template": "gpu", "gpus": 1,
+                              "image": TEST_IMAGE, "template": "gpu", "gpus": 1,
                               "network": network}
     values.update(overrides)
     return clawdspace.CreateRequest(**values)
@@ -379,7 +380,7 @@ async def test_host_config_of_a_gpu_space(client: Api, docker_api: docker.APICli
         k: v for k, v in host.items() if k != "DeviceRequests"}
     # What the engine records for it (created, never started).
     name = f"{prefix}hostcfg-{unique_name()}"
-    created = docker_api.create_container("clawdspace:latest", ["true"], name=name,
+    created = docker_api.create_container(TEST_IMAGE, ["true"], name=name,
                                           host_config=spaces._host_config(
                                               gpu_request(), f"{name}-vol", "none", UUIDS[:2]))
     try:

@@ -11,7 +11,6 @@ import hashlib
 import secrets
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +20,7 @@ import pytest
 from conftest import (
     SESSION_KEY,
     SESSION_PREFIX,
+    TEST_IMAGE,
     Api,
     MakeClient,
     Served,
@@ -30,6 +30,7 @@ from conftest import (
     serve,
     unique_name,
 )
+from support.fakes import wait_until
 from support.netns import NetnsHost
 
 import clawdspace
@@ -83,7 +84,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def control(docker_api: docker.APIClient) -> Iterator[str]:
     """A plain container on Docker's default bridge: what an unfenced container can reach."""
     name = f"{SESSION_PREFIX}control-{secrets.token_hex(3)}"
-    docker_api.create_container("clawdspace:latest", ["sleep", "infinity"], name=name,
+    docker_api.create_container(TEST_IMAGE, ["sleep", "infinity"], name=name,
                                 host_config=docker_api.create_host_config(init=True))
     docker_api.start(name)
     yield name
@@ -194,19 +195,19 @@ def test_spaces_on_the_bridge_cannot_reach_each_other(pair: tuple[str, str],
     server = docker_api.exec_create(first, ["python3", "-m", "http.server", "18080", "--bind",
                                             address, "--directory", "/tmp"])
     docker_api.exec_start(server["Id"], detach=True)
-    deadline = time.monotonic() + 15
-    while not curl(docker_api, first, f"http://{address}:18080/"):
-        assert time.monotonic() < deadline, "the listener in the first space never came up"
-        time.sleep(0.2)
+    wait_until(lambda: curl(docker_api, first, f"http://{address}:18080/"), timeout=60,
+               what="the listener in the first space came up")
     assert not curl(docker_api, second, f"http://{address}:18080/"), \
         "inter-container traffic on the space bridge is open"
 
 
 PROBE = """
-import socket, time
-end = time.time() + {seconds}
+import os, socket
 tries = hits = 0
-while time.time() < end:
+# Until told to stop (and at least {minimum} tries): the test says when, after the creates.
+while tries < {minimum} or not os.path.exists("/tmp/cst-probe-stop"):
+    if tries == 1:
+        open("/tmp/cst-probe-up", "w").close()
     tries += 1
     s = socket.socket()
     s.settimeout(0.05)  # replies are local; REJECTs past the ICMP rate limit are silent
@@ -240,25 +241,24 @@ def test_fence_stays_closed_while_other_spaces_are_created(
                 open_states.append(rules)
 
     watcher = threading.Thread(target=watch_rules, daemon=True)
-    probe = PROBE.format(seconds=8, ip=netns_host.ip, port=listener.port)
-    in_container(docker_api, pair[1], "rm -f /tmp/cst-probe")
+    probe = PROBE.format(minimum=61, ip=netns_host.ip, port=listener.port)
+    in_container(docker_api, pair[1], "rm -f /tmp/cst-probe /tmp/cst-probe-up /tmp/cst-probe-stop")
     started = docker_api.exec_create(pair[1], ["python3", "-c", probe])
     docker_api.exec_start(started["Id"], detach=True)
     watcher.start()
-    time.sleep(0.5)
     try:
+        wait_until(lambda: in_container(docker_api, pair[1], "test -e /tmp/cst-probe-up")[0] == 0,
+                   timeout=60, what="the probe started")
         for _ in range(3):  # each create rebuilds the chains of the bridge both spaces are on
             create(node, {"name": unique_name("churn"), "memory": "64m"})
     finally:
         stop.set()
         watcher.join()
-    deadline = time.monotonic() + 20
-    while True:
-        code, out = in_container(docker_api, pair[1], "cat /tmp/cst-probe")
-        if code == 0:
-            break
-        assert time.monotonic() < deadline, "the probe never finished"
-        time.sleep(0.3)
+        in_container(docker_api, pair[1], "touch /tmp/cst-probe-stop")
+    wait_until(lambda: in_container(docker_api, pair[1], "test -e /tmp/cst-probe")[0] == 0,
+               timeout=60, what="the probe finished")
+    code, out = in_container(docker_api, pair[1], "cat /tmp/cst-probe")
+    assert code == 0, out
     tries, hits = map(int, out.split())
     assert tries > 60, f"the probe ran only {tries} times"
     assert (hits, listener.connections(), len(open_states)) == (0, 0, 0), \

@@ -12,6 +12,7 @@ from typing import Any
 import docker
 import pytest
 from conftest import (
+    TEST_IMAGE,
     Api,
     MakeClient,
     SpaceMaker,
@@ -41,7 +42,7 @@ def iso(value: str) -> dt.datetime:
 def foreign_container(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
     """A container named like a space of this instance but not made by clawdspace."""
     name = unique_name("foreign")
-    docker_api.create_container("clawdspace:latest", ["sleep", "60"], name=f"{prefix}{name}")
+    docker_api.create_container(TEST_IMAGE, ["sleep", "60"], name=f"{prefix}{name}")
     yield name
     docker_api.remove_container(f"{prefix}{name}", force=True)
 
@@ -58,7 +59,7 @@ async def test_create_shape_and_hardening(make_client: MakeClient, space: SpaceM
     assert body["status"] == "running"
     assert iso(body["created"]) <= iso(body["started"])
     assert iso(body["lastActivity"]) >= iso(body["created"])
-    assert body["image"] == "clawdspace:latest"
+    assert body["image"] == TEST_IMAGE
     assert body["memory"] == 256 << 20
     assert body["cpus"] == 0.5
     assert body["gpu"] is False
@@ -204,7 +205,7 @@ async def test_failed_engine_create_leaves_nothing(make_client: MakeClient, tmp_
     monkeypatch.setenv("PATH", f"{toolkit}:{os.environ['PATH']}")
     before = docker_names(docker_api, prefix)
     name = unique_name("gpu")
-    body = {"name": name, "gpu": True, "image": "clawdspace:latest"}
+    body = {"name": name, "gpu": True, "image": TEST_IMAGE}
     reply = await api.post("/api/spaces", body)
     assert reply.status == 503, reply.body
     assert reply.error_code() == "no_gpu_runtime"

@@ -288,17 +288,19 @@ def billion_laughs(where: str) -> str:
 
 @pytest.mark.parametrize("where", ["top", "description", "allowCidrs", "memory", "idleTimeout"])
 async def test_alias_bomb_is_refused_quickly(tpl: Api, where: str) -> None:
-    started = time.monotonic()
+    """Quickly in CPU time, not wall time (the app runs in this process): expanding the bomb
+    would cost minutes of CPU, while a loaded host only stretches the wall clock."""
+    started = time.process_time()
     reply = await put(tpl, billion_laughs(where))
-    elapsed = time.monotonic() - started
+    elapsed = time.process_time() - started
     assert reply.status < 500, reply.body
     assert reply.status in (200, 400), reply.body
-    assert elapsed < 2, f"an alias bomb took {elapsed:.1f} s"
+    assert elapsed < 2, f"an alias bomb took {elapsed:.1f} s of CPU"
     if reply.status == 200:  # stored harmlessly: it must read back as quickly
-        started = time.monotonic()
+        started = time.process_time()
         assert (await tpl.get("/api/templates/t1")).status == 200
         assert (await tpl.get("/api/templates")).status == 200
-        assert time.monotonic() - started < 2
+        assert time.process_time() - started < 2
 
 
 async def test_template_over_64_kib_is_refused(tpl: Api, dirs: tuple[Path, Path]) -> None:

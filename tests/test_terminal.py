@@ -70,7 +70,7 @@ def shells(docker_api: docker.APIClient, container: str) -> list[str]:
 
 
 async def wait_until_gone(docker_api: docker.APIClient, container: str,
-                          which: str = "", timeout: float = 15) -> None:
+                          which: str = "", timeout: float = 60) -> None:
     """Poll until no process of the container (but its init) matches ``which`` (all: "")."""
     left: list[str] = []
     deadline = asyncio.get_running_loop().time() + timeout
@@ -233,11 +233,11 @@ async def test_in_process_shell_exit_cleans_up(client: Api, space: SpaceMaker) -
         await term.expect("bye-2")
         assert await term.closed() == 1000
         await ws.close()
-        for _ in range(50):
-            closes = events_of(client, name, "terminal.close")
-            if closes:
-                break
-            await asyncio.sleep(0.2)
+
+        async def closed() -> list[dict[str, Any]]:
+            return events_of(client, name, "terminal.close")
+
+        closes = await poll(closed, timeout=60, what="terminal.close audited")
     assert len(closes) == 1, "terminal.close was never audited"
     assert closes[0]["meta"]["exitCode"] == 3
     assert leaks.resource_warnings == [] and leaks.unraisable == []
@@ -326,12 +326,12 @@ async def test_client_close_ends_the_shell(served: Served, own_space: str,
     container = f"{served.prefix}{own_space}"
     async with served_terminal(served, own_space) as term:
         await term.type("sleep 3600; echo never\n")
-        running: list[str] = []
-        for _ in range(100):
+
+        async def sleeping() -> list[str]:
             running = shells(docker_api, container)
-            if any(p.startswith("sleep sleep 3600") for p in running):
-                break
-            await asyncio.sleep(0.1)
+            return running if any(p.startswith("sleep sleep 3600") for p in running) else []
+
+        running = await poll(sleeping, timeout=60, interval=0.1, what="sleep 3600 running")
         assert any(p.startswith("bash ") for p in running), running
     await wait_until_gone(docker_api, container)  # the shell and its foreground job
 

@@ -2,13 +2,14 @@
 """A small smart-HTTP git server for tests: ``git http-backend`` as CGI behind basic auth.
 
     CST_GIT_PASSWORD=TOKEN gitserver.py --root DIR --port PORT --log FILE
-                 [--private PREFIX] [--slow PREFIX] [--delay SECONDS]
+                 [--private PREFIX] [--slow PREFIX --gate FILE]
 
 Repositories are the bare repositories under DIR (``DIR/<name>.git``). Pushes (receive-pack)
 always need the password; fetches need it for repositories whose name starts with ``--private``.
 A wrong or missing password gets ``401`` with ``WWW-Authenticate: Basic``, so git asks its
-credential helper. Requests to repositories whose name starts with ``--slow`` are answered only
-after ``--delay`` seconds (to watch a push while it runs).
+credential helper. Authorized requests to repositories whose name starts with ``--slow`` are
+answered only once the file ``--gate`` exists (the test writes it when it has watched the push
+run long enough).
 
 The password comes from the environment, so it is in no process's argv.
 Every request is logged to FILE as one JSON line: method, path, query, whether an Authorization
@@ -94,7 +95,8 @@ class GitHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"unauthorized\n")
             return
         if self.options.slow and repo.startswith(self.options.slow):
-            time.sleep(self.options.delay)
+            while not os.path.exists(self.options.gate):
+                time.sleep(0.05)
         body = self.read_body()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -142,8 +144,10 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--private", default="")
     parser.add_argument("--slow", default="")
-    parser.add_argument("--delay", type=float, default=1.0)
+    parser.add_argument("--gate", default="")
     options = parser.parse_args()
+    if options.slow and not options.gate:
+        parser.error("--slow needs --gate")
     options.password = os.environ["CST_GIT_PASSWORD"]
     GitHandler.options = options
     server = ThreadingHTTPServer(("0.0.0.0", options.port), GitHandler)  # noqa: S104 - test netns

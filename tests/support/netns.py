@@ -66,6 +66,12 @@ class Listener:
                        if e.get("event") == "data")
 
 
+def probe_logged(events: list[dict[str, Any]]) -> bool:
+    """Has every connection so far been logged whole (a connect line and its data line)?"""
+    kinds = [event.get("event") for event in events]
+    return kinds.count("connect") >= 1 and kinds.count("connect") == kinds.count("data")
+
+
 @dataclasses.dataclass
 class NetnsHost:
     ns: str
@@ -153,11 +159,17 @@ class NetnsHost:
         """
         port = self.port()
         log = self.workdir / f"listener-{port}.jsonl"
+        listener = Listener(self, port, log)
         self.start([sys.executable, str(SUPPORT / "listener.py"), str(port), str(log)])
         self.wait_port(port)
-        time.sleep(0.3)  # the readiness probe's own log lines land before the reset
-        log.unlink(missing_ok=True)
-        return Listener(self, port, log)
+        # The readiness probe's own lines (connect, then data once it hung up) land first.
+        deadline = time.monotonic() + 30
+        while not probe_logged(listener.events()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the listener never logged its readiness probe: {log}")
+            time.sleep(0.05)
+        log.unlink()
+        return listener
 
     def close(self) -> None:
         for process in self.processes:
