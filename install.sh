@@ -21,7 +21,8 @@
 #      with the dependencies of requirements.txt, a copy of this installer and uninstall.sh;
 #   3. writes the configuration in /etc/clawdspace: clawdspace.env (mode 600, with a generated
 #      API key) and the shipped templates in templates/; data lives in /var/lib/clawdspace;
-#   4. builds the sandbox image clawdspace:latest from images/Dockerfile when it is missing;
+#   4. builds the sandbox image clawdspace:latest from images/ when it is missing (or, if this
+#      installer built it, when images/ or the base image changed);
 #   5. checks for an NVIDIA GPU and the NVIDIA Container Toolkit, and says what to do if needed;
 #   6. installs, enables and (re)starts clawdspace.service, waits for /api/health, and prints
 #      the URL, where the key is, and a first command to try.
@@ -36,6 +37,8 @@
 #   --purge       with --uninstall: also remove every space (containers, volumes, networks and
 #                 firewall rules of this node's prefix), /etc/clawdspace, /var/lib/clawdspace,
 #                 /etc/default/clawdspace and the unit's drop-ins
+#   --write-manifest   in a checkout: rewrite release.sha256 from the files (needs no root)
+#   --check-manifest   in a checkout: check release.sha256 against the files (needs no root)
 #   --help        this text
 #
 # Environment (all optional; the default follows each name):
@@ -46,6 +49,9 @@
 #   CLAWDSPACE_INSTALL_DOCKER=1      0: never install docker.io (fail if no engine is installed)
 #   CLAWDSPACE_BASE_IMAGE=           base image of the sandbox image (empty: the Dockerfile's
 #                                    default, ubuntu:24.04); set it on nodes without Docker Hub
+#   CLAWDSPACE_BUILD_NETWORK=        network of the image build's RUN steps (empty: the engine's
+#                                    default bridge); e.g. host, where only the host reaches
+#                                    a package mirror
 #   CLAWDSPACE_HOST=0.0.0.0          address the service binds    } written to clawdspace.env at
 #   CLAWDSPACE_PORT=7777             port the service binds       } the first install; given on a
 #   CLAWDSPACE_PREFIX=clawdspace-    container and volume prefix  } re-run, they replace its lines
@@ -54,9 +60,13 @@
 #                                    any index (pip --no-index --find-links), for offline nodes
 #   CLAWDSPACE_HEALTH_TIMEOUT=60     seconds to wait for the started service to answer
 #
-# Files fetched when downloading: clawdspace.py requirements.txt clawdspace.service
-# images/Dockerfile install.sh and templates/<name>.yaml for each name in SHIPPED_TEMPLATES
-# below; from a checkout, templates/*.yaml is copied as it is.
+# The files: release.sha256, at the top of the repository, lists every file the install uses
+# (clawdspace.py, requirements.txt, clawdspace.service, install.sh, the whole images/ build
+# context, templates/*.yaml) with its SHA-256, in sha256sum's format. Downloading, the installer
+# fetches that list first, then each file in it, and checks each against its hash: a file that is
+# missing or differs stops it before anything is installed. From a checkout, the list must match
+# the local files (after editing them: sh install.sh --write-manifest). The sandbox image's
+# label clawdspace.build-sha256 is the hash of the list's images/ lines and the base image.
 set -eu
 
 # Up to the last line there are only settings and functions: main is called there, so that a
@@ -73,7 +83,8 @@ VENV=$PROGRAM_DIR/venv
 IMAGE=clawdspace:latest
 # Label on a sandbox image this installer built: the hash of what it was built from.
 IMAGE_LABEL=clawdspace.build-sha256
-SHIPPED_TEMPLATES="default gpu offline readonly"
+# The list of a release's files and their SHA-256 (see the header).
+MANIFEST=release.sha256
 
 # The settings given by the caller, before defaults fill them in (a re-run only writes these).
 GIVEN_HOST=${CLAWDSPACE_HOST:-}
@@ -84,6 +95,7 @@ CLAWDSPACE_VERSION=${CLAWDSPACE_VERSION:-main}
 CLAWDSPACE_BASE_URL=${CLAWDSPACE_BASE_URL:-https://raw.githubusercontent.com/adam91holt/clawdspace/$CLAWDSPACE_VERSION}
 CLAWDSPACE_INSTALL_DOCKER=${CLAWDSPACE_INSTALL_DOCKER:-1}
 CLAWDSPACE_BASE_IMAGE=${CLAWDSPACE_BASE_IMAGE:-}
+CLAWDSPACE_BUILD_NETWORK=${CLAWDSPACE_BUILD_NETWORK:-}
 CLAWDSPACE_PIP_INDEX=${CLAWDSPACE_PIP_INDEX:-}
 CLAWDSPACE_PIP_FIND_LINKS=${CLAWDSPACE_PIP_FIND_LINKS:-}
 CLAWDSPACE_HEALTH_TIMEOUT=${CLAWDSPACE_HEALTH_TIMEOUT:-60}
@@ -148,6 +160,8 @@ parse_args() {
             --dry-run) dry_run=1; sh_c='echo' ;;
             --uninstall) action=uninstall ;;
             --purge) purge=1 ;;
+            --write-manifest) action=write-manifest ;;
+            --check-manifest) action=check-manifest ;;
             -h | --help) sed -n '2,/^set -eu/p' "$0" 2>/dev/null | sed '$d; s/^# \{0,1\}//' \
                 || echo "see the header of install.sh"; exit 0 ;;
             *) fatal "unknown option $arg (try --help)" ;;
@@ -167,6 +181,7 @@ parse_args() {
     case "$GIVEN_PREFIX" in *[!a-z0-9-]*) fatal "CLAWDSPACE_PREFIX may hold only a-z, 0-9 and -" ;; esac
     case "$GIVEN_HOST" in *[!0-9A-Za-z.:_-]*) fatal "CLAWDSPACE_HOST is not an address: '$GIVEN_HOST'" ;; esac
     case "$CLAWDSPACE_HEALTH_TIMEOUT" in "" | *[!0-9]*) fatal "CLAWDSPACE_HEALTH_TIMEOUT must be seconds" ;; esac
+    case "$CLAWDSPACE_BUILD_NETWORK" in *[!0-9A-Za-z._-]*) fatal "CLAWDSPACE_BUILD_NETWORK is not a network name: '$CLAWDSPACE_BUILD_NETWORK'" ;; esac
 }
 
 need_root() {
@@ -248,28 +263,129 @@ CLAWDSPACE_INSTALL_DOCKER=0. Install Docker (e.g. apt-get install docker.io), th
 
 # --- the files to install --------------------------------------------------------------------
 
-# Sets SRC to a directory holding the files: this checkout, or a download into $TMP/src.
-get_source() {
+# checkout_dir: the directory of this installer when it is a checkout's (the program and the
+# unit lie beside it); nothing when it is piped from curl or run on its own.
+checkout_dir() {
     here=""
     case "$0" in */*) here=$(cd "$(dirname "$0")" && pwd) ;; *) [ -f "$0" ] && here=$(pwd) ;; esac
     if [ -n "$here" ] && [ -f "$here/clawdspace.py" ] && [ -f "$here/install.sh" ] \
             && [ -f "$here/$UNIT" ]; then
-        SRC=$here
-        info "installing from the checkout $SRC"
+        printf '%s\n' "$here"
+    fi
+}
+
+# sha256 FILE: its SHA-256, in hex.
+sha256() { sha256sum <"$1" | cut -d' ' -f1; }
+
+# safe_path PATH: a relative path of plain names, fit to be a manifest entry and a file under
+# $SRC (no "..", no leading "/" or "-", nothing a shell or sha256sum would read otherwise).
+safe_path() {
+    case "$1" in
+        "" | /* | -* | */-* | ./* | *..* | *//* | */ | "$MANIFEST" | *[!A-Za-z0-9._/-]*) return 1 ;;
+    esac
+}
+
+# release_files DIR: the paths a release is made of, relative to the checkout DIR, one a line,
+# in byte order. This is the one rule of what release.sha256 lists.
+release_files() {
+    (
+        cd "$1"
+        printf '%s\n' clawdspace.py requirements.txt "$UNIT" install.sh
+        find images -type f
+        for file in templates/*.yaml; do
+            if [ -f "$file" ]; then printf '%s\n' "$file"; fi
+        done
+    ) | LC_ALL=C sort
+}
+
+# manifest_of DIR OUT: write to OUT what DIR/release.sha256 must hold (sha256sum's format).
+manifest_of() {
+    [ -f "$1/images/Dockerfile" ] || fatal "$1/images/Dockerfile is missing"
+    release_files "$1" >"$TMP/release-files"
+    : >"$2"
+    while read -r path; do
+        safe_path "$path" \
+            || fatal "$1/$path: a name release.sha256 cannot hold (use A-Z a-z 0-9 . _ - and /)"
+        printf '%s  %s\n' "$(sha256 "$1/$path")" "$path" >>"$2"
+    done <"$TMP/release-files"
+}
+
+# check_manifest DIR: DIR/release.sha256 lists exactly DIR's release files, with their hashes.
+check_manifest() {
+    regenerate="regenerate it (and commit it with the files): sh $1/install.sh --write-manifest"
+    [ -f "$1/$MANIFEST" ] || fatal "$1/$MANIFEST is missing; $regenerate"
+    manifest_of "$1" "$TMP/manifest.want"
+    if ! cmp -s "$TMP/manifest.want" "$1/$MANIFEST"; then
+        stale=$(cat "$TMP/manifest.want" "$1/$MANIFEST" | LC_ALL=C sort | uniq -u \
+                | awk '{ print $2 }' | LC_ALL=C sort -u | tr '\n' ' ')
+        fatal "$1/$MANIFEST does not match the files of this checkout (stale or missing lines:
+    ${stale% }); after editing those files, $regenerate"
+    fi
+}
+
+# The manifest of a checkout, for developers: --write-manifest and --check-manifest.
+manifest_command() {
+    dir=$(checkout_dir)
+    [ -n "$dir" ] || fatal "--$action works in a checkout: sh path/to/checkout/install.sh --$action"
+    if [ "$action" = check-manifest ]; then
+        check_manifest "$dir"
+        info "$dir/$MANIFEST matches the checkout ($(wc -l <"$dir/$MANIFEST" | tr -d ' ') files)"
+        return 0
+    fi
+    manifest_of "$dir" "$TMP/manifest"
+    if cmp -s "$TMP/manifest" "$dir/$MANIFEST"; then
+        info "$dir/$MANIFEST is up to date"
+    else
+        cp "$TMP/manifest" "$dir/$MANIFEST.new"
+        mv "$dir/$MANIFEST.new" "$dir/$MANIFEST"
+        info "wrote $dir/$MANIFEST ($(wc -l <"$dir/$MANIFEST" | tr -d ' ') files)"
+    fi
+}
+
+# download_release: fetch release.sha256, then every file it lists into $SRC, each checked
+# against its SHA-256 (the way k3s checks its binary). Any failure stops the installer here,
+# before anything is installed.
+download_release() {
+    info "downloading Clawdspace $CLAWDSPACE_VERSION from $CLAWDSPACE_BASE_URL"
+    mkdir -p "$SRC"
+    list=$CLAWDSPACE_BASE_URL/$MANIFEST
+    fetch "$list" "$SRC/$MANIFEST" </dev/null \
+        || fatal "could not download $list (the list of the release's files and their SHA-256)"
+    count=0
+    line=0
+    while read -r want path rest || [ -n "$want" ]; do  # (a last line without newline too)
+        line=$((line + 1))
+        case "$want" in *[!0-9a-f]*) want="" ;; esac
+        if [ "${#want}" != 64 ] || [ -n "$rest" ] || ! safe_path "$path"; then
+            fatal "line $line of $list is not '<sha256>  <path>': nothing was installed"
+        fi
+        mkdir -p "$SRC/$(dirname "$path")"
+        fetch "$CLAWDSPACE_BASE_URL/$path" "$SRC/$path" </dev/null \
+            || fatal "could not download $CLAWDSPACE_BASE_URL/$path (listed in $MANIFEST): \
+nothing was installed"
+        got=$(sha256 "$SRC/$path")
+        [ "$got" = "$want" ] || fatal "$CLAWDSPACE_BASE_URL/$path does not match $MANIFEST:
+    its SHA-256 is $got, $MANIFEST says $want.
+Nothing was installed. If the release was being updated just then, run the installer again."
+        count=$((count + 1))
+    done <"$SRC/$MANIFEST"
+    for file in clawdspace.py requirements.txt "$UNIT" install.sh images/Dockerfile; do
+        [ -f "$SRC/$file" ] || fatal "$list does not list $file: nothing was installed"
+    done
+    info "downloaded $count files, each matching its SHA-256 in $MANIFEST"
+}
+
+# Sets SRC to a directory holding the files, each matching release.sha256: this checkout, or
+# a download into $TMP/src.
+get_source() {
+    SRC=$(checkout_dir)
+    if [ -n "$SRC" ]; then
+        check_manifest "$SRC"
+        info "installing from the checkout $SRC (it matches its $MANIFEST)"
         return 0
     fi
     SRC=$TMP/src
-    info "downloading Clawdspace $CLAWDSPACE_VERSION from $CLAWDSPACE_BASE_URL"
-    mkdir -p "$SRC/images" "$SRC/templates"
-    for file in clawdspace.py requirements.txt "$UNIT" images/Dockerfile install.sh; do
-        fetch "$CLAWDSPACE_BASE_URL/$file" "$SRC/$file" \
-            || fatal "could not download $CLAWDSPACE_BASE_URL/$file"
-    done
-    for name in $SHIPPED_TEMPLATES; do
-        fetch "$CLAWDSPACE_BASE_URL/templates/$name.yaml" "$SRC/templates/$name.yaml" \
-            || { warn "no shipped template $name at $CLAWDSPACE_BASE_URL/templates/"; \
-                 rm -f "$SRC/templates/$name.yaml"; }
-    done
+    download_release
 }
 
 # put FILE DEST MODE: install FILE as DEST when DEST differs; true if it did (or would).
@@ -338,12 +454,13 @@ Start it (systemctl start docker), then re-run this installer."
 }
 
 # The sandbox image: built when missing, and rebuilt when this installer built it from another
-# Dockerfile or base; an image made some other way (docker build, tests) is left alone.
+# build context (any file of images/, as release.sha256 lists them) or base; an image made some
+# other way (docker build, tests) is left alone.
 ensure_image() {
-    want=$({ cat "$SRC/images/Dockerfile"; echo "BASE_IMAGE=$CLAWDSPACE_BASE_IMAGE"; } \
-           | sha256sum | cut -d' ' -f1)
+    want=$({ awk '$2 ~ /^images\// { print }' "$SRC/$MANIFEST"
+             echo "BASE_IMAGE=$CLAWDSPACE_BASE_IMAGE"; } | sha256sum | cut -d' ' -f1)
     if [ -n "$dry_run" ]; then
-        info "would build $IMAGE from images/Dockerfile if it is missing or out of date"
+        info "would build $IMAGE from images/ if it is missing or out of date"
         return 0
     fi
     have=$(venv_python - "$IMAGE" "$IMAGE_LABEL" <<'PY'
@@ -361,19 +478,22 @@ PY
         "$want") info "sandbox image $IMAGE is up to date"; return 0 ;;
         not-ours) info "sandbox image $IMAGE exists (not built by this installer); kept"; return 0 ;;
         missing) info "building the sandbox image $IMAGE (a few minutes)" ;;
-        *) info "rebuilding the sandbox image $IMAGE (its Dockerfile or base changed)" ;;
+        *) info "rebuilding the sandbox image $IMAGE (images/ or its base changed)" ;;
     esac
-    printf '+ docker build -t %s%s %s/images\n' "$IMAGE" \
-        "${CLAWDSPACE_BASE_IMAGE:+ --build-arg BASE_IMAGE=$CLAWDSPACE_BASE_IMAGE}" "$SRC" >&2
+    printf '+ docker build -t %s%s%s %s/images\n' "$IMAGE" \
+        "${CLAWDSPACE_BASE_IMAGE:+ --build-arg BASE_IMAGE=$CLAWDSPACE_BASE_IMAGE}" \
+        "${CLAWDSPACE_BUILD_NETWORK:+ --network $CLAWDSPACE_BUILD_NETWORK}" "$SRC" >&2
     # The docker SDK's build (the classic builder) works with any engine, CLI or none.
-    venv_python - "$SRC/images" "$IMAGE" "$CLAWDSPACE_BASE_IMAGE" "$IMAGE_LABEL" "$want" <<'PY' \
+    venv_python - "$SRC/images" "$IMAGE" "$CLAWDSPACE_BASE_IMAGE" "$IMAGE_LABEL" "$want" \
+            "$CLAWDSPACE_BUILD_NETWORK" <<'PY' \
         || fatal "building $IMAGE failed; with no access to Docker Hub, set CLAWDSPACE_BASE_IMAGE to a local Debian or Ubuntu image"
 import sys
 import docker
-context, tag, base, label, digest = sys.argv[1:6]
+context, tag, base, label, digest, network = sys.argv[1:7]
 api = docker.from_env().api
 for chunk in api.build(path=context, tag=tag, buildargs={"BASE_IMAGE": base} if base else {},
-                       labels={label: digest}, rm=True, forcerm=True, decode=True):
+                       labels={label: digest}, network_mode=network or None,
+                       rm=True, forcerm=True, decode=True):
     if "stream" in chunk:
         sys.stderr.write(chunk["stream"])
     elif "error" in chunk:
@@ -772,10 +892,10 @@ main() {
     TMP=$(mktemp -d)
     trap 'rm -rf "$TMP"' EXIT
     trap 'exit 130' INT TERM
-    if [ "$action" = uninstall ]; then
-        uninstall
-        return 0
-    fi
+    case "$action" in
+        uninstall) uninstall; return 0 ;;
+        write-manifest | check-manifest) manifest_command; return 0 ;;
+    esac
     need_root
     detect_os
     install_packages
