@@ -9,6 +9,7 @@ to the test git server, which is the only host that may receive a token.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -28,9 +29,13 @@ from conftest import (
     SESSION_PREFIX,
     Served,
     container_exists,
+    free_loopback,
+    launch,
     serve,
+    stop_process,
     unique_name,
     volume_exists,
+    wait_healthy,
 )
 from support.fakes import wait_until
 from support.netns import SUPPORT, Listener, NetnsHost
@@ -717,3 +722,56 @@ def test_secret_hygiene(world: GitWorld, pusher: str) -> None:
     events = push_events(world, pusher)
     assert events and events[-1]["meta"] == {"repoPath": "/repo", "remote": "slow",
                                              "branch": "main", "exitCode": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# A create killed mid-clone is undone when the service comes back
+# ---------------------------------------------------------------------------------------------
+
+def test_a_create_killed_mid_clone_is_undone_at_restart(world: GitWorld,
+                                                        tmp_path: Path) -> None:
+    host, port = free_loopback()
+    hosts = f"{world.host.ip}:{world.port}"
+    env = {"CLAWDSPACE_GIT_HTTP_HOSTS": hosts, "CLAWDSPACE_GIT_TOKEN_HOSTS": hosts,
+           "CLAWDSPACE_USE_GH_TOKEN": "false"}
+    name = unique_name("crash")
+    world.made.append(name)
+    first = launch(tmp_path, host, port, GIT_PREFIX, SESSION_KEY, env)
+    try:
+        wait_healthy(first)
+        status, body = first.request("PUT", "/api/templates", {"yaml": (
+            f"name: {world.template}\nresources:\n  memory: 256m\nnetwork:\n  mode: internet\n"
+            f"  allowCidrs: [{world.host.subnet}]\n")})
+        assert status == 200, body
+        # The clone of priv-slow waits at the gate: the create is half done when killed.
+        def create_slowly() -> None:
+            with contextlib.suppress(OSError):  # the service is killed under it
+                first.request("POST", "/api/spaces", {
+                    "name": name, "template": world.template,
+                    "repoUrl": world.url("priv-slow"), "env": {"GITHUB_TOKEN": CANARY}})
+
+        create = threading.Thread(target=create_slowly, daemon=True)
+        create.start()
+        wait_until(lambda: container_exists(world.docker_api, world.container(name)),
+                   what="the create to make its container")
+    finally:
+        first.process.kill()
+        first.process.wait()
+    assert container_exists(world.docker_api, world.container(name))  # left behind by the kill
+    second = launch(tmp_path, host, port, GIT_PREFIX, SESSION_KEY, env)
+    try:
+        wait_healthy(second)
+        assert not container_exists(world.docker_api, world.container(name))
+        assert not volume_exists(world.docker_api, f"{GIT_PREFIX}vol-{name}")
+        undone = [json.loads(line) for line in
+                  (second.data_dir / "audit.jsonl").read_text().splitlines()]
+        assert any(e["type"] == "space.create.undone" and e.get("space") == name
+                   for e in undone)
+        # The client's retry works.
+        status, body = second.request("POST", "/api/spaces", {
+            "name": name, "template": world.template, "repoUrl": world.url("public")})
+        assert status == 201, body
+        status, body = second.request("DELETE", f"/api/spaces/{name}?removeVolume=true")
+        assert status == 200, body
+    finally:
+        stop_process(second.process)

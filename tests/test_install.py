@@ -184,9 +184,9 @@ def listening(path: Path) -> bool:
 def engine(prefix: str) -> Iterator[Engine]:
     """A dockerd of the test's own, started here and stopped at the end of the module: its data
     root, exec root (with its own containerd), pid file, configuration file (empty: the host's
-    /etc/docker/daemon.json does not apply) and socket are under a fresh directory. It has no
-    default bridge, adds no iptables rules, leaves IP forwarding alone, and takes its bridge
-    networks' subnets from a pool no host route overlaps. It shares no state with the
+    /etc/docker/daemon.json does not apply) and socket are under a fresh directory. Its default
+    bridge is one of its own; it adds no iptables rules, leaves IP forwarding alone, and takes
+    its networks' subnets from a pool no host route overlaps. It shares no state with the
     host's engine, and neither restarts nor reconfigures it."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
@@ -195,12 +195,19 @@ def engine(prefix: str) -> Iterator[Engine]:
     (root / "daemon.json").write_text("{}\n")
     socket_path, log_path = root / "docker.sock", root / "dockerd.log"
     namespace = f"{prefix}engine"  # containerd namespaces, should a system containerd be used
+    pool = ipaddress.IPv4Network(free_pool())
+    # A default bridge of its own: with --bridge none, dockerd deletes the link named docker0
+    # at start, and this dockerd shares the host's network namespace: the host engine's.
+    bridge = f"{prefix[:9]}br"
+    bridge_address = f"{pool.network_address + 255 * 256 + 1}/24"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", bridge_address, "dev", bridge], check=True)
     command = [dockerd, "--config-file", str(root / "daemon.json"),
                "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
                "--pidfile", str(root / "dockerd.pid"), "--host", f"unix://{socket_path}",
-               "--bridge", "none", "--iptables=false", "--ip6tables=false",
+               "--bridge", bridge, "--iptables=false", "--ip6tables=false",
                "--ip-forward=false", "--ip-masq=false",
-               "--default-address-pool", f"base={free_pool()},size=24",
+               "--default-address-pool", f"base={pool},size=24",
                "--containerd-namespace", namespace,
                "--containerd-plugins-namespace", f"{namespace}-plugins"]
     with open(log_path, "wb") as log:
@@ -230,6 +237,7 @@ def engine(prefix: str) -> Iterator[Engine]:
             os.killpg(process.pid, signal.SIGKILL)
         unmount_under(root)
         shutil.rmtree(root)
+        subprocess.run(["ip", "link", "del", bridge], check=False)
 
 
 def load_image(source: docker.APIClient, target: docker.APIClient, image: str,
