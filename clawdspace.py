@@ -2435,8 +2435,13 @@ class Spaces:
                 self.pending.pop(key, None)
             else:
                 self.pending[key] = entry
-            await asyncio.get_running_loop().run_in_executor(
-                None, write_json_atomic, self.pending_path, dict(self.pending))
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, write_json_atomic, self.pending_path, dict(self.pending))
+            except OSError as err:
+                log.error("cannot write %s: %s", self.pending_path, err)
+                raise Unavailable(f"the data directory cannot be written: {err.strerror or err}",
+                                  "disk_unavailable") from None
 
     async def recover(self) -> None:
         """At start: undo every create a crash interrupted (its container, and its volume if
@@ -2471,10 +2476,24 @@ class Spaces:
         key = f"{req.name}/{os.urandom(4).hex()}"  # two creates of one name are two entries
         try:
             await self._note_pending(key, {"volumeCreated": volume_created})
-            return await self._make_container(req, actor, provision, user, gpu_ids,
-                                              network_mode, volume, volume_created)
-        finally:
+            space = await self._make_container(req, actor, provision, user, gpu_ids,
+                                               network_mode, volume, volume_created)
+        except BaseException:
+            with contextlib.suppress(Unavailable):
+                await self._note_pending(key, None)
+            if volume_created and key not in self.pending:
+                with contextlib.suppress(ClawdError, docker.errors.APIError):
+                    await self._remove_volume(volume)  # the journal could not be written
+            raise
+        try:
             await self._note_pending(key, None)
+        except Unavailable:
+            # The journal still says "under way": undo now, rather than leave a space that the
+            # next start would remove after the client was told it exists.
+            self.known.pop(req.name, None)
+            await self._undo_create(space["id"], volume if volume_created else None)
+            raise
+        return space
 
     async def _make_container(self, req: CreateRequest, actor: Actor,
                               provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
@@ -4419,8 +4438,13 @@ class E2b:
 
     async def _save(self) -> None:
         async with self.save_lock:  # in order: a later snapshot never loses to an earlier one
-            await asyncio.get_running_loop().run_in_executor(
-                None, write_json_atomic, self.deadline_path, dict(self.deadlines))
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, write_json_atomic, self.deadline_path, dict(self.deadlines))
+            except OSError as err:
+                log.error("cannot write %s: %s", self.deadline_path, err)
+                raise Unavailable("the sandbox deadlines cannot be stored: "
+                                  f"{err.strerror or err}", "disk_unavailable") from None
 
     # -- control plane --------------------------------------------------------------------
 
