@@ -567,12 +567,17 @@ SECRET_PATTERNS = [
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
     re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWTs
     # Secrets by their context: keep the context, drop the value.
-    re.compile(r"(?i)(authorization:\s*)[^'\"\r\n]+"),
+    re.compile(r"(?i)((?:proxy-)?authorization:\s*)[^'\"\r\n]+"),
+    re.compile(r"(?i)((?:x-api-key|x-auth-token|private-token|cookie|set-cookie):\s*)"
+               r"[^'\"\r\n]+"),
     re.compile(r"(?i)(://[^/\s:@]+:)[^@\s/]+(@)"),
+    re.compile(r"(://)[A-Za-z0-9_.~%+-]{20,}(@)"),  # a URL whose user part is a bare token
+    re.compile(r"(?i)(\b(?:sshpass|(?:docker|podman|buildah|helm|oras)\s+(?:registry\s+)?"
+               r"login)\b[^\n;|&]*?\s(?:-p|--password)[= ]?\s*)['\"]?[^\s'\"]+"),
     re.compile(r"(?i)((?:^|\s)(?:-u|--user)[= ]?\s*['\"]?[^\s:'\"]+:)[^\s'\"]+"),  # curl -u
     re.compile(r"(?i)(\bmysql(?:dump|admin|sh)?\b[^\n;|&]*?\s-p)(?!\s)['\"]?[^\s'\"]+"),
     re.compile(r"(?i)(--pass(?:word|wd)?[= ]\s*)['\"]?[^\s'\"]+"),
-    re.compile(r"(?i)\b([a-z0-9_]*(?:token|secret|password|passwd|api_?key|access_?key)"
+    re.compile(r"(?i)\b([a-z0-9_]*(?:token|secret|password|passwd|api_?key|access_?key|_key)"
                r"[a-z0-9_]*\s*[=:]\s*)['\"]?[^\s'\"&]+"),
 ]
 AUDIT_TEXT_LIMIT = 4096
@@ -609,8 +614,23 @@ class Redactor:
         if isinstance(value, dict):
             return {str(k): self.value(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [self.value(v) for v in value]
+            return self._argv(list(value))
         return value
+
+    def _argv(self, items: list[Any]) -> list[Any]:
+        """A list, each string also read in the context of the one before it: an argv such
+        as ``["curl", "-u", "bob:pw"]`` or ``["mysql", "--password", "pw"]`` splits a secret
+        from the word that marks it."""
+        clean = [self.value(v) for v in items]
+        for index in range(1, len(items)):
+            before, item = items[max(0, index - 2):index], items[index]
+            if not all(isinstance(v, str) for v in (*before, item)):
+                continue
+            head = self.text(" ".join(before)) + " "
+            joined = self.text(" ".join([*before, item]))
+            if joined != head + self.text(item):
+                clean[index] = joined[len(head):] if joined.startswith(head) else "[REDACTED]"
+        return clean
 
 
 class JsonlFile:
@@ -2192,8 +2212,12 @@ COMMAND_SCRIPT = r"""
 cd -P -- "$1" 2>/dev/null || { echo "clawdspace-workdir: missing $1" >&2; exit 125; }
 if [ "$1" != "$2" ]; then
     here=$(pwd -P)
-    case $here in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;; esac
-    case $here in "$2"|"$2"/*) ;; *) echo "clawdspace-workdir: outside $1" >&2; exit 125 ;; esac
+    case $here in
+        /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;;
+        "$2"|"$2"/*) ;;
+        *) here= ;;
+    esac
+    [ -n "$here" ] || { echo "clawdspace-workdir: outside $1" >&2; exit 125; }
 fi
 limit=$3
 shift 3
@@ -3231,6 +3255,10 @@ def workspace_rel(raw: str | None) -> str:
         return "/"
     if "\x00" in raw or len(raw) > 4096:
         raise BadRequest("path must be at most 4096 characters without NUL", "invalid_path")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("path must be valid UTF-8", "invalid_path") from None
     parts: list[str] = []
     for component in raw.split("/"):
         if component in ("", "."):
@@ -3299,6 +3327,8 @@ for f in * .[!.]* ..?*; do
 done
 """
 NOT_WORKSPACE, NOT_REGULAR, SHORT_BODY = 102, 103, 107
+FILE_OPEN_TIMEOUT = 30  # seconds for a file to open and say its size
+FILE_READ_STALL = 60  # seconds a file being read may go without producing a byte
 STAT_TYPES = {0o040000: "d", 0o100000: "f", 0o120000: "l"}
 
 
@@ -3337,15 +3367,29 @@ class UserFile:
         self.size = 0
 
     async def start(self) -> None:
-        """Read the size line the script prints once the file is open (or raise its error)."""
-        line = await self.spaces.engine.stream(lambda: self.stdout.read_line(32))
+        """Read the size line the script prints once the file is open (or raise its error).
+
+        Bounded: a space can swap a FIFO in for the file, whose open never returns."""
+        try:
+            line = await asyncio.wait_for(
+                self.spaces.engine.stream(lambda: self.stdout.read_line(32)), FILE_OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise Conflict(f"{self.rel} could not be opened in {FILE_OPEN_TIMEOUT} s (a FIFO "
+                           "or a hung file system?)", "file_changed") from None
         if line is None or not line.isdigit():
             code = await self.close()
             raise user_file_error(self.rel, code, self.stdout.stderr.decode("utf-8", "replace"))
         self.size = int(line)
 
     async def read(self, size: int) -> bytes:
-        return await self.spaces.engine.stream(lambda: self.stdout.read(size))
+        try:
+            return await asyncio.wait_for(
+                self.spaces.engine.stream(lambda: self.stdout.read(size)), FILE_READ_STALL)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise Conflict(f"{self.rel} stopped producing data for {FILE_READ_STALL} s",
+                           "file_changed") from None
 
     async def read_exactly(self, size: int) -> bytes:
         """``size`` bytes (fewer only at the end of the output)."""
@@ -3497,7 +3541,11 @@ class Files:
             argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)], env={},
             workdir=WORKSPACE, timeout=0))
         opened = UserFile(self.spaces, info["Id"], exec_id, sock, rel)
-        await opened.start()
+        try:
+            await opened.start()
+        except BaseException:
+            await asyncio.shield(opened.close())  # a client that gave up ends the process too
+            raise
         return opened
 
     async def open_file(self, name: str, raw_path: str | None,
@@ -3579,7 +3627,7 @@ class Files:
         parent = where.parent if where.stat is None else where.real.rpartition("/")[0]
         directory = "/".join([parent, *missing[:-1]])
         final = missing[-1]
-        temp = f"{TEMP_MARK}{os.urandom(6).hex()}.{final}"[:255]
+        temp = f"{TEMP_MARK}{os.urandom(6).hex()}"  # short: any legal name fits beside it
         async with self.spaces.audit.action("space.file.write", name,
                                             {"path": where.rel, "bytes": size}, actor):
             result = await self.spaces.run_internal(info, ExecRequest(
@@ -3991,6 +4039,11 @@ class Housekeeper:
             meta: dict[str, Any] = {"command": command, "source": "bash_history"}
             if truncated and index == len(commands) - 1:
                 meta["truncated"] = True  # a line longer than one read: its start only
+            # The space writes its own stamps: one from the future (which would sort ahead
+            # of every real event) is recorded at the time of reading, with the claim kept.
+            if stamp is not None and stamp > self.spaces.clock() + 60:
+                meta["claimedTime"] = str(int(stamp))[:20]
+                stamp = None
             await self.spaces.audit.record("space.shell", name, meta,
                                            ts=epoch_to_iso(stamp) if stamp else None)
         budget["lines"] -= min(allowed, len(commands))
@@ -4635,9 +4688,11 @@ class E2b:
             raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
                              "invalid_argument")
         timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
-        timeout = int(timeout_ms) / 1000 if timeout_ms.isdigit() else None
+        timeout = min(int(timeout_ms) / 1000, float(self.config.exec_max_timeout)) \
+            if re.fullmatch(r"[0-9]{1,12}", timeout_ms) and int(timeout_ms) else None
         keepalive = request.headers.get("Keepalive-Ping-Interval", "")
-        ping_every = float(keepalive) if keepalive.isdigit() else 50.0
+        ping_every = float(keepalive) if re.fullmatch(r"[0-9]{1,6}", keepalive) and int(
+            keepalive) > 0 else 50.0
         req = ExecRequest(argv=[cmd, *args], env=check_env(envs),
                           workdir="/" + os.path.normpath(cwd).lstrip("/"),
                           timeout=timeout or 86400.0, root="")
@@ -4802,11 +4857,17 @@ class E2b:
                 if where.stat is not None:
                     raise E2bExists(f"{where.rel} already exists")
                 argv = ["mkdir", "-p", "--", where.real]
+                event: tuple[str, dict[str, Any]] = ("space.file.mkdir", {"path": where.rel})
             else:
+                if where.rel == "/":
+                    raise BadRequest("the workspace root cannot be removed", "invalid_argument")
                 if where.stat is None:
                     raise NotFound(f"{where.rel}: no such file or directory")
                 argv = ["rm", "-rf", "--", where.real]
-            await self._run(info, argv)
+                event = ("space.file.delete", {"path": where.rel, "recursive": True})
+            async with self.spaces.audit.action(event[0], sandbox,
+                                                {**event[1], "source": "e2b"}, actor):
+                await self._run(info, argv)
             if method == "Remove":
                 return {}
             return {"entry": self._stat_entry(await self.files.resolve(info["Id"], where.rel))}
@@ -4817,7 +4878,11 @@ class E2b:
                                               self.rel_path(body.get("destination")))
             if source.stat is None:
                 raise NotFound(f"{source.rel}: no such file or directory")
-            await self._run(info, ["mv", "-f", "--", source.real, target.real])
+            if source.rel == "/":
+                raise BadRequest("the workspace root cannot be moved", "invalid_argument")
+            async with self.spaces.audit.action("space.file.move", sandbox, {
+                    "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
+                await self._run(info, ["mv", "-f", "--", source.real, target.real])
             return {"entry": self._stat_entry(await self.files.resolve(info["Id"], target.rel,
                                                                         follow_last=False))}
         raise NotFound(f"filesystem.Filesystem/{method} is not supported")

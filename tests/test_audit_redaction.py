@@ -57,6 +57,17 @@ def shapes() -> list[tuple[str, str, str]]:
     add("github", f"git push https://x:{github}@github.com/a/b", github)
     url = canary()
     add("url-password", f"pip install -i https://me:{url}@pypi.invalid/simple x", url)
+    url_token = canary(size=32)
+    add("url-token", f"git clone https://{url_token}@github.com/a/b", url_token)
+    for header in ("X-API-Key", "PRIVATE-TOKEN", "Cookie"):
+        value = canary()
+        add(f"header-{header.lower()}", f"curl -H '{header}: {value}' https://x.invalid", value)
+    sshpass = canary()
+    add("sshpass", f"sshpass -p {sshpass} ssh me@host.invalid", sshpass)
+    login = canary()
+    add("docker-login", f"docker login -u me -p {login} registry.invalid", login)
+    openai = canary()
+    add("env-key", f"OPENAI_KEY={openai} python3 app.py", openai)
     return [(shape, line, secret or line.split()[-1]) for shape, line, secret in found]
 
 
@@ -70,10 +81,24 @@ def test_each_shape_is_redacted(shape: str, line: str, secret: str) -> None:
     assert "[REDACTED]" in redacted
 
 
+def test_argv_lists_are_read_in_context() -> None:
+    redactor = clawdspace.Redactor([])
+    secret = canary()
+    for argv in (["curl", "-u", f"bob:{secret}", "https://x.invalid"],
+                 ["mysql", "--password", secret, "shop"],
+                 ["sshpass", "-p", secret, "ssh", "host"],
+                 ["env", f"PGPASSWORD={secret}", "psql"]):
+        clean = redactor.value(argv)
+        assert secret not in str(clean), clean
+        assert len(clean) == len(argv) and clean[0] == argv[0]
+    assert redactor.value(["ls", "-la", "/workspace"]) == ["ls", "-la", "/workspace"]
+
+
 def test_plain_commands_are_left_alone() -> None:
     redactor = clawdspace.Redactor([])
     for line in ("ls -la /workspace", "python3 -m pytest -q", "git push origin main",
-                 "curl -s https://example.invalid/api", "mysql -u root shop", "tool -p 8080"):
+                 "curl -s https://example.invalid/api", "mysql -u root shop", "tool -p 8080",
+                 "git clone ssh://git@github.com/a/b", "echo monkey=1"):
         assert redactor.text(line) == line
 
 

@@ -19,7 +19,16 @@ import docker
 import docker.errors
 import pytest
 import yaml
-from conftest import SESSION_KEY, Api, MakeClient, free_loopback, launch, poll, wait_healthy
+from conftest import (
+    SESSION_KEY,
+    TEST_IMAGE,
+    Api,
+    MakeClient,
+    free_loopback,
+    launch,
+    poll,
+    wait_healthy,
+)
 from support.fakes import wait_until
 
 import clawdspace
@@ -481,3 +490,96 @@ def test_an_upload_killed_with_the_service_leaves_no_temporary_file(
         docker_api.remove_container(container, force=True)
         with contextlib.suppress(docker.errors.APIError):
             docker_api.remove_volume(f"{prefix}vol-{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by attacking the above: odd daemon headers and paths, the root through E2B, stamps
+# from the future, E2B working directories in /proc
+# ---------------------------------------------------------------------------------------------
+
+async def test_e2b_odd_headers_paths_and_the_workspace_root(client: Api) -> None:
+    made = await client.post("/sandboxes", {"templateID": "offline"})
+    assert made.status == 201, made.body
+    sandbox = made.body
+    envd = {"E2b-Sandbox-Id": sandbox["sandboxID"], "X-Access-Token": sandbox["envdAccessToken"]}
+    start = connect_message({"process": {"cmd": "true"}})
+    try:
+        for header, value in (("Connect-Timeout-Ms", "1" + "0" * 400),
+                              ("Connect-Timeout-Ms", "\u00b2"),
+                              ("Keepalive-Ping-Interval", "\u00b2"),
+                              ("Keepalive-Ping-Interval", "0")):
+            reply = await client.post("/process.Process/Start", key=None, data=start, headers={
+                **envd, "Content-Type": "application/connect+json", header: value})
+            assert reply.status == 200, (header, value, reply.status)
+        for method in ("Stat", "ListDir", "MakeDir", "Remove"):
+            reply = await client.post(f"/filesystem.Filesystem/{method}", key=None,
+                                      headers=envd, json={"path": "/workspace/\ud800"})
+            assert reply.status == 400, (method, reply.status, reply.body)
+        made_dir = await client.post("/filesystem.Filesystem/MakeDir", key=None, headers=envd,
+                                     json={"path": "/workspace/keep/me"})
+        assert made_dir.status == 200, made_dir.body
+        for method, body in (("Remove", {"path": "/workspace"}),
+                             ("Move", {"source": "/workspace", "destination": "/workspace/x"})):
+            reply = await client.post(f"/filesystem.Filesystem/{method}", key=None,
+                                      headers=envd, json=body)
+            assert reply.status == 400, (method, reply.status, reply.body)
+        still = await client.post("/filesystem.Filesystem/Stat", key=None, headers=envd,
+                                  json={"path": "/workspace/keep/me"})
+        assert still.status == 200, still.body
+        types = [e["type"] for e in client.audit_lines() if e.get("space") == sandbox["sandboxID"]]
+        assert "space.file.mkdir" in types  # daemon file operations are audited too
+    finally:
+        assert (await client.delete(f"/sandboxes/{sandbox['sandboxID']}")).status == 204
+
+
+def test_an_e2b_working_directory_in_proc_sys_or_dev_is_refused(
+        docker_api: docker.APIClient, prefix: str, tmp_path: Path) -> None:
+    image = TEST_IMAGE
+    container = docker_api.create_container(image, ["sleep", "infinity"],
+                                            name=f"{prefix}cwd-{secrets.token_hex(3)}",
+                                            network_disabled=True)
+    docker_api.start(container["Id"])
+    try:
+        for cwd, allowed in (("/proc/self", False), ("/sys", False), ("/dev", False),
+                             ("/workspace", True), ("/tmp", True), ("/", True)):
+            req = clawdspace.confined(clawdspace.ExecRequest(
+                argv=["pwd"], env={}, workdir=cwd, timeout=10, root=""))
+            exec_id = docker_api.exec_create(container["Id"], req.argv, workdir=req.workdir,
+                                             user="1001")["Id"]
+            out = docker_api.exec_start(exec_id).decode()
+            code = docker_api.exec_inspect(exec_id)["ExitCode"]
+            assert (code == 0) == allowed, (cwd, code, out)
+            if not allowed:
+                assert code == clawdspace.WORKDIR_FAILED and clawdspace.WORKDIR_MARK in out
+    finally:
+        docker_api.remove_container(container["Id"], force=True)
+
+
+async def test_history_stamps_from_the_future_are_not_believed(client: Api) -> None:
+    name = f"stamp-{secrets.token_hex(3)}"
+    made = await client.post("/api/spaces", {"name": name, "network": "none", "memory": "64m"})
+    assert made.status == 201, made.body
+    try:
+        history = "echo one\n#99999999999\necho future\n#999999999999\necho far\necho last\n"
+        reply = await client.call(
+            "PUT", f"/api/spaces/{name}/file", params={"path": "/.bash_history"},
+            data=history.encode(), headers={"Content-Type": "application/octet-stream"})
+        assert reply.status == 200, reply.body
+        housekeeper = client.app[clawdspace.HOUSEKEEPER_KEY]
+        await housekeeper.ingest_history()
+        await housekeeper.ingest_history()  # a second tick adds nothing
+        shell_log = client.audit_path.with_name("shell.jsonl")
+        events = [json.loads(line) for line in shell_log.read_text().splitlines()]
+        mine = [e for e in events if e.get("space") == name]
+        # (a stamped command runs to the next stamp, as bash writes multi-line commands)
+        assert [e["meta"]["command"] for e in mine] == ["echo one", "echo future",
+                                                        "echo far\necho last"]
+        assert all(e["ts"] < "2100" for e in mine), mine
+        assert [e["meta"].get("claimedTime") for e in mine][1:3] == ["99999999999",
+                                                                     "999999999999"]
+        # The audit view still ends with what was done, not with claims from the future.
+        view = await client.get("/api/audit", params={"limit": "3"})
+        assert view.body["events"][-1]["ts"] < "2100"
+    finally:
+        assert (await client.delete(f"/api/spaces/{name}",
+                                    params={"removeVolume": "true"})).status == 200

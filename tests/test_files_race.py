@@ -5,6 +5,7 @@ user could, and nothing lands outside /workspace."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -182,3 +183,51 @@ async def test_a_file_that_shrinks_while_read_is_409_or_a_cut_connection_never_s
     finally:
         root_sh(docker_api, container, "touch /workspace/stop-shrinking")
     assert outcomes.get("json 200") and outcomes.get("raw whole"), outcomes
+
+
+FIFO_RACER = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.chdir("/workspace")
+with open("target", "w") as f:
+    f.write("a regular file\n")
+os.mkfifo("pipe")
+while not os.path.exists("/workspace/stop-swapping"):
+    libc.renameat2(-100, b"target", -100, b"pipe", 2)  # RENAME_EXCHANGE
+"""
+
+
+async def test_a_fifo_swapped_in_cannot_hang_reads(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import clawdspace
+
+    monkeypatch.setattr(clawdspace, "FILE_OPEN_TIMEOUT", 2)
+    name = (await space(network="none", memory="256m"))["name"]
+    container = f"{prefix}{name}"
+    user = container_of(docker_api, prefix, name)["Config"]["User"]
+    reply = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": "/swap.py"},
+                              data=FIFO_RACER.encode(),
+                              headers={"Content-Type": "application/octet-stream"})
+    assert reply.status == 200, reply.body
+    exec_id = docker_api.exec_create(container, ["python3", "/workspace/swap.py"],
+                                     user=user)["Id"]
+    docker_api.exec_start(exec_id, detach=True)
+    seen: set[int] = set()
+    try:
+        for _ in range(40):
+            got = await client.get(f"/api/spaces/{name}/file", params={"path": "/target"})
+            assert got.status in (200, 400, 404, 409), got.body
+            seen.add(got.status)
+    finally:
+        root_sh(docker_api, container, "touch /workspace/stop-swapping")
+
+    def readers_left() -> bytes:
+        return root_sh(docker_api, container, "pgrep -f /workspace/[t]arget || true")[1].strip()
+
+    for _ in range(300):  # condition, bounded: no reader is left behind
+        if not readers_left():
+            break
+        await asyncio.sleep(0.1)
+    assert not readers_left()
+    assert 200 in seen, seen
