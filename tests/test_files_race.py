@@ -45,20 +45,27 @@ def root_sh(docker_api: docker.APIClient, container: str, script: str) -> tuple[
     return int(docker_api.exec_inspect(exec_id)["ExitCode"]), out
 
 
+async def start_in_space(client: Api, space: SpaceMaker, docker_api: docker.APIClient,
+                         prefix: str, script: str) -> tuple[str, str]:
+    """A new space whose user runs the python ``script`` in the background; (name, exec id)."""
+    name = (await space(network="none", memory="256m"))["name"]
+    user = container_of(docker_api, prefix, name)["Config"]["User"]
+    write = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": "/script.py"},
+                              data=script.encode(),
+                              headers={"Content-Type": "application/octet-stream"})
+    assert write.status == 200, write.body
+    exec_id = docker_api.exec_create(f"{prefix}{name}", ["python3", "/workspace/script.py"],
+                                     user=user)["Id"]
+    docker_api.exec_start(exec_id, detach=True)
+    return name, exec_id
+
+
 @pytest.fixture
 async def racing(client: Api, space: SpaceMaker, docker_api: docker.APIClient,
                  prefix: str) -> AsyncIterator[str]:
     """A space whose user runs the racer in the background until the test ends."""
-    name = (await space(network="none", memory="256m"))["name"]
+    name, exec_id = await start_in_space(client, space, docker_api, prefix, RACER)
     container = f"{prefix}{name}"
-    user = container_of(docker_api, prefix, name)["Config"]["User"]
-    write = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": "/race.py"},
-                              data=RACER.encode(),
-                              headers={"Content-Type": "application/octet-stream"})
-    assert write.status == 200, write.body
-    exec_id = docker_api.exec_create(container, ["python3", "/workspace/race.py"],
-                                     user=user)["Id"]
-    docker_api.exec_start(exec_id, detach=True)
     for _ in range(200):  # the racer made its tree (condition, not a timed wait)
         code, _ = root_sh(docker_api, container, "test -L /workspace/hl -o -L /workspace/l")
         if code == 0:
@@ -149,17 +156,12 @@ while not os.path.exists("/workspace/stop-shrinking"):
 
 async def test_a_file_that_shrinks_while_read_is_409_or_a_cut_connection_never_short(
         client: Api, space: SpaceMaker, docker_api: docker.APIClient, prefix: str) -> None:
-    name = (await space(network="none", memory="256m"))["name"]
+    shrinker = 'open("/workspace/shrinking", "w").close()\n' + SHRINKER
+    name, _ = await start_in_space(client, space, docker_api, prefix, shrinker)
     container = f"{prefix}{name}"
-    user = container_of(docker_api, prefix, name)["Config"]["User"]
-    for path, text in (("/shrink.py", SHRINKER), ("/shrinking", "")):
-        reply = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": path},
-                                  data=text.encode(),
-                                  headers={"Content-Type": "application/octet-stream"})
-        assert reply.status == 200, reply.body
-    exec_id = docker_api.exec_create(container, ["python3", "/workspace/shrink.py"],
-                                     user=user)["Id"]
-    docker_api.exec_start(exec_id, detach=True)
+    for _ in range(200):  # the shrinker made its file (condition, not a timed wait)
+        if root_sh(docker_api, container, "test -e /workspace/shrinking")[0] == 0:
+            break
     outcomes: dict[str, int] = {}
     try:
         for _ in range(ROUNDS):
@@ -203,16 +205,8 @@ async def test_a_fifo_swapped_in_cannot_hang_reads(
     import clawdspace
 
     monkeypatch.setattr(clawdspace, "FILE_OPEN_TIMEOUT", 2)
-    name = (await space(network="none", memory="256m"))["name"]
+    name, _ = await start_in_space(client, space, docker_api, prefix, FIFO_RACER)
     container = f"{prefix}{name}"
-    user = container_of(docker_api, prefix, name)["Config"]["User"]
-    reply = await client.call("PUT", f"/api/spaces/{name}/file", params={"path": "/swap.py"},
-                              data=FIFO_RACER.encode(),
-                              headers={"Content-Type": "application/octet-stream"})
-    assert reply.status == 200, reply.body
-    exec_id = docker_api.exec_create(container, ["python3", "/workspace/swap.py"],
-                                     user=user)["Id"]
-    docker_api.exec_start(exec_id, detach=True)
     seen: set[int] = set()
     try:
         for _ in range(40):
