@@ -58,7 +58,7 @@ def test_every_variable_is_read(clean_env: pytest.MonkeyPatch) -> None:
         "CLAWDSPACE_EXEC_OUTPUT_LIMIT": "2048", "CLAWDSPACE_MAX_BODY_BYTES": "4096",
         "CLAWDSPACE_PIDS_LIMIT": "64", "CLAWDSPACE_AUDIT_MAX_BYTES": "8192",
         "CLAWDSPACE_AUDIT_KEEP": "2", "CLAWDSPACE_NVIDIA_SMI": "/opt/nvidia-smi",
-        "CLAWDSPACE_TEMPLATES_DIR": "/srv/tpl",
+        "CLAWDSPACE_TEMPLATES_DIR": "/srv/tpl", "CLAWDSPACE_BODY_TIMEOUT": "7",
     }
     for name, value in values.items():
         clean_env.setenv(name, value)
@@ -68,7 +68,7 @@ def test_every_variable_is_read(clean_env: pytest.MonkeyPatch) -> None:
         templates_dir="/srv/tpl", image="img:1", gpu_image="gpu:2", prefix="pfx-",
         idle_timeout=30, nodes="a=http://a:7777", exec_timeout=5, exec_max_timeout=50,
         exec_output_limit=2048, max_body_bytes=4096, pids_limit=64, audit_max_bytes=8192,
-        audit_keep=2, nvidia_smi="/opt/nvidia-smi")
+        audit_keep=2, nvidia_smi="/opt/nvidia-smi", body_timeout=7)
 
 
 def test_derived_defaults_follow_their_base(clean_env: pytest.MonkeyPatch) -> None:

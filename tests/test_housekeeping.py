@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from conftest import (
     Api,
     MakeClient,
     Served,
+    Terminal,
     container_of,
     in_container,
     poll,
@@ -113,16 +113,69 @@ def paused(docker_api: docker.APIClient, container: str) -> bool:
     return bool(docker_api.inspect_container(container)["State"]["Paused"])
 
 
+def pause_events(audit: Callable[[], list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
+    return [e for e in audit() if e.get("space") == name and e["type"] == "space.pause"]
+
+
 async def wait_idle_pause(docker_api: docker.APIClient, container: str, name: str,
                           audit: Callable[[], list[dict[str, Any]]], what: str) -> None:
     """Poll until the engine shows the space paused and its ``space.pause`` is in the audit
     (the engine state comes first, the audit line just after)."""
 
     async def done() -> bool:
-        return paused(docker_api, container) and any(
-            e.get("space") == name and e["type"] == "space.pause" for e in audit())
+        return paused(docker_api, container) and bool(pause_events(audit, name))
 
-    await poll(done, 30, 0.3, what)
+    await poll(done, 30, 0.1, what)
+
+
+def assert_idle_paused(docker_api: docker.APIClient, container: str, name: str,
+                       audit: Callable[[], list[dict[str, Any]]], what: str) -> None:
+    """Right after an auto-sleep round the test ran itself: the space is paused, and its
+    ``space.pause`` is in the audit (a round returns once both are done)."""
+    assert paused(docker_api, container), what
+    assert pause_events(audit, name), what
+
+
+class FakeClock:
+    """Wall-clock seconds (``Spaces.clock``) that pass only when the test says so."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def install(self, api: Api) -> FakeClock:
+        """This clock for the activity, auto-sleep and E2B deadlines of ``api``'s app."""
+        api.app[clawdspace.SPACES_KEY].clock = self
+        return self
+
+
+# One auto-sleep round, as the housekeeper's loop runs it (the method itself, whatever the
+# ``rounds`` fixture makes of the loop's own calls).
+SLEEP_IDLE = clawdspace.Housekeeper.sleep_idle
+
+
+async def idle_round(api: Api) -> None:
+    """One auto-sleep round of ``api``'s app, at the time its clock says now."""
+    await SLEEP_IDLE(api.app[clawdspace.HOUSEKEEPER_KEY])
+
+
+@pytest.fixture
+def rounds(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """A fake clock (``.install(api)`` on each app of the test) with auto-sleep rounds only
+    when the test runs them (``idle_round``): the housekeeper's own loop still runs, but its
+    rounds do nothing. So no round of the loop can fall between an ``advance`` and the check
+    after it, nor race a round of the test's (two rounds at once could both pause a space)."""
+
+    async def loop_round(self: clawdspace.Housekeeper) -> None:
+        return None
+
+    monkeypatch.setattr(clawdspace.Housekeeper, "sleep_idle", loop_round)
+    return FakeClock()
 
 
 def history_stamps(docker_api: docker.APIClient, container: str) -> dict[str, float]:
@@ -310,14 +363,18 @@ async def test_history_control_characters_are_stripped(node: StartNode,
 
 async def test_idle_space_is_paused(make_client: MakeClient, instance: str,
                                     docker_api: docker.APIClient) -> None:
+    """End to end, through the housekeeper's own loop (every 0.5 s with a 2 s idle timeout):
+    nothing is paused until the clock has moved past the idle timeout, then the loop pauses
+    the space on its own."""
     api = await make_client(prefix=instance, idle_timeout=2, history_interval=0)
+    clock = FakeClock().install(api)
     name = await api_create(api)
     container = f"{instance}{name}"
     assert not paused(docker_api, container)
 
+    clock.advance(2)
     await wait_idle_pause(docker_api, container, name, api.audit_lines, "the idle space paused")
-    pauses = [e for e in api.audit_lines() if e.get("space") == name
-              and e["type"] == "space.pause"]
+    pauses = pause_events(api.audit_lines, name)
     assert len(pauses) == 1 and pauses[0]["meta"] == {"reason": "idle"}, pauses
     assert "keyId" not in pauses[0]
     listed = (await api.get(f"/api/spaces/{name}")).body["space"]
@@ -327,69 +384,111 @@ async def test_idle_space_is_paused(make_client: MakeClient, instance: str,
     assert not paused(docker_api, container)
 
 
-async def test_running_exec_keeps_the_space_awake(make_client: MakeClient, instance: str,
+IDLE = 600  # the idle timeout of the tests below, in seconds of their fake clocks
+
+
+async def test_running_exec_keeps_the_space_awake(make_client: MakeClient, rounds: FakeClock,
+                                                  instance: str,
                                                   docker_api: docker.APIClient) -> None:
-    api = await make_client(prefix=instance, idle_timeout=2, history_interval=0)
+    api = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(api)
     name = await api_create(api)
     container = f"{instance}{name}"
-    exec_task = asyncio.ensure_future(api.exec(name, "sleep 5; echo done", timeout=60))
+    # The exec says it runs (/tmp/started), then runs until the test lets it end (/tmp/go).
+    exec_task = asyncio.ensure_future(api.exec(
+        name, "touch /tmp/started; until [ -e /tmp/go ]; do sleep 0.05; done; echo done",
+        timeout=120))
+
+    async def started() -> bool:
+        code, _ = await asyncio.to_thread(in_container, docker_api, container,
+                                          "test -e /tmp/started")
+        return code == 0
+
     checks = 0
     try:
-        while not exec_task.done():
+        await poll(started, 60, 0.05, "the exec under way")
+        for _ in range(5):  # two and a half idle timeouts, the exec running all along
+            clock.advance(IDLE / 2)
+            await idle_round(api)
+            assert not exec_task.done()
             assert not paused(docker_api, container), f"paused during the exec ({checks})"
             checks += 1
-            await asyncio.sleep(0.3)
     finally:
+        with contextlib.suppress(docker.errors.APIError):
+            if paused(docker_api, container):  # a failed check: let the exec end anyway
+                docker_api.unpause(container)
+            await asyncio.to_thread(in_container, docker_api, container, "touch /tmp/go")
         result = await exec_task
     assert result["stdout"] == "done\n" and result["exitCode"] == 0, result
     assert checks > 3
-    pauses = [e for e in api.audit_lines() if e.get("space") == name
-              and e["type"] == "space.pause"]
-    assert pauses == []
+    assert pause_events(api.audit_lines, name) == []
 
-    await wait_idle_pause(docker_api, container, name, api.audit_lines,
-                          "paused once the exec ended and time passed")
+    clock.advance(IDLE)
+    await idle_round(api)
+    assert_idle_paused(docker_api, container, name, api.audit_lines,
+                       "paused once the exec ended and time passed")
 
 
-async def test_open_terminal_keeps_the_space_awake(node: StartNode, instance: str,
+async def test_open_terminal_keeps_the_space_awake(make_client: MakeClient, rounds: FakeClock,
+                                                   instance: str,
                                                    docker_api: docker.APIClient) -> None:
-    with node(CLAWDSPACE_IDLE_TIMEOUT="2", CLAWDSPACE_HISTORY_INTERVAL="0") as served:
-        name = create(served)
-        container = f"{instance}{name}"
-        async with served_terminal(served, name) as term:
-            await term.type("echo open-$((1+1))\n")
-            await term.expect("open-2")
-            for _ in range(14):  # two idle timeouts with the terminal open and silent
-                assert not paused(docker_api, container)
-                await asyncio.sleep(0.3)
+    """The terminal websocket through the in-process test server (the same handler a real
+    process serves)."""
+    api = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(api)
+    name = await api_create(api)
+    container = f"{instance}{name}"
+    ws = await api.client.ws_connect(f"/api/spaces/{name}/terminal",
+                                     headers={"Authorization": f"Bearer {api.key}"})
+    try:
+        term = Terminal(ws)
+        await term.type("echo open-$((1+1))\n")
+        await term.expect("open-2")
+        for _ in range(4):  # two idle timeouts with the terminal open and silent
+            clock.advance(IDLE / 2)
+            await idle_round(api)
+            assert not paused(docker_api, container)
+    finally:
+        await ws.close()
 
-        await wait_idle_pause(docker_api, container, name, lambda: audit_file(served),
-                              "paused once the terminal closed")
-        pauses = [e for e in audit_file(served) if e.get("space") == name
-                  and e["type"] == "space.pause"]
-        assert [e["meta"] for e in pauses] == [{"reason": "idle"}]
-        kinds = [e["type"] for e in audit_file(served) if e.get("space") == name]
-        assert kinds.index("terminal.close") < kinds.index("space.pause"), kinds
+    async def released() -> bool:  # the close audited and the space no longer in use
+        closed = any(e.get("space") == name and e["type"] == "terminal.close"
+                     for e in api.audit_lines())
+        return closed and not api.app[clawdspace.SPACES_KEY].is_busy(name)
+
+    await poll(released, 60, 0.02, "the terminal closed on the server")
+    clock.advance(IDLE)
+    await idle_round(api)
+    assert_idle_paused(docker_api, container, name, api.audit_lines,
+                       "paused once the terminal closed")
+    assert [e["meta"] for e in pause_events(api.audit_lines, name)] == [{"reason": "idle"}]
+    kinds = [e["type"] for e in api.audit_lines() if e.get("space") == name]
+    assert kinds.index("terminal.close") < kinds.index("space.pause"), kinds
 
 
-async def test_touch_resets_the_timer_and_wakes(make_client: MakeClient, instance: str,
+async def test_touch_resets_the_timer_and_wakes(make_client: MakeClient, rounds: FakeClock,
+                                                instance: str,
                                                 docker_api: docker.APIClient) -> None:
-    api = await make_client(prefix=instance, idle_timeout=2, history_interval=0)
+    api = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(api)
     name = await api_create(api)
     container = f"{instance}{name}"
     first = (await api.get(f"/api/spaces/{name}")).body["space"]["lastActivity"]
-    for _ in range(12):  # about two idle timeouts of keepalives
+    for _ in range(6):  # three idle timeouts of keepalives, half a timeout apart
         reply = await api.post(f"/api/spaces/{name}/touch")
         assert reply.status == 200, reply.body
         assert reply.body["message"] == "OK"
+        clock.advance(IDLE / 2)
+        await idle_round(api)
         assert not paused(docker_api, container)
-        await asyncio.sleep(0.4)
     touched = reply.body["lastActivity"]
     assert touched > first
     assert (await api.get(f"/api/spaces/{name}")).body["space"]["lastActivity"] == touched
 
-    await wait_idle_pause(docker_api, container, name, api.audit_lines,
-                          "paused once the keepalives stopped")
+    clock.advance(IDLE / 2)  # a whole idle timeout since the last keepalive
+    await idle_round(api)
+    assert_idle_paused(docker_api, container, name, api.audit_lines,
+                       "paused once the keepalives stopped")
     woken = await api.post(f"/api/spaces/{name}/touch")
     assert woken.status == 200, woken.body
     assert not paused(docker_api, container)
@@ -402,27 +501,32 @@ async def test_touch_resets_the_timer_and_wakes(make_client: MakeClient, instanc
         assert reply.status == status, reply.body
 
 
-async def test_restart_keeps_last_activity(make_client: MakeClient, instance: str,
-                                           docker_api: docker.APIClient) -> None:
-    first = await make_client(prefix=instance, idle_timeout=600, history_interval=0)
+async def test_restart_keeps_last_activity(make_client: MakeClient, rounds: FakeClock,
+                                           instance: str, docker_api: docker.APIClient) -> None:
+    first = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(first)
     old, fresh, unknown = [await api_create(first) for _ in range(3)]
     await first.client.close()  # saves activity.json on the way out
     activity_path = Path(first.config.data_dir) / "activity.json"
     saved = json.loads(activity_path.read_text())
     assert {old, fresh, unknown} <= set(saved)
-    long_ago = time.time() - 1000
+    long_ago = clock.now - 1000
     saved[old] = long_ago
-    saved[fresh] = time.time()
+    saved[fresh] = clock.now
     del saved[unknown]
     activity_path.write_text(json.dumps(saved))
 
     second = await make_client(prefix=instance, idle_timeout=30, history_interval=0)
+    clock.install(second)
     listed = (await second.get(f"/api/spaces/{old}")).body["space"]
     assert listed["lastActivity"] == clawdspace.epoch_to_iso(long_ago)  # survived the restart
 
-    await wait_idle_pause(docker_api, f"{instance}{old}", old, second.audit_lines,
-                          "the space idle since before the restart paused")
-    await asyncio.sleep(1)  # more sleep ticks: nothing else goes
+    await idle_round(second)
+    assert_idle_paused(docker_api, f"{instance}{old}", old, second.audit_lines,
+                       "the space idle since before the restart paused")
+    for _ in range(2):  # more rounds, short of the timeout: nothing else goes
+        clock.advance(14)
+        await idle_round(second)
     assert not paused(docker_api, f"{instance}{fresh}")
     assert not paused(docker_api, f"{instance}{unknown}")  # unknown activity counts as now
     pauses = [e["space"] for e in second.audit_lines() if e["type"] == "space.pause"]
@@ -430,44 +534,75 @@ async def test_restart_keeps_last_activity(make_client: MakeClient, instance: st
 
 
 async def test_file_traffic_is_activity_but_probes_are_not(make_client: MakeClient,
-                                                           instance: str,
+                                                           rounds: FakeClock, instance: str,
                                                            docker_api: docker.APIClient) -> None:
-    api = await make_client(prefix=instance, idle_timeout=3, history_interval=0)
+    api = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(api)
     name = await api_create(api)
     container = f"{instance}{name}"
-    for index in range(14):  # more than two idle timeouts of file calls
+    for index in range(6):  # three idle timeouts of file calls, half a timeout apart
         reply = await api.call("PUT", f"/api/spaces/{name}/file", params={"path": "/f"},
                                json={"contentBase64": ""})
         assert reply.status == 200, reply.body
         assert (await api.get(f"/api/spaces/{name}/files")).status == 200
+        clock.advance(IDLE / 2)
+        await idle_round(api)
         assert not paused(docker_api, container), f"paused during file traffic ({index})"
-        await asyncio.sleep(0.3)
 
-    # Stats and observability are the service looking, not the user working.
-    async def observed_until_paused() -> bool:
+    # Stats and observability are the service looking, not the user working: probed all
+    # along, the space still pauses a whole idle timeout after the last file call.
+    async def observe() -> None:
         for what in ("stats", "observability"):
             assert (await api.get(f"/api/spaces/{name}/{what}")).status == 200
-        return paused(docker_api, container)
 
-    await poll(observed_until_paused, 30, 0.3, "paused while only probed")
+    await observe()
+    assert not paused(docker_api, container)
+    clock.advance(IDLE / 2)
+    await idle_round(api)
+    assert_idle_paused(docker_api, container, name, api.audit_lines, "paused while only probed")
+    await observe()  # probing a paused space does not wake it either
+    assert paused(docker_api, container)
     kinds = [e["type"] for e in api.audit_lines() if e.get("space") == name]
     assert "space.start" not in kinds, kinds
 
 
-async def test_a_slow_upload_is_activity(make_client: MakeClient, instance: str,
-                                         docker_api: docker.APIClient) -> None:
+async def test_a_slow_upload_is_activity(make_client: MakeClient, rounds: FakeClock,
+                                         instance: str, docker_api: docker.APIClient) -> None:
     """A raw upload that streams for several idle timeouts is file traffic all along: the
     space is not paused under it, and the file arrives whole. (The engine holds the
     container's lock during the upload, so the audit, not the engine, tells what happened.)"""
-    api = await make_client(prefix=instance, idle_timeout=2, history_interval=0)
+    api = await make_client(prefix=instance, idle_timeout=IDLE, history_interval=0)
+    clock = rounds.install(api)
     name = await api_create(api)
     container = f"{instance}{name}"
     chunk, count = b"s" * 4096, 24
 
+    async def writing() -> bool:  # the service is in the upload, reading its body
+        return any(e.get("space") == name and e["type"] == "space.file.write"
+                   for e in api.audit_lines())
+
+    async def round_under_the_upload() -> None:
+        """One round while the upload streams. Not awaited blindly: a pause of the space
+        would wait for the upload, which waits for this body; a pause attempt (audited before
+        the engine is asked) fails the test instead."""
+        round_task = asyncio.ensure_future(idle_round(api))
+
+        async def settled() -> bool:
+            return round_task.done() or bool(pause_events(api.audit_lines, name))
+
+        await poll(settled, 60, 0.01, "an auto-sleep round under the upload")
+        if not round_task.done():
+            round_task.cancel()
+        assert pause_events(api.audit_lines, name) == [], "auto-sleep paused under the upload"
+        await round_task
+
     async def slowly() -> AsyncIterator[bytes]:
-        for _ in range(count):
+        for index in range(count):
             yield chunk
-            await asyncio.sleep(0.25)  # 6 s in all: three idle timeouts
+            if index == 0:
+                await poll(writing, 60, 0.02, "the upload under way")
+            clock.advance(IDLE / 8)  # three idle timeouts in all, a round after each chunk
+            await round_under_the_upload()
 
     reply = await api.call("PUT", f"/api/spaces/{name}/file", params={"path": "/slow.bin"},
                            data=slowly(), headers={"Content-Type": "application/octet-stream",
