@@ -3326,6 +3326,15 @@ for f in * .[!.]* ..?*; do
     if [ -e "$f" ] || [ -L "$f" ]; then stat --printf '%f\t%s\t%Y\t%n\0' -- "$f"; fi
 done
 """
+USER_DELETE_SCRIPT = r"""
+cd -P -- "$1" || exit 101
+case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+case $3 in
+    tree) exec rm -rf -- "$2" ;;
+    dir) exec rmdir -- "$2" ;;
+    *) exec rm -f -- "$2" ;;
+esac
+"""
 NOT_WORKSPACE, NOT_REGULAR, SHORT_BODY = 102, 103, 107
 FILE_OPEN_TIMEOUT = 30  # seconds for a file to open and say its size
 FILE_READ_STALL = 60  # seconds a file being read may go without producing a byte
@@ -3651,16 +3660,15 @@ class Files:
         if where.stat is None:
             raise NotFound(f"{where.rel}: no such file or directory")
         is_dir = mode_type(where.stat["mode"]) == "dir"
-        if is_dir and recursive:
-            argv = ["rm", "-rf", "--", where.real]
-        elif is_dir:
-            argv = ["rmdir", "--", where.real]
-        else:
-            argv = ["rm", "-f", "--", where.real]
+        parent, _, base = where.real.rpartition("/")
+        argv = ["sh", "-c", USER_DELETE_SCRIPT, "sh", parent or "/", base,
+                ("tree" if recursive else "dir") if is_dir else "file"]
         async with self.spaces.audit.action("space.file.delete", name,
                                             {"path": where.rel, "recursive": recursive}, actor):
             result = await self.spaces.run_internal(info, ExecRequest(
                 argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
+            if result["exitCode"] == NOT_WORKSPACE:
+                raise user_file_error(where.rel, NOT_WORKSPACE, result["stderr"])
             if result["exitCode"] != 0:
                 detail = result["stderr"].strip() or "failed"
                 if is_dir and not recursive:

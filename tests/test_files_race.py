@@ -116,6 +116,10 @@ async def test_racing_swaps_leak_nothing_and_write_nothing_outside(
             assert SHADOW_MARK.decode() not in ran.body["stdout"], ran.body
         else:
             assert ran.body["code"] == "invalid_workdir", ran.body
+        removed = await client.delete(f"/api/spaces/{name}/file",
+                                      params={"path": "/d/hostname"})
+        # /d has none; /etc has one, which must stay (checked at the end)
+        assert removed.status in (200, 400, 403, 404, 409), removed.body
         listed = await client.get(f"/api/spaces/{name}/files", params={"path": "/d"})
         seen["list"].add(listed.status)
         if listed.status == 200:
@@ -124,6 +128,7 @@ async def test_racing_swaps_leak_nothing_and_write_nothing_outside(
     # Nothing was written outside /workspace, whatever the race did.
     code, out = root_sh(docker_api, container, "ls -a /etc | grep clawdspace || true")
     assert code == 0 and out.strip() == b"", out
+    assert root_sh(docker_api, container, "test -f /etc/hostname")[0] == 0
     # The race really happened: each call saw both sides of it at least once.
     assert 200 in seen["json"] and 200 in seen["write"] and 200 in seen["exec"], seen
     assert {403, 404, 400, 409} & (seen["json"] | seen["write"]), seen
