@@ -3374,6 +3374,8 @@ class UserFile:
         self.stdout = ExecStdout(sock, FILE_CHUNK)
         self.rel = rel
         self.size = 0
+        self.closed = False
+        self.exit_code: int | None = None
 
     async def start(self) -> None:
         """Read the size line the script prints once the file is open (or raise its error).
@@ -3383,7 +3385,6 @@ class UserFile:
             line = await asyncio.wait_for(
                 self.spaces.engine.stream(lambda: self.stdout.read_line(32)), FILE_OPEN_TIMEOUT)
         except asyncio.TimeoutError:
-            await self.close()
             raise Conflict(f"{self.rel} could not be opened in {FILE_OPEN_TIMEOUT} s (a FIFO "
                            "or a hung file system?)", "file_changed") from None
         if line is None or not line.isdigit():
@@ -3396,7 +3397,6 @@ class UserFile:
             return await asyncio.wait_for(
                 self.spaces.engine.stream(lambda: self.stdout.read(size)), FILE_READ_STALL)
         except asyncio.TimeoutError:
-            await self.close()
             raise Conflict(f"{self.rel} stopped producing data for {FILE_READ_STALL} s",
                            "file_changed") from None
 
@@ -3412,7 +3412,11 @@ class UserFile:
         return b"".join(parts)
 
     async def close(self) -> int | None:
-        """Close the stream and end the process; its exit code when it had ended by itself."""
+        """Close the stream and end the process; its exit code when it had ended by itself.
+        Closing again answers the same without asking the engine."""
+        if self.closed:
+            return self.exit_code
+        self.closed = True
         self.sock.close()
         api = self.spaces.engine.api
         details = await self.spaces.engine.call(api.exec_inspect, self.exec_id)
@@ -3420,7 +3424,8 @@ class UserFile:
             await self.spaces.kill_exec(self.container_id, self.exec_id)
             return None
         code = details.get("ExitCode")
-        return None if code is None else int(code)
+        self.exit_code = None if code is None else int(code)
+        return self.exit_code
 
 
 def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -5672,13 +5677,14 @@ def openapi_document() -> dict[str, Any]:
         "Observability": {
             "type": "object",
             "required": ["stats", "workspaceDisk", "workspaceSizeBytes", "top",
-                         "bashHistoryTail", "status", "settings"],
+                         "bashHistoryTail", "oomKills", "status", "settings"],
             "properties": {
                 "stats": _ref("Stats"),
                 "workspaceDisk": {"type": ["object", "null"]},
                 "workspaceSizeBytes": {"type": ["integer", "null"]},
                 "top": {"type": "array", "items": {"type": "object"}},
                 "bashHistoryTail": {"type": ["string", "null"]},
+                "oomKills": {"type": ["integer", "null"]},
                 "status": {"type": "string"}, "settings": {"type": "object"},
             },
         },

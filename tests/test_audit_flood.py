@@ -63,29 +63,34 @@ async def test_a_flood_of_history_is_capped_summarised_and_never_erases_lifecycl
         await space.destroy_all()
 
 
+async def spaces_with_history(client: Api, space: SpaceMaker, lines: int) -> set[str]:
+    """Three new spaces, each with a .bash_history of ``lines`` commands."""
+    names = [(await space(network="none", memory="64m"))["name"] for _ in range(3)]
+    for name in names:
+        await put_history(client, name, lines)
+    return set(names)
+
+
+def shell_events_of(client: Api, names: set[str]) -> list[dict[str, Any]]:
+    shell_log = client.audit_path.with_name("shell.jsonl")
+    return [e for e in events_in(shell_log) if e.get("space") in names]
+
+
 async def test_ingestion_goes_round_every_running_space(
         client: Api, space: SpaceMaker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clawdspace, "HISTORY_SPACES_PER_TICK", 2)
-    names = [(await space(network="none", memory="64m"))["name"] for _ in range(3)]
-    for name in names:
-        await put_history(client, name, 5)
+    ours = await spaces_with_history(client, space, 5)
     housekeeper = client.app[clawdspace.HOUSEKEEPER_KEY]
     await housekeeper.ingest_history()
     await housekeeper.ingest_history()
-    ours = set(names)
-    shell_log = client.audit_path.with_name("shell.jsonl")
-    ingested = {e["space"] for e in events_in(shell_log) if e.get("space") in ours}
+    ingested = {e["space"] for e in shell_events_of(client, ours)}
     assert ingested == ours  # the third space was reached on the second tick
 
 
 async def test_the_node_wide_cap_holds_across_spaces(
         client: Api, space: SpaceMaker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clawdspace, "HISTORY_NODE_LINES", 300)
-    names = [(await space(network="none", memory="64m"))["name"] for _ in range(3)]
-    for name in names:
-        await put_history(client, name, 400)
+    ours = await spaces_with_history(client, space, 400)
     await client.app[clawdspace.HOUSEKEEPER_KEY].ingest_history()
-    shell_log = client.audit_path.with_name("shell.jsonl")
-    ours = set(names)
-    recorded = [e for e in events_in(shell_log) if e.get("space") in ours]
+    recorded = shell_events_of(client, ours)
     assert 0 < len(recorded) <= 300

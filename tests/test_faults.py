@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -24,6 +25,7 @@ from conftest import (
     TEST_IMAGE,
     Api,
     MakeClient,
+    Served,
     free_loopback,
     launch,
     poll,
@@ -414,82 +416,90 @@ async def test_huge_headers_without_a_key_are_refused_without_growing_the_servic
 # A restart finishes or undoes what a crash interrupted
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class DoomedNode:
+    """A real service with one space (network none), to be killed with SIGKILL mid-work."""
+
+    served: Served
+    name: str
+    container: str
+
+    def kill(self) -> None:
+        if self.served.process.poll() is None:
+            self.served.process.kill()
+        self.served.process.wait()
+
+
+@contextlib.contextmanager
+def doomed_node(tmp_path: Path, docker_api: docker.APIClient, prefix: str,
+                stem: str) -> Iterator[DoomedNode]:
+    """The service is killed at the end at the latest, and the space removed straight through
+    the engine (no service is left to do it)."""
+    host, port = free_loopback()
+    node = DoomedNode(launch(tmp_path, host, port, prefix, SESSION_KEY, {}),
+                      f"{stem}-{secrets.token_hex(3)}", "")
+    node.container = f"{prefix}{node.name}"
+    try:
+        wait_healthy(node.served)
+        status, body = node.served.request("POST", "/api/spaces", {
+            "name": node.name, "network": "none", "memory": "64m"})
+        assert status == 201, body
+        yield node
+    finally:
+        node.kill()
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_api.remove_container(node.container, force=True)
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_volume(f"{prefix}vol-{node.name}")
+
+
 def test_an_exec_timeout_holds_when_the_service_is_killed(
         tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
-    host, port = free_loopback()
-    served = launch(tmp_path, host, port, prefix, SESSION_KEY, {})
-    name = f"tmo-{secrets.token_hex(3)}"
-    container = f"{prefix}{name}"
     marker = f"sleep 3{secrets.randbelow(1000):03d}"  # a command line to find
-    try:
-        wait_healthy(served)
-        status, body = served.request("POST", "/api/spaces",
-                                      {"name": name, "network": "none", "memory": "64m"})
-        assert status == 201, body
+    with doomed_node(tmp_path, docker_api, prefix, "tmo") as node:
 
         def run_long() -> None:
             with contextlib.suppress(OSError):  # the service is killed under it
-                served.request("POST", f"/api/spaces/{name}/exec",
-                               {"command": marker, "timeout": 3})
+                node.served.request("POST", f"/api/spaces/{node.name}/exec",
+                                    {"command": marker, "timeout": 3})
 
         threading.Thread(target=run_long, daemon=True).start()
 
         def running() -> bool:
-            exec_id = docker_api.exec_create(container, ["pgrep", "-f", marker])["Id"]
+            exec_id = docker_api.exec_create(node.container, ["pgrep", "-f", marker])["Id"]
             docker_api.exec_start(exec_id)
             return bool(docker_api.exec_inspect(exec_id)["ExitCode"] == 0)
 
         wait_until(running, 30, "the command to start")
-    finally:
-        served.process.kill()
-        served.process.wait()
-    try:
+        node.kill()
         # Nobody is left to enforce it but the space itself: it still ends.
         wait_until(lambda: not running(), 60, "the command to end after its timeout")
-    finally:
-        docker_api.remove_container(container, force=True)
-        with contextlib.suppress(docker.errors.APIError):
-            docker_api.remove_volume(f"{prefix}vol-{name}")
 
 
 def test_an_upload_killed_with_the_service_leaves_no_temporary_file(
         tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
     import socket
 
-    host, port = free_loopback()
-    served = launch(tmp_path, host, port, prefix, SESSION_KEY, {})
-    name = f"upl-{secrets.token_hex(3)}"
-    container = f"{prefix}{name}"
+    with doomed_node(tmp_path, docker_api, prefix, "upl") as node:
 
-    def temp_files() -> bytes:
-        exec_id = docker_api.exec_create(
-            container, ["sh", "-c", "find /workspace -name '.clawdspace-upload-*'"])["Id"]
-        return bytes(docker_api.exec_start(exec_id))
+        def temp_files() -> bytes:
+            exec_id = docker_api.exec_create(
+                node.container, ["sh", "-c", "find /workspace -name '.clawdspace-upload-*'"])["Id"]
+            return bytes(docker_api.exec_start(exec_id))
 
-    try:
-        wait_healthy(served)
-        status, body = served.request("POST", "/api/spaces",
-                                      {"name": name, "network": "none", "memory": "64m"})
-        assert status == 201, body
-        upload = socket.create_connection((host, port))
-        upload.sendall((f"PUT /api/spaces/{name}/file?path=/big.bin HTTP/1.1\r\nHost: x\r\n"
-                        f"Authorization: Bearer {SESSION_KEY}\r\n"
-                        "Content-Type: application/octet-stream\r\n"
-                        f"Content-Length: {1 << 20}\r\n\r\n").encode() + b"x" * 4096)
-        wait_until(lambda: temp_files().strip() != b"", 30, "the upload to begin")
-    finally:
-        served.process.kill()
-        served.process.wait()
-    try:
-        wait_until(lambda: temp_files().strip() == b"", 30, "the temporary file to go")
-        exec_id = docker_api.exec_create(container, ["test", "-e", "/workspace/big.bin"])["Id"]
+        url = node.served.url.removeprefix("http://").rpartition(":")
+        with socket.create_connection((url[0], int(url[2]))) as upload:
+            upload.sendall((f"PUT /api/spaces/{node.name}/file?path=/big.bin HTTP/1.1\r\n"
+                            f"Host: x\r\nAuthorization: Bearer {SESSION_KEY}\r\n"
+                            "Content-Type: application/octet-stream\r\n"
+                            f"Content-Length: {1 << 20}\r\n\r\n").encode() + b"x" * 4096)
+            wait_until(lambda: temp_files().strip() != b"", 30, "the upload to begin")
+            node.kill()
+            wait_until(lambda: temp_files().strip() == b"", 30, "the temporary file to go")
+        exec_id = docker_api.exec_create(node.container,
+                                         ["test", "-e", "/workspace/big.bin"])["Id"]
         docker_api.exec_start(exec_id)
         assert docker_api.exec_inspect(exec_id)["ExitCode"] == 1  # no half file in its place
-        upload.close()
-    finally:
-        docker_api.remove_container(container, force=True)
-        with contextlib.suppress(docker.errors.APIError):
-            docker_api.remove_volume(f"{prefix}vol-{name}")
 
 
 # ---------------------------------------------------------------------------------------------
