@@ -118,7 +118,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar, cast
 
 import aiohttp
 import docker
@@ -134,6 +134,99 @@ T = TypeVar("T")
 
 
 ###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class ClawdError(Exception):
+    """Base of every error the API answers with; carries an HTTP status and a code."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class ConfigError(ClawdError):
+    """The service cannot start with this configuration."""
+
+
+class BadRequest(ClawdError):
+    """The request is malformed or names something invalid (400)."""
+
+    status, code = 400, "invalid"
+
+
+class Unauthorized(ClawdError):
+    """No valid API key was presented (401)."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ClawdError):
+    """The caller may not do this (403)."""
+
+    status, code = 403, "forbidden"
+
+
+class NotFound(ClawdError):
+    """The named object does not exist (404)."""
+
+    status, code = 404, "not_found"
+
+
+class Conflict(ClawdError):
+    """The object's state forbids the action, or the name is taken (409)."""
+
+    status, code = 409, "conflict"
+
+
+class NoGpu(Conflict):
+    """A GPU was asked of a node that has none (409)."""
+
+    code = "no_gpu"
+
+
+class InsufficientStorage(ClawdError):
+    """The space's disk is full (507)."""
+
+    status, code = 507, "no_space"
+
+
+class BodyTimeout(ClawdError):
+    """The client stopped sending the request body (408)."""
+
+    status, code = 408, "body_timeout"
+
+
+class LengthRequired(ClawdError):
+    """A streamed upload did not say how long it is (411)."""
+
+    status, code = 411, "length_required"
+
+
+class Unavailable(ClawdError):
+    """A dependency (the Docker engine, the disk) is not answering (503)."""
+
+    status, code = 503, "unavailable"
+
+
+class BadGateway(ClawdError):
+    """Another node could not be reached (502)."""
+
+    status, code = 502, "node_unreachable"
+
+
+class GatewayTimeout(ClawdError):
+    """Another node did not answer in time (504)."""
+
+    status, code = 504, "node_timeout"
+
+
+###############################################################################
 # Constants & config ##########################################################
 ###############################################################################
 
@@ -146,6 +239,7 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IMAGE_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_MEMORY_BYTES = 16 << 20
+NETWORK_MODES = ("none", "internet")
 # The Podman default set: Docker's 14 minus NET_RAW, MKNOD, AUDIT_WRITE and SYS_CHROOT.
 SPACE_CAPABILITIES = [
     "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
@@ -185,6 +279,20 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {value}")
     return value
+
+
+def parse_nodes_setting(text: str) -> list[tuple[str, str]]:
+    """``name=url,name2=url2``; a URL may itself contain ``=`` (only the first one splits)."""
+    nodes = []
+    for item in text.split(","):
+        name, sep, url = item.strip().partition("=")
+        name, url = name.strip(), url.strip().rstrip("/")
+        if not sep or not name or not url:
+            continue
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"CLAWDSPACE_NODES: {name} needs an http:// or https:// URL")
+        nodes.append((name, url))
+    return nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,132 +398,8 @@ class Config:
 
 
 ###############################################################################
-# Errors ######################################################################
-###############################################################################
-
-class ClawdError(Exception):
-    """Base of every error the API answers with; carries an HTTP status and a code."""
-
-    status = 500
-    code = "internal"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
-
-
-class ConfigError(ClawdError):
-    """The service cannot start with this configuration."""
-
-
-class BadRequest(ClawdError):
-    """The request is malformed or names something invalid (400)."""
-
-    status, code = 400, "invalid"
-
-
-class Unauthorized(ClawdError):
-    """No valid API key was presented (401)."""
-
-    status, code = 401, "unauthorized"
-
-
-class Forbidden(ClawdError):
-    """The caller may not do this (403)."""
-
-    status, code = 403, "forbidden"
-
-
-class NotFound(ClawdError):
-    """The named object does not exist (404)."""
-
-    status, code = 404, "not_found"
-
-
-class Conflict(ClawdError):
-    """The object's state forbids the action, or the name is taken (409)."""
-
-    status, code = 409, "conflict"
-
-
-class NoGpu(Conflict):
-    """A GPU was asked of a node that has none (409)."""
-
-    code = "no_gpu"
-
-
-class TooLarge(ClawdError):
-    """The request body is over the limit (413)."""
-
-    status, code = 413, "too_large"
-
-
-class InsufficientStorage(ClawdError):
-    """The space's disk is full (507)."""
-
-    status, code = 507, "no_space"
-
-
-class BodyTimeout(ClawdError):
-    """The client stopped sending the request body (408)."""
-
-    status, code = 408, "body_timeout"
-
-
-class LengthRequired(ClawdError):
-    """A streamed upload did not say how long it is (411)."""
-
-    status, code = 411, "length_required"
-
-
-class Unavailable(ClawdError):
-    """A dependency (the Docker engine, the disk) is not answering (503)."""
-
-    status, code = 503, "unavailable"
-
-
-class BadGateway(ClawdError):
-    """Another node could not be reached (502)."""
-
-    status, code = 502, "node_unreachable"
-
-
-class GatewayTimeout(ClawdError):
-    """Another node did not answer in time (504)."""
-
-    status, code = 504, "node_timeout"
-
-
-###############################################################################
 # Models ######################################################################
 ###############################################################################
-
-class SpaceVolume(TypedDict):
-    name: str
-    mountpoint: str
-
-
-class SpaceInfo(TypedDict):
-    name: str
-    id: str
-    status: str
-    created: str
-    started: str | None
-    image: str
-    memory: int
-    cpus: float
-    gpu: bool
-    gpus: list[str]
-    template: str | None
-    network: str
-    writableRootfs: bool
-    idleTimeout: int | None
-    user: str
-    lastActivity: str
-    volume: SpaceVolume
-
 
 class ExecResult(TypedDict):
     stdout: str
@@ -474,15 +458,6 @@ def json_object(value: Any, what: str, code: str = "invalid_argument") -> dict[s
     return value
 
 
-def label_number(labels: dict[str, str], key: str, kind: Callable[[str], T], default: T) -> T:
-    """A numeric label: labels are anyone's to write, so a malformed one reads as ``default``."""
-    try:
-        value = kind(labels.get(key) or "")
-    except (ValueError, OverflowError):
-        return default
-    return value if not isinstance(value, float) or math.isfinite(value) else default
-
-
 # Files the service writes in its data directory: one writer at a time per file, each write to
 # a temporary name of its own, fsynced, then renamed over the old file; a crash leaves the old
 # file or the new one and at worst a temporary file, which ``remove_temp_files`` sweeps at start.
@@ -527,27 +502,239 @@ def remove_temp_files(directory: str) -> int:
     return removed
 
 
-async def guarded(what: str, job: Callable[[], Awaitable[Any]]) -> None:
-    """Run one round of a background job; whatever it raises is logged and the caller's loop
-    goes on (expected failures as a line, anything else with its traceback)."""
+def write_json_atomic(path: str, value: Any) -> None:
+    write_atomic(path, json.dumps(value, separators=(",", ":")).encode())
+
+
+def read_json_file(path: str) -> Any:
+    """A small JSON file of the service's; None when it is absent or unreadable."""
     try:
-        await job()
-    except asyncio.CancelledError:
-        raise
-    except ClawdError as err:
-        log.warning("%s: %s", what, err.message)
-    except (docker.errors.APIError, OSError) as err:
-        log.warning("%s: %s", what, err)
-    except Exception:  # noqa: BLE001 - a background loop must never die of one bad round
-        log.exception("%s failed unexpectedly; it goes on", what)
+        with open(path, encoding="utf-8") as source:
+            return json.load(source)
+    except (OSError, ValueError):
+        return None
 
 
-async def supervised(what: str, loop_forever: Callable[[], Awaitable[Any]]) -> None:
-    """Run a background loop for the life of the service, restarting it if it ever ends."""
+def meminfo() -> dict[str, int]:
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as source:
+        for line in source:
+            key, _, rest = line.partition(":")
+            fields = rest.split()
+            if fields and fields[0].isdigit():
+                values[key] = int(fields[0]) * 1024
+    return values
+
+
+def host_memory_bytes() -> int:
+    return meminfo().get("MemTotal", 0)
+
+
+def format_bytes(amount: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(amount) < 1024 or unit == "TB":
+            return f"{amount:.1f} {unit}" if unit != "B" else f"{int(amount)} B"
+        amount /= 1024
+    return f"{amount:.1f} TB"
+
+
+###############################################################################
+# Background work #############################################################
+###############################################################################
+
+BACKOFF_LIMIT = 300.0  # seconds: the longest a failing loop waits before its next round
+
+
+async def supervise(name: str, work: Callable[[], Awaitable[Any]],
+                    every: float | None = None, delay: float = 0.0) -> None:
+    """The one policy for work nobody waits on: run ``work`` once, or every ``every`` seconds
+    (after ``delay``) for the life of the service. A failure is logged with its traceback and
+    the loop goes on, each failure in a row doubling the wait before the next round (up to
+    BACKOFF_LIMIT); only cancellation stops it."""
+    if delay:
+        await asyncio.sleep(delay)
+    failures = 0
     while True:
-        await guarded(what, loop_forever)
-        log.error("%s stopped; restarting it in 1 s", what)
-        await asyncio.sleep(1)
+        try:
+            await work()
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - background work must never die of one bad round
+            failures += 1
+            log.exception("%s failed (%d in a row); it goes on", name, failures)
+        if every is None:
+            return
+        wait = every if not failures else min(BACKOFF_LIMIT, max(every, 1.0) * 2 ** failures)
+        await asyncio.sleep(wait)
+
+
+class Tasks:
+    """Background tasks of one service, kept referenced, and cancelled together at close."""
+
+    def __init__(self) -> None:
+        self.running: set[asyncio.Task[None]] = set()
+
+    def spawn(self, name: str, work: Callable[[], Awaitable[Any]], every: float | None = None,
+              delay: float = 0.0) -> None:
+        task = asyncio.ensure_future(supervise(name, work, every, delay))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def close(self) -> None:
+        tasks = list(self.running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+###############################################################################
+# Input validation ############################################################
+###############################################################################
+
+TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+REPO_DEST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+
+
+def check_space_name(name: Any) -> str:
+    if not isinstance(name, str) or not SPACE_NAME_RE.fullmatch(name):
+        raise BadRequest(
+            "invalid space name: use 1-63 lowercase letters, digits and '-', starting and "
+            "ending with a letter or digit", "invalid_name")
+    return name
+
+
+def parse_memory(value: Any, check_host: bool = True) -> int:
+    """``"512m"``, ``"2g"``, ``"1t"`` or a byte count; anything else is an error (no default)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BadRequest("memory must be a byte count or a string like '512m' or '2g'",
+                         "invalid_memory")
+    if isinstance(value, int):
+        amount = value
+    else:
+        match = MEMORY_RE.fullmatch(value.strip())
+        if not match:
+            raise BadRequest(f"memory {value!r} is not a size: use k, m, g or t, e.g. '2g'",
+                             "invalid_memory")
+        amount = int(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
+    if amount < MIN_MEMORY_BYTES:
+        raise BadRequest("memory must be at least 16m", "invalid_memory")
+    total = host_memory_bytes() if check_host else 0
+    if total and amount > total:
+        raise BadRequest(f"memory {value!r} is more than this node has ({format_bytes(total)})",
+                         "invalid_memory")
+    return amount
+
+
+def parse_cpus(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise BadRequest("cpus must be a number, e.g. 1 or 0.5", "invalid_cpus")
+    cores = os.cpu_count() or 1
+    if not 0.01 <= value <= cores:
+        raise BadRequest(f"cpus must be between 0.01 and this node's {cores} cores",
+                         "invalid_cpus")
+    return float(value)
+
+
+def check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{field} must be true or false", f"invalid_{field}")
+    return value
+
+
+def check_image_ref(value: Any) -> str:
+    if not isinstance(value, str) or not IMAGE_REF_RE.fullmatch(value):
+        raise BadRequest("image must be an image reference such as 'clawdspace:latest'",
+                         "invalid_image")
+    return value
+
+
+def check_workdir(value: Any) -> str:
+    """An exec working directory: inside /workspace, normalised, never through /proc."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise BadRequest("workdir must be a path inside /workspace", "invalid_workdir")
+    joined = value if value.startswith("/") else f"{WORKSPACE}/{value}"
+    normal = os.path.normpath(joined)
+    if normal != WORKSPACE and not normal.startswith(WORKSPACE + "/"):
+        raise BadRequest("workdir must be inside /workspace", "invalid_workdir")
+    return normal
+
+
+def check_env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise BadRequest("env must be an object of string values", "invalid_env")
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        if not ENV_KEY_RE.fullmatch(key) or len(key) > 256:
+            raise BadRequest(f"env key {key[:64]!r} is not a valid variable name", "invalid_env")
+        if not isinstance(item, str) or "\x00" in item:
+            raise BadRequest(f"env value of {key} must be a string without NUL bytes",
+                             "invalid_env")
+        env[key] = item
+    return env
+
+
+def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
+
+
+def workspace_rel(raw: str | None) -> str:
+    """A client path (relative to /workspace) in normal form ``/a/b``; ``..`` may not climb out."""
+    if raw is None or raw == "":
+        return "/"
+    if "\x00" in raw or len(raw) > 4096:
+        raise BadRequest("path must be at most 4096 characters without NUL", "invalid_path")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("path must be valid UTF-8", "invalid_path") from None
+    parts: list[str] = []
+    for component in raw.split("/"):
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if not parts:
+                raise Forbidden("path leads outside /workspace", "outside_workspace")
+            parts.pop()
+        else:
+            parts.append(component)
+    return "/" + "/".join(parts)
+
+
+def inside_workspace(path: str) -> bool:
+    return path == WORKSPACE or path.startswith(WORKSPACE + "/")
+
+
+def check_template_name(name: Any) -> str:
+    if not isinstance(name, str) or not TEMPLATE_NAME_RE.fullmatch(name):
+        raise BadRequest("invalid template name: 1-64 of a-z, 0-9, '.', '_', '-', starting "
+                         "with a letter or digit", "invalid_template")
+    return name
+
+
+def check_repo_dest(value: Any, field: str = "repoDest") -> str:
+    if not isinstance(value, str) or len(value) > 200 or not REPO_DEST_RE.fullmatch(value) or any(
+            part in (".", "..") for part in value.split("/")):
+        raise BadRequest(f"{field} must be a relative path inside /workspace such as 'repo' or "
+                         "'src/app'", f"invalid_{field}")
+    return value
+
+
+def check_cidr(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a CIDR string such as '10.1.2.0/24'", "invalid_template")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise BadRequest(f"{field}: {value[:64]!r} is not a CIDR", "invalid_template") from None
+
+
+def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise BadRequest(f"{field} must be one of {', '.join(choices)}", f"invalid_{field}")
+    return str(value)
 
 
 ###############################################################################
@@ -830,18 +1017,63 @@ def reversed_lines(path: str, block: int = 65536) -> Iterator[bytes]:
 
 
 ###############################################################################
-# Docker wrapper ##############################################################
+# Docker engine ###############################################################
 ###############################################################################
 
 DOCKER_API_VERSION = "1.41"  # Engine 20.10+; pinned so building the client never blocks
 
 
-class Engine:
-    """The one door to the Docker engine.
+class EngineError(Exception):
+    """The engine refused a call: its HTTP status and its message."""
 
-    docker-py is synchronous, so every call goes through ``call`` onto a bounded thread pool;
-    long streams (exec output) get threads of their own from a second pool, so 50 running
-    execs never starve short calls such as ``inspect``.
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class EngineNotFound(EngineError):
+    """The engine has no such object (404)."""
+
+
+class ExecSocket:
+    """The hijacked connection of an exec stream: its socket and the HTTP response that owns
+    it, closed together (or the engine connection leaks)."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self.response = response
+        connection = response.raw.connection
+        if connection is None or connection.sock is None:
+            response.close()
+            raise Unavailable("the Docker engine dropped an exec connection",
+                              "docker_unavailable")
+        self.sock: socket.socket = connection.sock
+        self.sock.settimeout(None)
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def shutdown(self, how: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.response.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Engine:
+    """The one door to the Docker engine: a named method for each thing the service asks of
+    it. Engine refusals arrive as EngineError (EngineNotFound for a missing object, which
+    lookups answer as None); an engine that does not answer is Unavailable.
+
+    docker-py is synchronous, so every call runs on a bounded thread pool; long streams (exec
+    output) get threads of their own from a second pool, so 50 running execs never starve
+    short calls such as ``inspect_container``.
     """
 
     def __init__(self) -> None:
@@ -862,59 +1094,182 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
-        except docker.errors.APIError:
-            raise
+        except docker.errors.NotFound as err:
+            raise EngineNotFound(404, engine_message(err)) from err
+        except docker.errors.APIError as err:
+            raise EngineError(int(err.status_code or 500), engine_message(err)) from err
         except (docker.errors.DockerException, requests.exceptions.RequestException,
                 ConnectionError) as err:
             raise Unavailable(f"the Docker engine is not answering: {err}",
                               "docker_unavailable") from err
 
+    async def _lookup(self, fn: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return await self.call(fn, *args)
+        except EngineNotFound:
+            return None
+
     async def stream(self, fn: Callable[[], T]) -> T:
-        """Run a long blocking reader on its own thread."""
+        """Run a long blocking reader or writer (an exec's stream) on a thread of its own."""
         return await asyncio.get_running_loop().run_in_executor(self.streams, fn)
 
+    # -- the engine -----------------------------------------------------------------------
 
-def api_status(err: docker.errors.APIError) -> int:
-    return int(err.status_code or 500)
+    async def ping(self) -> None:
+        await self.call(self.api.ping)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call(self.api.info)
+
+    # -- images and containers ------------------------------------------------------------
+
+    async def inspect_image(self, ref: str) -> dict[str, Any] | None:
+        return await self._lookup(self.api.inspect_image, ref)
+
+    async def inspect_container(self, ref: str) -> dict[str, Any] | None:
+        return await self._lookup(self.api.inspect_container, ref)
+
+    async def containers(self, labels: list[str]) -> list[dict[str, Any]]:
+        """Every container (running or not) that carries all of ``labels`` (``k=v`` or ``k``)."""
+        return await self.call(
+            self.api.containers, all=True, filters={"label": labels})
+
+    async def create_container(self, image: str, name: str, hostname: str, user: str,
+                               labels: dict[str, str], environment: dict[str, str],
+                               host_config: dict[str, Any]) -> str:
+        """A container that only sleeps: everything a space runs is an exec."""
+        created = await self.call(
+            self.api.create_container, image, name=name, hostname=hostname,
+            user=user, working_dir=WORKSPACE, entrypoint=["sleep", "infinity"], command=[],
+            environment=environment or None, labels=labels, host_config=host_config)
+        return str(created["Id"])
+
+    async def start(self, container_id: str) -> None:
+        await self.call(self.api.start, container_id)
+
+    async def pause(self, container_id: str) -> None:
+        await self.call(self.api.pause, container_id)
+
+    async def unpause(self, container_id: str) -> None:
+        await self.call(self.api.unpause, container_id)
+
+    async def remove_container(self, container_id: str) -> None:
+        """Remove a container, running or not; one that is already gone is no error."""
+        with contextlib.suppress(EngineNotFound):
+            await self.call(self.api.remove_container, container_id, force=True)
+
+    async def stats(self, container_id: str) -> dict[str, Any]:
+        return await self.call(
+            self.api.stats, container_id, stream=False)
+
+    def _archive_stat(self, container_id: str, path: str) -> dict[str, Any] | None:
+        url = self._endpoint(f"/containers/{urllib.parse.quote(container_id, safe='')}/archive")
+        response = self.api.head(url, params={"path": path})
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise EngineError(response.status_code, f"cannot stat {path}")
+        header = response.headers.get("X-Docker-Container-Path-Stat", "")
+        stat: dict[str, Any] | None = json.loads(base64.b64decode(header)) if header else None
+        return stat
+
+    async def archive_stat(self, container_id: str, path: str) -> dict[str, Any] | None:
+        """The engine's stat of a path inside a container (symlinks resolved by the engine,
+        metadata only); None when it does not exist."""
+        return await self.call(self._archive_stat, container_id, path)
+
+    # -- volumes and networks -------------------------------------------------------------
+
+    async def inspect_volume(self, name: str) -> dict[str, Any] | None:
+        return await self._lookup(self.api.inspect_volume, name)
+
+    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        await self.call(self.api.create_volume, name, labels=labels)
+
+    async def remove_volume(self, name: str) -> None:
+        """Remove a volume; one that is already gone is no error (in use: EngineError 409)."""
+        with contextlib.suppress(EngineNotFound):
+            await self.call(self.api.remove_volume, name)
+
+    async def inspect_network(self, ref: str) -> dict[str, Any] | None:
+        return await self._lookup(self.api.inspect_network, ref)
+
+    async def networks(self, labels: list[str]) -> list[dict[str, Any]]:
+        return await self.call(
+            self.api.networks, filters={"label": labels})
+
+    async def create_network(self, name: str, options: dict[str, str],
+                             labels: dict[str, str]) -> None:
+        await self.call(self.api.create_network, name, driver="bridge", check_duplicate=True,
+                         options=options, labels=labels)
+
+    async def remove_network(self, name: str) -> None:
+        with contextlib.suppress(EngineNotFound):
+            await self.call(self.api.remove_network, name)
+
+    # -- execs ----------------------------------------------------------------------------
+
+    def _endpoint(self, path: str) -> str:
+        return f"{self.api.base_url}/v{self.api.api_version}{path}"
+
+    def _exec_create(self, container_id: str, argv: list[str], user: str,
+                     env: dict[str, str], workdir: str, stdin: bool, tty: bool) -> str:
+        exec_id: str = self.api.exec_create(
+            container_id, argv, stdout=True, stderr=True, stdin=stdin, tty=tty,
+            environment=env or None, workdir=workdir, user=user)["Id"]
+        return exec_id
+
+    def _exec_attach(self, exec_id: str, tty: bool) -> ExecSocket:
+        """Start an exec and take over its connection (Docker's ``Upgrade: tcp``)."""
+        response = self.api.post(
+            self._endpoint(f"/exec/{urllib.parse.quote(exec_id, safe='')}/start"),
+            json={"Detach": False, "Tty": tty},
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"}, stream=True)
+        try:
+            response.raise_for_status()
+        except requests.exceptions.HTTPError as err:
+            response.close()
+            raise docker.errors.create_api_error_from_http_exception(err) from None
+        return ExecSocket(response)
+
+    def _exec_open(self, container_id: str, argv: list[str], user: str, env: dict[str, str],
+                   workdir: str, stdin: bool, tty: bool) -> tuple[str, ExecSocket]:
+        exec_id = self._exec_create(container_id, argv, user, env, workdir, stdin, tty)
+        return exec_id, self._exec_attach(exec_id, tty)
+
+    async def exec_create(self, container_id: str, argv: list[str], user: str,
+                          env: dict[str, str], workdir: str, stdin: bool = False,
+                          tty: bool = False) -> str:
+        return await self.call(self._exec_create, container_id, argv, user, env, workdir,
+                                stdin, tty)
+
+    async def exec_attach(self, exec_id: str, tty: bool = False) -> ExecSocket:
+        return await self.call(self._exec_attach, exec_id, tty)
+
+    async def exec_open(self, container_id: str, argv: list[str], user: str,
+                        env: dict[str, str], workdir: str, stdin: bool = False,
+                        tty: bool = False) -> tuple[str, ExecSocket]:
+        """Create and start an exec in one pool job (the service's own, unaudited execs)."""
+        return await self.call(self._exec_open, container_id, argv, user, env, workdir,
+                                stdin, tty)
+
+    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        return await self.call(self.api.exec_inspect, exec_id)
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        await self.call(self.api.exec_resize, exec_id, height=rows, width=cols)
+
+    async def exec_run(self, container_id: str, argv: list[str], user: str) -> None:
+        """Run a short command to its end, its output dropped."""
+        exec_id = await self.exec_create(container_id, argv, user, {}, "/")
+        await self.call(self.api.exec_start, exec_id)
 
 
-def api_message(err: docker.errors.APIError) -> str:
+def engine_message(err: docker.errors.APIError) -> str:
     explanation = err.explanation
     if isinstance(explanation, bytes):
         explanation = explanation.decode("utf-8", "replace")
     return str(explanation or err).strip()
-
-
-class ExecSocket:
-    """The hijacked socket of an exec stream, and the HTTP response that owns it.
-
-    Both must be closed, or the engine connection leaks (docker-py keeps the response on the
-    wrapper it returns from ``exec_start(socket=True)``).
-    """
-
-    def __init__(self, wrapper: Any) -> None:
-        self.wrapper = wrapper
-        self.sock: ExecSocket = getattr(wrapper, "_sock", wrapper)
-        self.sock.settimeout(None)
-
-    def recv(self, size: int) -> bytes:
-        return self.sock.recv(size)
-
-    def sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def shutdown(self, how: int) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(how)
-
-    def close(self) -> None:
-        response = getattr(self.wrapper, "_response", None)
-        if response is not None:
-            with contextlib.suppress(Exception):
-                response.close()
-        for closable in (self.wrapper, self.sock):
-            with contextlib.suppress(OSError):
-                closable.close()
 
 
 EXEC_FRAME = struct.Struct(">BxxxL")  # Docker's multiplexed stream: stream id, length
@@ -1078,13 +1433,226 @@ def kill_exec_group(host_pid: int, container_id: str,
 
 
 ###############################################################################
+# Space attributes and labels #################################################
+###############################################################################
+
+# A space's attributes live in labels of its container, ``clawdspace.<key>``; this section is
+# the one place that names them. SPACE_ATTRIBUTES declares each attribute once: its field in
+# the view, its label, its JSON schema, its default, how its label is read and written, how a
+# create request gives it and which template field sets it. Labels are anyone's to write: a
+# malformed one reads as its default and is reported, never fatal.
+LABEL_SCHEMA = 1  # the label layout this version writes (clawdspace.schema)
+# Upgrades of older label layouts: LABEL_MIGRATIONS[n] turns schema n into schema n + 1.
+LABEL_MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {}
+
+
+def label_key(name: str) -> str:
+    return f"{LABEL}.{name}"
+
+
+INSTANCE_LABEL = label_key("instance")  # which service instance (its prefix) owns it
+KIND_LABEL = label_key("kind")  # space, space-volume or network
+SPACE_LABEL = label_key("space")  # the space's name
+SCHEMA_LABEL = label_key("schema")
+VOLUME_LABEL = label_key("volume")
+E2B_TEMPLATE_LABEL = label_key("e2b-template")
+E2B_METADATA_LABEL = label_key("e2b-metadata")
+
+
+class SpaceVolume(TypedDict):
+    name: str
+    mountpoint: str
+
+
+class SpaceInfo(TypedDict):
+    name: str
+    id: str
+    status: str
+    created: str
+    createdBy: str | None
+    started: str | None
+    image: str
+    memory: int
+    cpus: float
+    gpu: bool
+    gpus: list[str]
+    template: str | None
+    network: str
+    writableRootfs: bool
+    idleTimeout: int | None
+    user: str
+    lastActivity: str
+    volume: SpaceVolume
+
+
+def read_integer(text: str) -> int:
+    """A count such as a byte size: ASCII digits only."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
+def read_number(text: str) -> float:
+    value = float(text) if text.isascii() else math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+def read_flag(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
+def read_seconds(text: str) -> int | None:
+    return read_integer(text) if text else None
+
+
+def write_flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def write_optional(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceAttribute:
+    """One attribute of a space, declared once."""
+
+    field: str  # its name in the space view, the create body and the OpenAPI schema
+    key: str  # its label: clawdspace.<key>
+    schema: dict[str, Any]  # JSON schema of its value in the view
+    default: Any  # what an absent or malformed label reads as
+    read: Callable[[str], Any] = str  # label -> value; ValueError: malformed
+    write: Callable[[Any], str] = str  # value -> label
+    parse: Callable[[Any], Any] | None = None  # create body value -> value (None: not asked)
+    template: str | None = None  # the Template field that gives its default, if any
+    request_schema: dict[str, Any] | None = None  # JSON schema in a create body
+
+    @property
+    def label(self) -> str:
+        return label_key(self.key)
+
+
+SPACE_ATTRIBUTES: tuple[SpaceAttribute, ...] = (
+    SpaceAttribute("image", "image", {"type": "string"}, "", parse=check_image_ref,
+                   template="image", request_schema={"type": "string"}),
+    SpaceAttribute("memory", "memory", {"type": "integer"}, 0, read_integer, parse=parse_memory,
+                   template="memory", request_schema={"oneOf": [
+                       {"type": "string", "examples": ["512m", "2g"]},
+                       {"type": "integer", "minimum": MIN_MEMORY_BYTES}]}),
+    SpaceAttribute("cpus", "cpus", {"type": "number"}, 0.0, read_number, repr,
+                   parse=parse_cpus, template="cpus",
+                   request_schema={"type": "number", "exclusiveMinimum": 0}),
+    SpaceAttribute("gpu", "gpu", {"type": "boolean"}, False, read_flag, write_flag,
+                   parse=functools.partial(check_bool, "gpu"), template="gpu",
+                   request_schema={"type": "boolean"}),
+    SpaceAttribute("gpus", "gpus", {"type": "array", "items": {"type": "string"}}, [],
+                   lambda text: [g for g in text.split(",") if g], ",".join),
+    SpaceAttribute("template", "template", {"type": ["string", "null"]}, None,
+                   lambda text: text or None, write_optional, request_schema={"type": "string"}),
+    SpaceAttribute("network", "network", {"type": "string"}, "internet",
+                   parse=lambda value: check_choice("network", value, NETWORK_MODES),
+                   template="network", request_schema={"enum": list(NETWORK_MODES)}),
+    SpaceAttribute("writableRootfs", "writable-rootfs", {"type": "boolean"}, True, read_flag,
+                   write_flag, parse=functools.partial(check_bool, "writableRootfs"),
+                   template="writable_rootfs", request_schema={"type": "boolean"}),
+    SpaceAttribute("idleTimeout", "idle-timeout", {"type": ["integer", "null"]}, None,
+                   read_seconds, write_optional, template="idle_timeout"),
+    SpaceAttribute("user", "user", {"type": "string"}, ""),
+    SpaceAttribute("created", "created-at", {"type": "string"}, ""),
+    SpaceAttribute("createdBy", "created-by", {"type": ["string", "null"]}, None,
+                   lambda text: text or None, write_optional),
+)
+ATTRIBUTES_BY_FIELD = {attribute.field: attribute for attribute in SPACE_ATTRIBUTES}
+
+
+def encode_labels(values: dict[str, Any]) -> dict[str, str]:
+    """Labels for the attributes in ``values``, with the schema version they are written in."""
+    labels = {SCHEMA_LABEL: str(LABEL_SCHEMA)}
+    for field, value in values.items():
+        attribute = ATTRIBUTES_BY_FIELD[field]
+        labels[attribute.label] = attribute.write(value)
+    return labels
+
+
+def decode_labels(labels: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Every attribute from a container's labels, and what was wrong with them: a malformed
+    label reads as its attribute's default; an older layout is migrated first."""
+    problems: list[str] = []
+    raw = labels.get(SCHEMA_LABEL)
+    version = int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+    if version is None:
+        problems.append(f"{SCHEMA_LABEL} is {raw!r}, not a schema version; read as "
+                        f"schema {LABEL_SCHEMA}")
+    elif version > LABEL_SCHEMA:
+        problems.append(f"labels of schema {version}, newer than this version's "
+                        f"{LABEL_SCHEMA}; read as schema {LABEL_SCHEMA}")
+    else:
+        for step in range(version, LABEL_SCHEMA):
+            if step not in LABEL_MIGRATIONS:
+                problems.append(f"no migration from label schema {step}; read as is")
+                break
+            labels = LABEL_MIGRATIONS[step](labels)
+    values: dict[str, Any] = {}
+    for attribute in SPACE_ATTRIBUTES:
+        text = labels.get(attribute.label)
+        values[attribute.field] = attribute.default
+        if text is None:
+            continue
+        try:
+            values[attribute.field] = attribute.read(text)
+        except (ValueError, OverflowError):
+            problems.append(f"{attribute.label}={text[:64]!r} is malformed; read as "
+                            f"{attribute.default!r}")
+    return values, problems
+
+
+def space_status(state: str) -> str:
+    if state == "paused":
+        return "paused"
+    if state in ("running", "restarting"):
+        return "running"
+    return "stopped"
+
+
+def space_view(container_id: str, labels: dict[str, str], state: str, started: str | None,
+               last_activity: float | None, default_volume: str,
+               ) -> tuple[SpaceInfo, list[str]]:
+    """The API's view of a space, from its container's labels and state; and the problems
+    its labels have."""
+    values, problems = decode_labels(labels)
+    view: dict[str, Any] = {
+        "name": labels.get(SPACE_LABEL, ""), "id": container_id[:12],
+        "status": space_status(state), "started": started, **values,
+        "lastActivity": epoch_to_iso(last_activity) if last_activity
+        else (started or values["created"]),
+        "volume": {"name": labels.get(VOLUME_LABEL, default_volume), "mountpoint": WORKSPACE},
+    }
+    return cast(SpaceInfo, view), problems
+
+
+def space_schema() -> dict[str, Any]:
+    """The JSON schema of the space view (OpenAPI ``Space``)."""
+    fixed: dict[str, Any] = {
+        "name": {"type": "string"}, "id": {"type": "string"},
+        "status": {"enum": ["running", "paused", "stopped"]},
+        "started": {"type": ["string", "null"]}, "lastActivity": {"type": "string"},
+        "volume": {"type": "object", "required": ["name", "mountpoint"],
+                   "properties": {"name": {"type": "string"}, "mountpoint": {"type": "string"}}},
+    }
+    properties = {**fixed, **{a.field: a.schema for a in SPACE_ATTRIBUTES}}
+    return {"type": "object", "required": list(properties),
+            "properties": {**properties, "node": {"type": "string"}}}
+
+
+###############################################################################
 # Templates ###################################################################
 ###############################################################################
 
-TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-REPO_DEST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 TEMPLATE_MAX_BYTES = 64 << 10
-NETWORK_MODES = ("none", "internet")
 TEMPLATE_KEYS: dict[str, Any] = {
     "name": None, "description": None, "idleTimeout": None,
     "resources": {"memory", "cpus", "gpu", "image"},
@@ -1131,30 +1699,6 @@ class Template:
 
 BUILTIN_DEFAULT = Template(name="default", description="Internet access; LAN, tailnet, "
                            "cloud metadata and this node blocked")
-
-
-def check_template_name(name: Any) -> str:
-    if not isinstance(name, str) or not TEMPLATE_NAME_RE.fullmatch(name):
-        raise BadRequest("invalid template name: 1-64 of a-z, 0-9, '.', '_', '-', starting "
-                         "with a letter or digit", "invalid_template")
-    return name
-
-
-def check_repo_dest(value: Any, field: str = "repoDest") -> str:
-    if not isinstance(value, str) or len(value) > 200 or not REPO_DEST_RE.fullmatch(value) or any(
-            part in (".", "..") for part in value.split("/")):
-        raise BadRequest(f"{field} must be a relative path inside /workspace such as 'repo' or "
-                         "'src/app'", f"invalid_{field}")
-    return value
-
-
-def check_cidr(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise BadRequest(f"{field} must be a CIDR string such as '10.1.2.0/24'", "invalid_template")
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
-    except ValueError:
-        raise BadRequest(f"{field}: {value[:64]!r} is not a CIDR", "invalid_template") from None
 
 
 def parse_template(text: str, source: str = "user") -> Template:
@@ -1372,6 +1916,7 @@ BLOCKED_V6 = ("fd7a:115c:a1e0::/48", "fc00::/7", "fe80::/10")
 # so the node's upstream resolvers (often on the LAN, or Tailscale's 100.100.100.100) must stay
 # reachable on port 53, and only there.
 RESOLV_CONF_FILES = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
+ALLOW_LABEL = label_key("allow")  # a network's allow-list
 
 
 def upstream_resolvers(configured: frozenset[str]) -> tuple[str, ...]:
@@ -1463,22 +2008,18 @@ class Firewall:
         return name
 
     async def _ensure_network(self, name: str, allow: tuple[str, ...]) -> str:
-        api = self.engine.api
         bridge = self.bridge_name(name)
-        try:
-            await self.engine.call(api.inspect_network, name)
-        except docker.errors.NotFound:
+        if await self.engine.inspect_network(name) is None:
             try:
-                await self.engine.call(
-                    api.create_network, name, driver="bridge", check_duplicate=True,
-                    options={"com.docker.network.bridge.enable_icc": "false",
-                             "com.docker.network.bridge.name": bridge},
-                    labels={f"{LABEL}.instance": self.config.prefix,
-                            f"{LABEL}.kind": "network", f"{LABEL}.allow": ",".join(allow)})
-            except docker.errors.APIError as err:
-                if api_status(err) != 409:
-                    raise Unavailable(f"network {name} could not be created: "
-                                      f"{api_message(err)}", "network_failed") from None
+                await self.engine.create_network(
+                    name, options={"com.docker.network.bridge.enable_icc": "false",
+                                   "com.docker.network.bridge.name": bridge},
+                    labels={INSTANCE_LABEL: self.config.prefix, KIND_LABEL: "network",
+                            ALLOW_LABEL: ",".join(allow)})
+            except EngineError as err:
+                if err.status != 409:
+                    raise Unavailable(f"network {name} could not be created: {err.message}",
+                                      "network_failed") from None
         self.bridges[bridge] = allow
         return bridge
 
@@ -1537,24 +2078,22 @@ class Firewall:
                     pass
                 await self._iptables(family, "-F", chain)
                 await self._iptables(family, "-X", chain)
-        with contextlib.suppress(docker.errors.NotFound):
-            await self.engine.call(self.engine.api.remove_network, name)
+        await self.engine.remove_network(name)
         self.bridges.pop(bridge, None)
         self.installed.discard(bridge)
 
     async def our_networks(self) -> list[dict[str, Any]]:
-        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=network"]}
-        networks: list[dict[str, Any]] = await self.engine.call(self.engine.api.networks,
-                                                                filters=filters)
-        return networks
+        return await self.engine.networks([f"{INSTANCE_LABEL}={self.config.prefix}",
+                                           f"{KIND_LABEL}=network"])
 
     async def prune(self, min_age: float = 120.0) -> None:
         """Remove networks of ours that no space uses (and are not brand new)."""
         async with self.lock:
             for network in await self.our_networks():
-                with contextlib.suppress(docker.errors.APIError, ValueError):
-                    detail = await self.engine.call(self.engine.api.inspect_network,
-                                                    network["Id"])
+                with contextlib.suppress(EngineError, ValueError):
+                    detail = await self.engine.inspect_network(network["Id"])
+                    if detail is None:
+                        continue
                     created = dt.datetime.fromisoformat(str(detail.get("Created"))[:19])
                     age = time.time() - created.replace(tzinfo=dt.timezone.utc).timestamp()
                     if not detail.get("Containers") and age > min_age:
@@ -1569,7 +2108,7 @@ class Firewall:
         try:
             await self.prune()
             networks = await self.our_networks()
-        except (ClawdError, docker.errors.APIError) as error:
+        except (ClawdError, EngineError) as error:
             self.error = str(error)
             return False
         code, err = await self._iptables("iptables", "-S", "DOCKER-USER")
@@ -1579,7 +2118,7 @@ class Firewall:
         async with self.lock:
             for network in networks:
                 name = network["Name"]
-                allow_label = (network.get("Labels") or {}).get(f"{LABEL}.allow", "")
+                allow_label = (network.get("Labels") or {}).get(ALLOW_LABEL, "")
                 allow = tuple(c for c in allow_label.split(",") if c)
                 bridge = self.bridge_name(name)
                 out_chain, in_chain = self.chains(bridge)
@@ -1600,7 +2139,7 @@ class Firewall:
 
 
 ###############################################################################
-# Git: clone on create, server-side push ######################################
+# Git: repository URLs, refs and credentials ##################################
 ###############################################################################
 
 GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
@@ -1691,80 +2230,6 @@ def git_auth(repo: RepoUrl, token: str | None, config: Config) -> tuple[list[str
     return options, env
 
 
-class GitOps:
-    """Clone into a space at create time and push from it, with the token kept out of the
-    space's config, its files, every argv, the answers and the audit log."""
-
-    def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
-        self.config = config
-        self.spaces = spaces
-        self.files = files
-
-    async def clone(self, info: dict[str, Any], repo: RepoUrl, branch: str | None, dest: str,
-                    token: str | None) -> ExecResult:
-        options, env = git_auth(repo, token, self.config)
-        argv = ["git", *options, "clone", "--no-recurse-submodules"]
-        if branch:
-            argv += ["--branch", branch]
-        argv += ["--", repo.url, f"{WORKSPACE}/{dest}"]
-        result = await self.spaces.run_internal(info, ExecRequest(
-            argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout), 1 << 20)
-        return self._redacted(result, token)
-
-    def _redacted(self, result: ExecResult, token: str | None) -> ExecResult:
-        redactor = Redactor([token or "", self.config.api_key or ""])
-        clean = result.copy()
-        clean["stdout"] = redactor.text(result["stdout"])
-        clean["stderr"] = redactor.text(result["stderr"])
-        return clean
-
-    async def push(self, name: str, body: dict[str, Any], actor: Actor) -> ExecResult:
-        check_fields(body, {"repoPath", "remote", "branch", "token"})
-        remote = check_remote(body.get("remote", "origin"))
-        branch = check_ref(body.get("branch", "main"), "branch")
-        token = body.get("token")
-        if token is not None and (not isinstance(token, str) or not token.strip()
-                                  or len(token) > 4096 or "\n" in token):
-            raise BadRequest("token must be a non-empty string", "invalid_token")
-        repo_path = body.get("repoPath", "/repo")
-        if not isinstance(repo_path, str):
-            raise BadRequest("repoPath must be a path inside /workspace", "invalid_repo_path")
-        if repo_path.startswith(WORKSPACE + "/"):
-            repo_path = repo_path[len(WORKSPACE):]
-        info = await self.spaces.running(name, actor)
-        self.spaces.touch(name)
-        where = await self.files.resolve(info["Id"], repo_path)
-        if where.stat is None or not where.stat["mode"] & MODE_DIR:
-            raise BadRequest(f"repoPath {where.rel} is not a directory", "invalid_repo_path")
-        # The URL is read as data (git config --get runs nothing) and then validated here.
-        lookup = await self.spaces.run_internal(info, ExecRequest(
-            argv=["git", "-C", where.real, "config", "--get", f"remote.{remote}.url"],
-            env=GIT_CLEAN_ENV, workdir=WORKSPACE, timeout=30), 65536)
-        if lookup["exitCode"] != 0 or not lookup["stdout"].strip():
-            raise BadRequest(f"remote {remote!r} is not configured in {where.rel}",
-                             "invalid_remote")
-        repo = check_repo_url(lookup["stdout"].strip(), self.config)
-        if token is None and repo.netloc == "github.com":
-            token = await node_github_token(self.config)
-        options, env = git_auth(repo, token, self.config)
-        refspec = f"refs/heads/{branch}:refs/heads/{branch}"
-        argv = ["sh", "-c", GIT_PUSH_SCRIPT, "sh", where.real, *options,
-                "-c", "core.hooksPath=/dev/null", "push", "--", repo.url, refspec]
-        await self.spaces.audit.record("space.git.push.start", name, {
-            "repoPath": where.rel, "remote": remote, "branch": branch}, actor)
-        with self.spaces.busy(name):
-            # As the container's root, not the space user: code running in the space cannot
-            # read this process's environment (the token) through /proc.
-            result = await self.spaces.run_internal(info, ExecRequest(
-                argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout),
-                1 << 20, user="0")
-        result = self._redacted(result, token)
-        await self.spaces.audit.record("space.git.push", name, {
-            "repoPath": where.rel, "remote": remote, "branch": branch,
-            "exitCode": result["exitCode"]}, actor)
-        return result
-
-
 ###############################################################################
 # System and GPUs #############################################################
 ###############################################################################
@@ -1822,8 +2287,8 @@ async def gpu_inventory(config: Config, fresh: bool = False) -> list[GpuInfo]:
 async def gpu_support(engine: Engine) -> dict[str, bool]:
     """Can this engine hand GPUs to containers (NVIDIA runtime, toolkit hook or CDI)?"""
     try:
-        info = await engine.call(engine.api.info)
-    except (ClawdError, docker.errors.APIError):
+        info = await engine.info()
+    except (ClawdError, EngineError):
         info = {}
     runtimes = info.get("Runtimes") or {}
     return {
@@ -1835,33 +2300,11 @@ async def gpu_support(engine: Engine) -> dict[str, bool]:
 
 
 def node_arch() -> str:
-    """The architecture in the earlier implementation's words (Node's os.arch())."""
+    """The architecture in the words clients already parse: x64, arm64, arm (the names
+    Node.js uses), else the machine's own."""
     machine = platform.machine().lower()
     return {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "armv7l": "arm"}.get(
         machine, machine)
-
-
-def meminfo() -> dict[str, int]:
-    values: dict[str, int] = {}
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as source:
-        for line in source:
-            key, _, rest = line.partition(":")
-            fields = rest.split()
-            if fields and fields[0].isdigit():
-                values[key] = int(fields[0]) * 1024
-    return values
-
-
-def host_memory_bytes() -> int:
-    return meminfo().get("MemTotal", 0)
-
-
-def format_bytes(amount: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(amount) < 1024 or unit == "TB":
-            return f"{amount:.1f} {unit}" if unit != "B" else f"{int(amount)} B"
-        amount /= 1024
-    return f"{amount:.1f} TB"
 
 
 def format_uptime(seconds: float) -> str:
@@ -1920,7 +2363,7 @@ async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
         capabilities(config, engine))
     docker_info: dict[str, Any] | None
     try:
-        info = await asyncio.wait_for(engine.call(engine.api.info), 5)
+        info = await asyncio.wait_for(engine.info(), 5)
         docker_info = {
             "version": info.get("ServerVersion"),
             "containers": info.get("Containers", 0),
@@ -1928,11 +2371,91 @@ async def system_info(config: Config, engine: Engine) -> dict[str, Any]:
             "containersPaused": info.get("ContainersPaused", 0),
             "images": info.get("Images", 0),
         }
-    except (ClawdError, docker.errors.APIError, asyncio.TimeoutError):
+    except (ClawdError, EngineError, asyncio.TimeoutError):
         docker_info = None
     return {**snapshot, "docker": docker_info, "capabilities": {
         k: caps[k] for k in ("gpu", "gpuName", "gpuMemory", "gpuCount", "gpus", "arch",
                              "platform")}}
+
+
+###############################################################################
+# Activity: last use, work in progress, start times ###########################
+###############################################################################
+
+class Activity:
+    """When each space was last used, what is running in it now (execs, terminals, file
+    calls), and when its container started: what auto-sleep decides on and the view shows.
+
+    Last-use times survive restarts in a small file of the data directory, so a restart
+    neither pauses every space at once nor forgets who was idle. The clock is wall-clock
+    seconds, replaceable for tests.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._busy: dict[str, int] = {}
+        self._started: dict[str, str | None] = {}  # container id -> StartedAt
+        self._saved: dict[str, float] = {}
+
+    def load(self) -> None:
+        saved = read_json_file(self.path)
+        for name, when in (saved.items() if isinstance(saved, dict) else ()):
+            if isinstance(when, (int, float)) and not isinstance(when, bool):
+                self._last.setdefault(str(name), float(when))
+
+    async def save(self) -> None:
+        """Write the last-use times when they changed since the last save."""
+        current = dict(self._last)
+        if current != self._saved:
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self.path, current)
+            self._saved = current
+
+    def touch(self, name: str) -> None:
+        self._last[name] = self.clock()
+
+    def last(self, name: str) -> float | None:
+        return self._last.get(name)
+
+    def first_sight(self, name: str) -> bool:
+        """Start the idle clock of a space seen for the first time; whether it was new."""
+        if name in self._last:
+            return False
+        self._last[name] = self.clock()
+        return True
+
+    def forget(self, name: str) -> None:
+        self._last.pop(name, None)
+
+    @contextlib.contextmanager
+    def busy(self, name: str) -> Iterator[None]:
+        """While inside, the space is in use (auto-sleep leaves it alone)."""
+        self._busy[name] = self._busy.get(name, 0) + 1
+        self.touch(name)
+        try:
+            yield
+        finally:
+            self._busy[name] -= 1
+            if not self._busy[name]:
+                del self._busy[name]
+            self.touch(name)
+
+    def is_busy(self, name: str) -> bool:
+        return self._busy.get(name, 0) > 0
+
+    def started(self, container_id: str) -> str | None:
+        return self._started.get(container_id)
+
+    def knows_start(self, container_id: str) -> bool:
+        return container_id in self._started
+
+    def set_started(self, container_id: str, started: str | None) -> None:
+        self._started[container_id] = started
+
+    def forget_container(self, container_id: str) -> None:
+        self._started.pop(container_id, None)
 
 
 ###############################################################################
@@ -1965,104 +2488,78 @@ class CreateRequest:
 
 @dataclasses.dataclass(frozen=True)
 class ExecRequest:
-    """A validated ``POST /api/spaces/:name/exec`` body."""
+    """A command to run in a space, built by ``exec_request`` (one set of rules for every
+    client: the API, the terminal, E2B's daemon protocol)."""
 
     argv: list[str]
     env: dict[str, str]
     workdir: str
-    timeout: float
+    timeout: float  # seconds; 0: none (terminals)
     # The tree the working directory must really be in, checked by the space's user after
     # entering it ("" for anywhere but /proc, /sys and /dev, as E2B's daemon allows).
     root: str = WORKSPACE
+    tty: bool = False  # a terminal: stdin open, output as one stream
+    source: str = "api"  # who asked, for the audit record: api, terminal, e2b
 
 
-def check_space_name(name: Any) -> str:
-    if not isinstance(name, str) or not SPACE_NAME_RE.fullmatch(name):
-        raise BadRequest(
-            "invalid space name: use 1-63 lowercase letters, digits and '-', starting and "
-            "ending with a letter or digit", "invalid_name")
-    return name
-
-
-def parse_memory(value: Any, check_host: bool = True) -> int:
-    """``"512m"``, ``"2g"``, ``"1t"`` or a byte count; anything else is an error (no default)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise BadRequest("memory must be a byte count or a string like '512m' or '2g'",
-                         "invalid_memory")
-    if isinstance(value, int):
-        amount = value
+def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORKSPACE,
+                 timeout: Any = None, root: str = WORKSPACE, tty: bool = False,
+                 source: str = "api") -> ExecRequest:
+    """The rules of a client's command, whoever asks: argv a list of strings without NUL,
+    a valid environment, a working directory normalised (inside ``root``, where there is
+    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (default CLAWDSPACE_EXEC_TIMEOUT)."""
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequest("command required: a string (run by sh -c) or a list of strings",
+                         "invalid_command")
+    if not argv[0]:
+        raise BadRequest("command[0] must name a program", "invalid_command")
+    if any("\x00" in arg for arg in argv):
+        raise BadRequest("command must not contain NUL bytes", "invalid_command")
+    if tty:
+        limit = 0.0
     else:
-        match = MEMORY_RE.fullmatch(value.strip())
-        if not match:
-            raise BadRequest(f"memory {value!r} is not a size: use k, m, g or t, e.g. '2g'",
-                             "invalid_memory")
-        amount = int(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
-    if amount < MIN_MEMORY_BYTES:
-        raise BadRequest("memory must be at least 16m", "invalid_memory")
-    total = host_memory_bytes() if check_host else 0
-    if total and amount > total:
-        raise BadRequest(f"memory {value!r} is more than this node has ({format_bytes(total)})",
-                         "invalid_memory")
-    return amount
+        limit = config.exec_timeout if timeout is None else timeout
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
+            raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
+        if not 0 < limit <= config.exec_max_timeout:
+            raise BadRequest(f"timeout must be between 0 and {config.exec_max_timeout} "
+                             "seconds", "invalid_timeout")
+    if root:
+        where = check_workdir(workdir)
+    elif isinstance(workdir, str) and workdir.startswith("/") and "\x00" not in workdir:
+        where = "/" + os.path.normpath(workdir).lstrip("/")
+    else:
+        raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
+                         "invalid_argument")
+    return ExecRequest(argv=list(argv), env=check_env({} if env is None else env),
+                       workdir=where, timeout=float(limit), root=root, tty=tty, source=source)
 
 
-def parse_cpus(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise BadRequest("cpus must be a number, e.g. 1 or 0.5", "invalid_cpus")
-    cores = os.cpu_count() or 1
-    if not 0.01 <= value <= cores:
-        raise BadRequest(f"cpus must be between 0.01 and this node's {cores} cores",
-                         "invalid_cpus")
-    return float(value)
+def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
+    """A ``POST /api/spaces/:name/exec`` body."""
+    check_fields(body, {"command", "env", "workdir", "timeout"})
+    command = body.get("command")
+    if isinstance(command, str):
+        if not command.strip():
+            raise BadRequest("command required", "invalid_command")
+        command = ["sh", "-c", command]
+    return exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
+                        body.get("timeout"))
 
 
-def check_bool(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{field} must be true or false", f"invalid_{field}")
-    return value
+def exec_event(req: ExecRequest) -> tuple[str, dict[str, Any]]:
+    """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
+    not the API's own exec), or ``terminal.open`` for a terminal's shell."""
+    if req.tty:
+        return "terminal.open", {"shell": req.argv[0]}
+    meta: dict[str, Any] = {
+        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+        "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
+    if req.source != "api":
+        meta["source"] = req.source
+    return "space.exec", meta
 
 
-def check_image_ref(value: Any) -> str:
-    if not isinstance(value, str) or not IMAGE_REF_RE.fullmatch(value):
-        raise BadRequest("image must be an image reference such as 'clawdspace:latest'",
-                         "invalid_image")
-    return value
-
-
-def check_workdir(value: Any) -> str:
-    """An exec working directory: inside /workspace, normalised, never through /proc."""
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise BadRequest("workdir must be a path inside /workspace", "invalid_workdir")
-    joined = value if value.startswith("/") else f"{WORKSPACE}/{value}"
-    normal = os.path.normpath(joined)
-    if normal != WORKSPACE and not normal.startswith(WORKSPACE + "/"):
-        raise BadRequest("workdir must be inside /workspace", "invalid_workdir")
-    return normal
-
-
-def check_env(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise BadRequest("env must be an object of string values", "invalid_env")
-    env: dict[str, str] = {}
-    for key, item in value.items():
-        if not ENV_KEY_RE.fullmatch(key) or len(key) > 256:
-            raise BadRequest(f"env key {key[:64]!r} is not a valid variable name", "invalid_env")
-        if not isinstance(item, str) or "\x00" in item:
-            raise BadRequest(f"env value of {key} must be a string without NUL bytes",
-                             "invalid_env")
-        env[key] = item
-    return env
-
-
-def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
-
-
-CREATE_FIELDS = {"name", "memory", "cpus", "gpu", "gpus", "image", "template", "network",
-                 "writableRootfs", "env", "envFileText", "envFileBase64", "envFilePath",
-                 "repoUrl", "repoBranch", "repoDest"}
 TOKEN_ENV_KEYS = ("GITHUB_TOKEN", "GH_TOKEN")  # used for the clone, never stored in the space
 ENV_FILE_MAX_BYTES = 1 << 20
 
@@ -2103,63 +2600,42 @@ def parse_env_file(body: dict[str, Any]) -> tuple[str, bytes] | None:
     return rel, content
 
 
+CREATE_FIELDS = {"name", "template", "gpus", "env", "envFileText", "envFileBase64", "envFilePath",
+                 "repoUrl", "repoBranch", "repoDest",
+                 *(a.field for a in SPACE_ATTRIBUTES if a.parse is not None)}
+
+
 def parse_create(body: dict[str, Any], config: Config, template: Template) -> CreateRequest:
     """The request's fields over the template's; posture may be tightened, never loosened."""
     check_fields(body, CREATE_FIELDS)
     if "name" not in body:
         raise BadRequest("name is required", "invalid_name")
     name = check_space_name(body["name"])
-    if "memory" in body:
-        memory = parse_memory(body["memory"])
-    else:
-        memory = min(template.memory or 2 << 30, host_memory_bytes() or 2 << 30)
-    if "cpus" in body:
-        cpus = parse_cpus(body["cpus"])
-    else:
-        cpus = min(template.cpus or 1.0, float(os.cpu_count() or 1))
-    gpu = check_bool("gpu", body["gpu"]) if "gpu" in body else template.gpu
-    gpus = 1 if gpu else 0
-    if body.get("gpus") is not None:
-        asked = body["gpus"]
-        if asked == "all":
-            gpus = -1
-        elif isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= 64:
-            gpus = asked
-        else:
-            raise BadRequest('gpus must be a number of GPUs (1-64) or "all"', "invalid_gpus")
-        if body.get("gpu") is False:
-            raise BadRequest("gpu: false contradicts gpus", "invalid_gpus")
-        gpu = True
-    image = body.get("image") or template.image or (
-        (config.gpu_image or config.image) if gpu else config.image)
-    network = body.get("network", template.network)
-    if network not in NETWORK_MODES:
-        raise BadRequest(f"network must be one of {', '.join(NETWORK_MODES)}", "invalid_network")
+    asked = {a.field: a.parse(body[a.field]) for a in SPACE_ATTRIBUTES
+             if a.parse is not None and body.get(a.field) not in (None, "")}
+    given = {a.field: getattr(template, a.template) for a in SPACE_ATTRIBUTES
+             if a.template is not None and getattr(template, a.template) is not None}
+    values = {**given, **asked}
+    host_memory = host_memory_bytes() or 2 << 30
+    memory = asked.get("memory") or min(given.get("memory") or 2 << 30, host_memory)
+    cpus = asked.get("cpus") or min(given.get("cpus") or 1.0, float(os.cpu_count() or 1))
+    gpu, gpus = parse_gpus(body, values["gpu"])
+    image = values.get("image") or ((config.gpu_image or config.image) if gpu else config.image)
+    network, writable = values["network"], values["writableRootfs"]
+    for field in ("memory", "cpus", "gpu", "network", "writableRootfs"):
+        check = ATTRIBUTES_BY_FIELD[field].parse
+        if field in body and field not in asked and check is not None:
+            check(body[field])  # null or "" is no value of these: the error says why
     if network == "internet" and template.network == "none":
         raise BadRequest(f"template {template.name!r} has no network; a request can tighten "
                          "the network, not loosen it", "network_loosening")
-    writable = body.get("writableRootfs", template.writable_rootfs)
-    if not isinstance(writable, bool):
-        raise BadRequest("writableRootfs must be true or false", "invalid_writableRootfs")
     if writable and not template.writable_rootfs:
         raise BadRequest(f"template {template.name!r} has a read-only root file system; a "
                          "request cannot make it writable", "rootfs_loosening")
     env = check_env(body.get("env", {}))
     token = next((env[k].strip() for k in TOKEN_ENV_KEYS if env.get(k, "").strip()), None)
     env = {k: v for k, v in env.items() if k not in TOKEN_ENV_KEYS}
-    repo = branch = None
-    dest = template.default_repo_dest
-    if body.get("repoUrl") is not None:
-        repo = check_repo_url(body["repoUrl"], config)
-        if network == "none":
-            raise BadRequest("Repo clone failed: selected template has network disabled",
-                             "clone_needs_network")
-        if body.get("repoBranch") is not None:
-            branch = check_ref(body["repoBranch"], "repoBranch")
-        if body.get("repoDest") is not None:
-            dest = check_repo_dest(body["repoDest"])
-    elif body.get("repoBranch") is not None or body.get("repoDest") is not None:
-        raise BadRequest("repoBranch and repoDest need repoUrl", "invalid_repo_url")
+    repo, branch, dest = parse_repo(body, config, network, template.default_repo_dest)
     return CreateRequest(
         name=name, memory=memory, cpus=cpus, gpu=gpu, gpus=gpus, image=check_image_ref(image),
         template=template.name, network=network, allow_cidrs=template.allow_cidrs,
@@ -2168,34 +2644,35 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
         git_token=token)
 
 
-def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
-    check_fields(body, {"command", "env", "workdir", "timeout"})
-    command = body.get("command")
-    if isinstance(command, str):
-        if not command.strip():
-            raise BadRequest("command required", "invalid_command")
-        argv = ["sh", "-c", command]
-    elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
-        if not command[0]:
-            raise BadRequest("command[0] must name a program", "invalid_command")
-        argv = list(command)
-    else:
-        raise BadRequest("command required: a string (run by sh -c) or a list of strings",
-                         "invalid_command")
-    if any("\x00" in arg for arg in argv):
-        raise BadRequest("command must not contain NUL bytes", "invalid_command")
-    timeout = body.get("timeout", config.exec_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
-        raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
-    if not 0 < timeout <= config.exec_max_timeout:
-        raise BadRequest(f"timeout must be between 0 and {config.exec_max_timeout} seconds",
-                         "invalid_timeout")
-    return ExecRequest(
-        argv=argv,
-        env=check_env(body.get("env", {})),
-        workdir=check_workdir(body.get("workdir", WORKSPACE)),
-        timeout=float(timeout),
-    )
+def parse_gpus(body: dict[str, Any], gpu: bool) -> tuple[bool, int]:
+    """(a GPU space?, how many GPUs: -1 for all) from ``gpu`` and ``gpus``."""
+    asked = body.get("gpus")
+    if asked is None:
+        return gpu, 1 if gpu else 0
+    if asked != "all" and not (isinstance(asked, int) and not isinstance(asked, bool)
+                               and 1 <= asked <= 64):
+        raise BadRequest('gpus must be a number of GPUs (1-64) or "all"', "invalid_gpus")
+    if body.get("gpu") is False:
+        raise BadRequest("gpu: false contradicts gpus", "invalid_gpus")
+    return True, -1 if asked == "all" else int(asked)
+
+
+def parse_repo(body: dict[str, Any], config: Config, network: str,
+               default_dest: str) -> tuple[RepoUrl | None, str | None, str]:
+    """(repository to clone, branch, destination) of a create."""
+    if body.get("repoUrl") is None:
+        if body.get("repoBranch") is not None or body.get("repoDest") is not None:
+            raise BadRequest("repoBranch and repoDest need repoUrl", "invalid_repo_url")
+        return None, None, default_dest
+    repo = check_repo_url(body["repoUrl"], config)
+    if network == "none":
+        raise BadRequest("Repo clone failed: selected template has network disabled",
+                         "clone_needs_network")
+    branch = check_ref(body["repoBranch"], "repoBranch") if body.get(
+        "repoBranch") is not None else None
+    dest = check_repo_dest(body["repoDest"]) if body.get("repoDest") is not None \
+        else default_dest
+    return repo, branch, dest
 
 
 # Every command a client runs starts through this script, as the command's own user:
@@ -2204,7 +2681,8 @@ def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
 #   elsewhere (the docker-level WorkingDir is only ever "/");
 # - the command runs under coreutils' timeout (where the image has it), so its time limit
 #   holds even when the service is killed or restarted while it runs. It fires a little after
-#   the service's own timer, which normally ends the command first.
+#   the service's own timer, which normally ends the command first. A terminal has no limit
+#   (and could not have this one: timeout puts its command out of the terminal's foreground).
 WORKDIR_MARK = "clawdspace-workdir:"
 WORKDIR_FAILED = 125
 TIMEOUT_GRACE = 2
@@ -2221,14 +2699,14 @@ if [ "$1" != "$2" ]; then
 fi
 limit=$3
 shift 3
-command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
+[ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
 exec "$@"
 """
 
 
 def confined(req: ExecRequest) -> ExecRequest:
     """``req`` as run through COMMAND_SCRIPT."""
-    limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE)
+    limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE) if req.timeout else "0"
     return dataclasses.replace(req, workdir="/", argv=[
         "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, *req.argv])
 
@@ -2244,46 +2722,77 @@ def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
                       f"{req.root or 'the allowed directories'}", "invalid_workdir")
 
 
-def space_status(state: str) -> str:
-    if state == "paused":
-        return "paused"
-    if state in ("running", "restarting"):
-        return "running"
-    return "stopped"
+def space_host_config(config: Config, req: CreateRequest, volume: str, network_mode: str,
+                      gpu_ids: list[str]) -> dict[str, Any]:
+    """The whole HostConfig of a space, in the engine's own terms, from server-side rules
+    only: no request field reaches it unvalidated."""
+    host: dict[str, Any] = {
+        "Memory": req.memory,
+        "MemorySwap": req.memory,  # no swap beyond the memory limit
+        "NanoCpus": int(req.cpus * 1e9),
+        "CapDrop": ["ALL"],
+        "CapAdd": SPACE_CAPABILITIES,
+        "SecurityOpt": ["no-new-privileges:true"],
+        "PidsLimit": config.pids_limit,
+        "Init": True,
+        # No core dumps; nofile stays the engine's (raising it fails where dockerd's own hard
+        # limit is lower).
+        "Ulimits": [{"Name": "core", "Soft": 0, "Hard": 0}],
+        "RestartPolicy": {"Name": "unless-stopped"},
+        "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+        "Mounts": [{"Target": WORKSPACE, "Source": volume, "Type": "volume",
+                    "ReadOnly": False}],
+        "NetworkMode": network_mode,
+        "ReadonlyRootfs": not req.writable_rootfs,
+    }
+    if gpu_ids:  # pinned by UUID, so a space keeps its GPU across restarts
+        host["DeviceRequests"] = [{"Driver": "nvidia", "Count": 0, "DeviceIDs": gpu_ids,
+                                   "Capabilities": [["gpu"]], "Options": {}}]
+    if not req.writable_rootfs:  # a read-only root still needs scratch space where expected
+        host["Tmpfs"] = {path: "rw,nosuid,nodev,size=256m"  # paths inside the space
+                         for path in ("/tmp", "/var/tmp", "/run")}  # noqa: S108
+    return host
+
+
+@dataclasses.dataclass
+class RunningExec:
+    """A started client command: the exec and its hijacked connection."""
+
+    container_id: str
+    exec_id: str
+    sock: ExecSocket
 
 
 class Spaces:
     """Spaces are containers named ``<prefix><name>`` labelled ``clawdspace.instance=<prefix>``.
 
-    Nothing about a space lives in this process except caches that can be rebuilt from the
-    engine (start times) and activity times.
+    Nothing about a space lives in this process but what can be rebuilt from the engine
+    (container ids, start times) and its activity.
     """
 
-    def __init__(self, config: Config, engine: Engine, audit: AuditLog,
-                 firewall: Firewall) -> None:
+    def __init__(self, config: Config, engine: Engine, audit: AuditLog, firewall: Firewall,
+                 activity: Activity) -> None:
         self.config = config
         self.engine = engine
         self.audit = audit
         self.firewall = firewall
-        # Wall-clock seconds for activity, auto-sleep and E2B deadlines; tests replace it.
-        self.clock: Callable[[], float] = time.time
-        self.last_activity: dict[str, float] = {}
-        self.busy_count: dict[str, int] = {}  # running execs and open terminals
-        self.started_at: dict[str, str | None] = {}  # container id -> StartedAt
+        self.activity = activity
         # name -> (container id, user): fixed for the life of a container, so an exec can go
         # straight to the engine without an inspect first.
         self.known: dict[str, tuple[str, str]] = {}
         self.gpu_lock = asyncio.Lock()  # GPU choice and container create, one at a time
-        self.tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept referenced
+        self.tasks = Tasks()  # work nobody waits for (learning start times)
+        self.reported: set[tuple[str, str]] = set()  # label problems already logged
         # Creates under way, on disk: what a create made before a crash is undone at start.
         self.pending_path = os.path.join(config.data_dir, "pending-creates.json")
         self.pending: dict[str, dict[str, Any]] = {}
         self.pending_lock = asyncio.Lock()
 
-    def background(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    async def startup(self) -> None:
+        await supervise("undoing interrupted creates", self.recover)
+
+    async def shutdown(self) -> None:
+        await self.tasks.close()
 
     # -- names and labels ---------------------------------------------------------------
 
@@ -2294,47 +2803,35 @@ class Spaces:
         return f"{self.config.prefix}vol-{name}"
 
     def owner_labels(self, name: str) -> dict[str, str]:
-        return {f"{LABEL}.instance": self.config.prefix, f"{LABEL}.space": name}
+        return {INSTANCE_LABEL: self.config.prefix, SPACE_LABEL: name}
 
     def is_ours(self, labels: dict[str, str] | None, name: str) -> bool:
         labels = labels or {}
         return all(labels.get(k) == v for k, v in self.owner_labels(name).items())
 
+    def selector(self) -> list[str]:
+        """The labels every space of this instance carries."""
+        return [f"{INSTANCE_LABEL}={self.config.prefix}", f"{KIND_LABEL}=space"]
+
     # -- views ----------------------------------------------------------------------------
 
     def view(self, container_id: str, labels: dict[str, str], state: str) -> SpaceInfo:
-        name = labels.get(f"{LABEL}.space", "")
-        started = self.started_at.get(container_id)
-        activity = self.last_activity.get(name)
-        created = labels.get(f"{LABEL}.created-at", "")
-        return {
-            "name": name,
-            "id": container_id[:12],
-            "status": space_status(state),
-            "created": created,
-            "started": started,
-            "image": labels.get(f"{LABEL}.image", ""),
-            "memory": label_number(labels, f"{LABEL}.memory", int, 0),
-            "cpus": label_number(labels, f"{LABEL}.cpus", float, 0.0),
-            "gpu": labels.get(f"{LABEL}.gpu") == "true",
-            "gpus": [g for g in labels.get(f"{LABEL}.gpus", "").split(",") if g],
-            "template": labels.get(f"{LABEL}.template") or None,
-            "network": labels.get(f"{LABEL}.network", "internet"),
-            "writableRootfs": labels.get(f"{LABEL}.writable-rootfs", "true") == "true",
-            "idleTimeout": label_number(labels, f"{LABEL}.idle-timeout", int, None)
-            if labels.get(f"{LABEL}.idle-timeout", "").isdigit() else None,
-            "user": labels.get(f"{LABEL}.user", ""),
-            "lastActivity": epoch_to_iso(activity) if activity else (started or created),
-            "volume": {"name": labels.get(f"{LABEL}.volume", self.volume_name(name)),
-                       "mountpoint": WORKSPACE},
-        }
+        name = labels.get(SPACE_LABEL, "")
+        space, problems = space_view(container_id, labels, state,
+                                     self.activity.started(container_id),
+                                     self.activity.last(name), self.volume_name(name))
+        for problem in problems:
+            if (container_id, problem) not in self.reported:
+                self.reported.add((container_id, problem))
+                log.warning("space %s (container %s): %s", name, container_id[:12], problem)
+        return space
 
     def view_inspected(self, info: dict[str, Any]) -> SpaceInfo:
         state = info.get("State") or {}
         started = state.get("StartedAt") or None
         if started and started.startswith("0001-"):
             started = None
-        self.started_at[info["Id"]] = started
+        self.activity.set_started(info["Id"], started)
         status = "paused" if state.get("Paused") else str(state.get("Status", "exited"))
         return self.view(info["Id"], (info.get("Config") or {}).get("Labels") or {}, status)
 
@@ -2342,57 +2839,49 @@ class Spaces:
 
     async def inspect(self, name: str) -> dict[str, Any]:
         check_space_name(name)
-        try:
-            info = await self.engine.call(self.engine.api.inspect_container,
-                                          self.container_name(name))
-        except docker.errors.NotFound:
-            raise NotFound("Space not found") from None
-        config = info.get("Config") or {}
-        if not self.is_ours(config.get("Labels"), name):
+        info = await self.engine.inspect_container(self.container_name(name))
+        config = (info or {}).get("Config") or {}
+        if info is None or not self.is_ours(config.get("Labels"), name):
             raise NotFound("Space not found")
         self.known[name] = (info["Id"], str(config.get("User") or ""))
-        return info  # type: ignore[no-any-return]
+        return info
+
+    async def incarnation(self, name: str) -> str | None:
+        """The container id of a space of this node (cached), or None."""
+        if name not in self.known:
+            with contextlib.suppress(NotFound, BadRequest):
+                await self.inspect(name)
+        known = self.known.get(name)
+        return known[0] if known else None
+
+    def is_known(self, name: str) -> bool:
+        """Whether this node has seen the space (without asking the engine)."""
+        return name in self.known
 
     async def get(self, name: str) -> SpaceInfo:
         return self.view_inspected(await self.inspect(name))
 
+    async def rows(self, *labels: str) -> list[dict[str, Any]]:
+        """The engine's list rows of this instance's spaces (that also carry ``labels``)."""
+        return await self.engine.containers([*self.selector(), *labels])
+
     async def list_all(self) -> list[SpaceInfo]:
         """All spaces of this instance, from a single engine call."""
-        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=space"]}
-        rows = await self.engine.call(self.engine.api.containers, all=True, filters=filters)
-        missing = [row["Id"] for row in rows if row["Id"] not in self.started_at]
+        rows = await self.rows()
+        missing = [row["Id"] for row in rows if not self.activity.knows_start(row["Id"])]
         if missing:
             # Start times are not in the list answer; learn them once, off the request path.
-            self.background(guarded("start-time learning",
-                                    functools.partial(self._learn_start_times, missing)))
+            self.tasks.spawn("start-time learning",
+                             functools.partial(self._learn_start_times, missing))
         spaces = [self.view(row["Id"], row.get("Labels") or {}, row.get("State", ""))
                   for row in rows]
         return sorted(spaces, key=lambda s: s["name"])
 
     async def _learn_start_times(self, container_ids: list[str]) -> None:
         for container_id in container_ids:
-            with contextlib.suppress(ClawdError, docker.errors.APIError):
-                info = await self.engine.call(self.engine.api.inspect_container, container_id)
+            info = await self.engine.inspect_container(container_id)
+            if info is not None:
                 self.view_inspected(info)
-
-    def touch(self, name: str) -> None:
-        self.last_activity[name] = self.clock()
-
-    @contextlib.contextmanager
-    def busy(self, name: str) -> Iterator[None]:
-        """While inside, the space is in use (auto-sleep leaves it alone)."""
-        self.busy_count[name] = self.busy_count.get(name, 0) + 1
-        self.touch(name)
-        try:
-            yield
-        finally:
-            self.busy_count[name] -= 1
-            if not self.busy_count[name]:
-                del self.busy_count[name]
-            self.touch(name)
-
-    def is_busy(self, name: str) -> bool:
-        return self.busy_count.get(name, 0) > 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -2403,20 +2892,19 @@ class Spaces:
 
         Anything that fails, provisioning included, removes what this call made.
         """
-        api = self.engine.api
         try:
-            image = await self.engine.call(api.inspect_image, req.image)
-        except docker.errors.NotFound:
+            image = await self.engine.inspect_image(req.image)
+        except EngineError as err:
+            raise BadRequest(f"image {req.image!r}: {err.message}", "invalid_image") from None
+        if image is None:
             raise BadRequest(f"image {req.image!r} is not present on this node; build or load "
-                             "it first", "image_not_found") from None
-        except docker.errors.APIError as err:
-            raise BadRequest(f"image {req.image!r}: {api_message(err)}", "invalid_image") from None
+                             "it first", "image_not_found")
         user = str((image.get("Config") or {}).get("User") or "")
         async with self.gpu_lock if req.gpus else contextlib.nullcontext():
-            gpu_ids = await self._assign_gpus(req.gpus) if req.gpus else []
+            gpu_ids = await self.assign_gpus(req.gpus) if req.gpus else []
             return await self._create(req, actor, provision, user, gpu_ids)
 
-    async def _assign_gpus(self, count: int) -> list[str]:
+    async def assign_gpus(self, count: int) -> list[str]:
         """UUIDs of the GPUs for a new space: the ones with the fewest spaces on them."""
         inventory = await gpu_inventory(self.config)
         if not inventory:
@@ -2431,13 +2919,10 @@ class Spaces:
         if count > len(inventory):
             raise Conflict(f"{count} GPUs asked; this node has {len(inventory)}",
                            "not_enough_gpus")
-        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=space"]}
-        rows = await self.engine.call(self.engine.api.containers, all=True, filters=filters)
         load: dict[str, int] = {}
-        for row in rows:
-            for uuid in ((row.get("Labels") or {}).get(f"{LABEL}.gpus") or "").split(","):
-                if uuid:
-                    load[uuid] = load.get(uuid, 0) + 1
+        for row in await self.rows():
+            for uuid in self.view(row["Id"], row.get("Labels") or {}, "")["gpus"]:
+                load[uuid] = load.get(uuid, 0) + 1
         ranked = sorted(inventory, key=lambda gpu: (load.get(gpu["uuid"], 0), gpu["index"]))
         return [gpu["uuid"] for gpu in ranked[:count]]
 
@@ -2476,15 +2961,10 @@ class Spaces:
             name = str(key).partition("/")[0]
             if not isinstance(entry, dict) or not SPACE_NAME_RE.fullmatch(name):
                 continue
-            try:
-                info = await self.engine.call(self.engine.api.inspect_container,
-                                              self.container_name(name))
-            except docker.errors.NotFound:
-                info = None
+            info = await self.engine.inspect_container(self.container_name(name))
             if info is not None and self.is_ours((info.get("Config") or {}).get("Labels"),
                                                  name):
-                await self.engine.call(self.engine.api.remove_container, info["Id"],
-                                       force=True)
+                await self.engine.remove_container(info["Id"])
             if entry.get("volumeCreated") and await self._volume_is_ours(name):
                 await self._remove_volume(self.volume_name(name))
             log.warning("undid the create of %s that a restart interrupted", name)
@@ -2506,8 +2986,7 @@ class Spaces:
             with contextlib.suppress(Unavailable):
                 await self._note_pending(key, None)
             if volume_created and key not in self.pending:
-                with contextlib.suppress(ClawdError, docker.errors.APIError):
-                    await self._remove_volume(volume)  # the journal could not be written
+                await self._undo_create(None, volume)  # the journal could not be written
             raise
         try:
             await self._note_pending(key, None)
@@ -2523,127 +3002,79 @@ class Spaces:
                               provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
                               user: str, gpu_ids: list[str], network_mode: str, volume: str,
                               volume_created: bool) -> SpaceInfo:
-        api = self.engine.api
         labels = {
             **self.owner_labels(req.name),
-            f"{LABEL}.kind": "space",
-            f"{LABEL}.schema": "1",
-            f"{LABEL}.volume": volume,
-            f"{LABEL}.image": req.image,
-            f"{LABEL}.memory": str(req.memory),
-            f"{LABEL}.cpus": repr(req.cpus),
-            f"{LABEL}.gpu": "true" if gpu_ids else "false",
-            f"{LABEL}.gpus": ",".join(gpu_ids),
-            f"{LABEL}.network": req.network,
-            f"{LABEL}.writable-rootfs": "true" if req.writable_rootfs else "false",
-            f"{LABEL}.idle-timeout": "" if req.idle_timeout is None else str(req.idle_timeout),
-            f"{LABEL}.template": req.template,
-            f"{LABEL}.user": user,
-            f"{LABEL}.created-at": now_iso(),
-            f"{LABEL}.created-by": actor.key_id or "",
+            KIND_LABEL: "space",
+            VOLUME_LABEL: volume,
+            **encode_labels({
+                "image": req.image, "memory": req.memory, "cpus": req.cpus,
+                "gpu": bool(gpu_ids), "gpus": gpu_ids, "network": req.network,
+                "writableRootfs": req.writable_rootfs, "idleTimeout": req.idle_timeout,
+                "template": req.template, "user": user, "created": now_iso(),
+                "createdBy": actor.key_id}),
             **req.labels,
         }
         container_id: str | None = None
         try:
-            created = await self.engine.call(
-                api.create_container, req.image,
-                name=self.container_name(req.name),
-                hostname=req.name,
-                user=user,
-                working_dir=WORKSPACE,
-                entrypoint=["sleep", "infinity"],
-                command=[],
-                environment=req.env or None,
-                labels=labels,
-                host_config=self._host_config(req, volume, network_mode, gpu_ids),
-            )
-            container_id = created["Id"]
-            await self.engine.call(api.start, container_id)
-            info = await self.engine.call(api.inspect_container, container_id)
+            container_id = await self.engine.create_container(
+                req.image, name=self.container_name(req.name), hostname=req.name, user=user,
+                labels=labels, environment=req.env,
+                host_config=space_host_config(self.config, req, volume, network_mode, gpu_ids))
+            await self.engine.start(container_id)
+            info = await self.engine.inspect_container(container_id)
+            if info is None:
+                raise Conflict("the space's container vanished while it was being created",
+                               "create_failed")
             if provision is not None:
                 self.known[req.name] = (info["Id"], user)
                 await provision(info)
         except BaseException as err:
             self.known.pop(req.name, None)
             await self._undo_create(container_id, volume if volume_created else None)
-            if isinstance(err, docker.errors.APIError):
-                if api_status(err) == 409 and container_id is None:
+            if isinstance(err, EngineError):
+                if err.status == 409 and container_id is None:
                     raise Conflict("Space already exists", "space_exists") from None
-                if gpu_ids and "device driver" in api_message(err):
-                    raise Unavailable(f"Docker could not attach the GPU: {api_message(err)}; "
+                if gpu_ids and "device driver" in err.message:
+                    raise Unavailable(f"Docker could not attach the GPU: {err.message}; "
                                       "install and configure the NVIDIA Container Toolkit",
                                       "no_gpu_runtime") from None
-                raise BadRequest(f"the space could not be created: {api_message(err)}",
+                raise BadRequest(f"the space could not be created: {err.message}",
                                  "create_failed") from None
             raise
-        self.touch(req.name)
+        self.activity.touch(req.name)
         return self.view_inspected(info)
-
-    def _host_config(self, req: CreateRequest, volume: str, network_mode: str,
-                     gpu_ids: list[str]) -> dict[str, Any]:
-        """The whole HostConfig, from server-side rules only."""
-        api = self.engine.api
-        device_requests = None
-        if gpu_ids:  # pinned by UUID, so a space keeps its GPU across restarts
-            device_requests = [docker.types.DeviceRequest(
-                driver="nvidia", device_ids=gpu_ids, capabilities=[["gpu"]])]
-        return api.create_host_config(  # type: ignore[no-any-return]
-            mem_limit=req.memory,
-            memswap_limit=req.memory,  # no swap beyond the memory limit
-            nano_cpus=int(req.cpus * 1e9),
-            cap_drop=["ALL"],
-            cap_add=SPACE_CAPABILITIES,
-            security_opt=["no-new-privileges:true"],
-            pids_limit=self.config.pids_limit,
-            init=True,
-            # No core dumps; nofile stays the engine's (raising it fails where dockerd's own
-            # hard limit is lower).
-            ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)],
-            restart_policy={"Name": "unless-stopped"},
-            log_config=docker.types.LogConfig(
-                type="json-file", config={"max-size": "10m", "max-file": "3"}),
-            mounts=[docker.types.Mount(target=WORKSPACE, source=volume, type="volume")],
-            network_mode=network_mode,
-            device_requests=device_requests,
-            privileged=False,
-            read_only=not req.writable_rootfs,
-            # A read-only root still needs scratch space where programs expect it.
-            tmpfs=None if req.writable_rootfs else {  # paths inside the space, not the host
-                path: "rw,nosuid,nodev,size=256m" for path in ("/tmp", "/var/tmp", "/run")},  # noqa: S108
-        )
 
     async def _claim_volume(self, name: str) -> tuple[str, bool]:
         """The space's volume: reused when it is ours (kept data), created otherwise."""
-        api = self.engine.api
         volume = self.volume_name(name)
-        try:
-            existing = await self.engine.call(api.inspect_volume, volume)
-        except docker.errors.NotFound:
-            existing = None
+        existing = await self.engine.inspect_volume(volume)
         if existing is not None:
             if not self.is_ours(existing.get("Labels"), name):
                 raise Conflict(f"volume {volume} exists and is not a clawdspace volume of this "
                                "node; remove or rename it first", "volume_conflict")
             return volume, False
-        labels = {**self.owner_labels(name), f"{LABEL}.kind": "space-volume"}
-        await self.engine.call(api.create_volume, volume, labels=labels)
+        await self.engine.create_volume(volume, {**self.owner_labels(name),
+                                                 KIND_LABEL: "space-volume"})
         return volume, True
 
     async def _undo_create(self, container_id: str | None, volume: str | None) -> None:
-        """Remove what a failed create made; what it did not make is left alone."""
-        api = self.engine.api
-        if container_id:
-            with contextlib.suppress(Exception):
-                await self.engine.call(api.remove_container, container_id, force=True)
-        if volume:
-            with contextlib.suppress(Exception):
-                await self.engine.call(api.remove_volume, volume)
+        """Remove what a failed create made; what it did not make is left alone, and what
+        cannot be removed is logged (the create journal's sweep at start tries again)."""
+        for what, remove in (("container", container_id and functools.partial(
+                self.engine.remove_container, container_id)),
+                ("volume", volume and functools.partial(self.engine.remove_volume, volume))):
+            if not remove:
+                continue
+            try:
+                await remove()
+            except (ClawdError, EngineError) as err:
+                log.error("a failed create left its %s %s: %s", what,
+                          container_id if what == "container" else volume, err)
 
     async def destroy(self, name: str, remove_volume: bool, actor: Actor) -> None:
-        api = self.engine.api
         volume = self.volume_name(name)
         try:
-            info = await self.inspect(name)
+            info: dict[str, Any] | None = await self.inspect(name)
         except NotFound:
             if not remove_volume or not await self._volume_is_ours(name):
                 raise
@@ -2652,37 +3083,29 @@ class Spaces:
                                      actor):
             if info is not None:
                 try:
-                    await self.engine.call(api.remove_container, info["Id"], force=True)
-                except docker.errors.NotFound:
-                    pass
-                except docker.errors.APIError as err:
-                    if api_status(err) != 409:  # 409: removal already in progress
+                    await self.engine.remove_container(info["Id"])
+                except EngineError as err:
+                    if err.status != 409:  # 409: removal already in progress
                         raise
-                self.started_at.pop(info["Id"], None)
+                self.activity.forget_container(info["Id"])
             self.known.pop(name, None)
             if remove_volume:
                 await self._remove_volume(volume)
-            self.last_activity.pop(name, None)
+            self.activity.forget(name)
 
     async def _volume_is_ours(self, name: str) -> bool:
-        try:
-            existing = await self.engine.call(self.engine.api.inspect_volume,
-                                              self.volume_name(name))
-        except docker.errors.NotFound:
-            return False
-        return self.is_ours(existing.get("Labels"), name)
+        existing = await self.engine.inspect_volume(self.volume_name(name))
+        return existing is not None and self.is_ours(existing.get("Labels"), name)
 
     async def _remove_volume(self, volume: str) -> None:
         for attempt in range(10):
             try:
-                await self.engine.call(self.engine.api.remove_volume, volume)
+                await self.engine.remove_volume(volume)
                 return
-            except docker.errors.NotFound:
-                return
-            except docker.errors.APIError as err:
+            except EngineError as err:
                 # A just-removed container can hold the volume for a moment.
-                if api_status(err) != 409 or attempt == 9:
-                    raise Conflict(f"volume {volume} could not be removed: {api_message(err)}",
+                if err.status != 409 or attempt == 9:
+                    raise Conflict(f"volume {volume} could not be removed: {err.message}",
                                    "volume_in_use") from None
                 await asyncio.sleep(0.2)
 
@@ -2696,9 +3119,9 @@ class Spaces:
         async with self.audit.action("space.pause", name,
                                      {"reason": reason} if reason else None, actor):
             try:
-                await self.engine.call(self.engine.api.pause, info["Id"])
-            except docker.errors.APIError as err:
-                raise Conflict(f"Space could not be paused: {api_message(err)}") from None
+                await self.engine.pause(info["Id"])
+            except EngineError as err:
+                raise Conflict(f"Space could not be paused: {err.message}") from None
 
     async def start(self, name: str, actor: Actor, reason: str | None = None) -> None:
         info = await self.inspect(name)
@@ -2707,7 +3130,6 @@ class Spaces:
     async def _bring_up(self, name: str, info: dict[str, Any], actor: Actor,
                         reason: str | None) -> dict[str, Any]:
         """Unpause a paused space, start a stopped one; returns fresh inspect data."""
-        api = self.engine.api
         state = info["State"]
         if state.get("Running") and not state.get("Paused"):
             return info
@@ -2715,18 +3137,18 @@ class Spaces:
                                      {"reason": reason} if reason else None, actor):
             try:
                 if state.get("Paused"):
-                    await self.engine.call(api.unpause, info["Id"])
+                    await self.engine.unpause(info["Id"])
                 else:
-                    await self.engine.call(api.start, info["Id"])
-            except docker.errors.APIError as err:
-                raise Conflict(f"Space could not be started: {api_message(err)}",
+                    await self.engine.start(info["Id"])
+            except EngineError as err:
+                raise Conflict(f"Space could not be started: {err.message}",
                                "start_failed") from None
-        self.touch(name)
+        self.activity.touch(name)
         if state.get("Paused"):  # unpausing changes nothing else the caller reads
             return {**info, "State": {**state, "Paused": False, "Status": "running"}}
-        fresh = await self.engine.call(api.inspect_container, info["Id"])
+        fresh = await self.inspect(name)
         self.view_inspected(fresh)
-        return fresh  # type: ignore[no-any-return]
+        return fresh
 
     async def running(self, name: str, actor: Actor) -> dict[str, Any]:
         """Inspect data of a space ready for work: a paused space is resumed first."""
@@ -2738,65 +3160,67 @@ class Spaces:
                            f"{name}/start", "space_stopped")
         return info
 
-    # -- exec -----------------------------------------------------------------------------
+    # -- a client's command ---------------------------------------------------------------
 
-    async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
-        """Run a command; a paused space is resumed first, a stopped one refused."""
-        check_space_name(name)
-        with self.busy(name):
-            started = time.monotonic()
-            loop = asyncio.get_running_loop()
-            container_id, exec_id, sock = await self._start_exec(name, req, actor, {
-                "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
-                "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout})
-            ooms = await loop.run_in_executor(None, oom_kill_count, container_id)
-            result = await self._collect(container_id, exec_id, sock, req.timeout,
-                                         self.config.exec_output_limit, started)
-            if result["exitCode"] == 137 and ooms is not None and not result["timedOut"]:
-                # Killed (SIGKILL) while the cgroup's OOM killer struck: out of memory.
-                after = await loop.run_in_executor(None, oom_kill_count, container_id)
-                result["oomKilled"] = after is not None and after > ooms
-                if result["oomKilled"]:
-                    await self.audit.record("space.exec.oom", name, {
-                        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv},
-                        actor)
-        refusal = workdir_refusal(req, result)
-        if refusal is not None:
-            raise refusal
-        return result
-
-    async def _start_exec(self, name: str, req: ExecRequest, actor: Actor,
-                          event: dict[str, Any]) -> tuple[str, str, ExecSocket]:
-        """Create an exec on the known container id (inspecting only when that fails), audit
-        ``event`` (a space.exec record) and start it: nothing runs that was not audited."""
+    async def start_exec(self, name: str, req: ExecRequest, actor: Actor) -> RunningExec:
+        """The one way a client's command starts (an API exec, a terminal, an E2B process):
+        on the known container (inspecting only when that fails; a paused space is resumed,
+        a stopped one refused), through COMMAND_SCRIPT, audited once between its creation
+        and its start, so nothing runs that was not audited."""
+        event, meta = exec_event(req)
+        confined_req = confined(req)
         for _ in range(3):
             if name not in self.known:
                 await self.running(name, actor)
             container_id, user = self.known[name]
             try:
-                exec_id = await self.engine.call(self._create_exec, container_id, user,
-                                                 confined(req))
-            except docker.errors.APIError as err:
-                message = api_message(err)
-                if api_status(err) == 404:
+                exec_id = await self.engine.exec_create(
+                    container_id, confined_req.argv, user, req.env, "/", stdin=req.tty,
+                    tty=req.tty)
+            except EngineError as err:
+                if err.status == 404:
                     self.known.pop(name, None)  # re-created or gone: look again
-                elif "paused" in message:
+                elif "paused" in err.message:
                     await self.running(name, actor)
-                elif "not running" in message:
+                elif "not running" in err.message:
                     raise Conflict(f"Space is stopped; start it with POST /api/spaces/{name}"
                                    "/start", "space_stopped") from None
                 else:
-                    raise Conflict(f"exec could not start: {message}", "exec_failed") from None
-                continue
-            async with self.audit.action("space.exec", name, event, actor):
-                try:
-                    sock = ExecSocket(await self.engine.call(self.engine.api.exec_start,
-                                                             exec_id, socket=True))
-                except docker.errors.APIError as err:
-                    raise Conflict(f"exec could not start: {api_message(err)}",
+                    raise Conflict(f"exec could not start: {err.message}",
                                    "exec_failed") from None
-            return container_id, exec_id, sock
+                continue
+            async with self.audit.action(event, name, meta, actor):
+                try:
+                    sock = await self.engine.exec_attach(exec_id, tty=req.tty)
+                except EngineError as err:
+                    raise Conflict(f"exec could not start: {err.message}",
+                                   "exec_failed") from None
+            return RunningExec(container_id, exec_id, sock)
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
+
+    async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
+        """Run a command to its end; its output is collected (capped)."""
+        check_space_name(name)
+        with self.activity.busy(name):
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            running = await self.start_exec(name, req, actor)
+            ooms = await loop.run_in_executor(None, oom_kill_count, running.container_id)
+            result = await self._collect(running, req.timeout, self.config.exec_output_limit,
+                                         started)
+            if result["exitCode"] == 137 and ooms is not None and not result["timedOut"]:
+                # Killed (SIGKILL) while the cgroup's OOM killer struck: out of memory.
+                after = await loop.run_in_executor(None, oom_kill_count, running.container_id)
+                result["oomKilled"] = after is not None and after > ooms
+                if result["oomKilled"]:
+                    await self.audit.record("space.exec.oom", name,
+                                            {"command": exec_event(req)[1]["command"]}, actor)
+        refusal = workdir_refusal(req, result)
+        if refusal is not None:
+            raise refusal
+        return result
+
+    # -- the service's own commands -------------------------------------------------------
 
     async def run_internal(self, info: dict[str, Any], req: ExecRequest,
                            output_limit: int, user: str | None = None,
@@ -2807,69 +3231,55 @@ class Spaces:
         output is collected; an error the iterator raises (a client's broken upload) is
         raised once the command has seen end of file and ended."""
         started = time.monotonic()
-        exec_id, sock = await self.open_internal(info, req, user, stdin is not None)
+        running = await self.open_internal(info, req, user, stdin is not None)
         failure: list[BaseException] = []
 
         def feed(chunks: Iterator[bytes]) -> None:
             try:
                 for chunk in chunks:
-                    sock.sendall(chunk)
+                    running.sock.sendall(chunk)
             except OSError:
                 pass  # the command ended without reading it all; its exit code tells
             except Exception as err:  # noqa: BLE001 - handed to the caller below
                 failure.append(err)
             finally:
-                sock.shutdown(socket.SHUT_WR)
+                running.sock.shutdown(socket.SHUT_WR)
 
         feeding = None if stdin is None else asyncio.ensure_future(
             self.engine.stream(functools.partial(feed, stdin)))
         try:
-            result = await self._collect(info["Id"], exec_id, sock, req.timeout, output_limit,
-                                         started)
+            result = await self._collect(running, req.timeout, output_limit, started)
         finally:
             if feeding is not None:
-                sock.shutdown(socket.SHUT_RDWR)
+                running.sock.shutdown(socket.SHUT_RDWR)
                 await feeding
         if failure:
             raise failure[0]
         return result
 
     async def open_internal(self, info: dict[str, Any], req: ExecRequest,
-                            user: str | None = None,
-                            stdin: bool = False) -> tuple[str, ExecSocket]:
+                            user: str | None = None, stdin: bool = False) -> RunningExec:
         """Start a service exec, as the space's user unless told otherwise."""
         if user is None:
             user = str((info.get("Config") or {}).get("User") or "")
         try:
-            return await self.engine.call(self._open_exec, info["Id"], user, req, stdin)
-        except docker.errors.APIError as err:
-            raise Conflict(f"exec could not start: {api_message(err)}", "exec_failed") from None
+            exec_id, sock = await self.engine.exec_open(info["Id"], req.argv, user, req.env,
+                                                        req.workdir, stdin=stdin)
+        except EngineError as err:
+            raise Conflict(f"exec could not start: {err.message}", "exec_failed") from None
+        return RunningExec(info["Id"], exec_id, sock)
 
-    def _create_exec(self, container_id: str, user: str, req: ExecRequest,
-                     stdin: bool = False) -> str:
-        exec_id: str = self.engine.api.exec_create(
-            container_id, req.argv, stdout=True, stderr=True, stdin=stdin, tty=False,
-            environment=req.env or None, workdir=req.workdir, user=user)["Id"]
-        return exec_id
-
-    def _open_exec(self, container_id: str, user: str, req: ExecRequest,
-                   stdin: bool = False) -> tuple[str, ExecSocket]:
-        """Create and start an exec in one executor job (blocking)."""
-        exec_id = self._create_exec(container_id, user, req, stdin)
-        return exec_id, ExecSocket(self.engine.api.exec_start(exec_id, socket=True))
-
-    async def _collect(self, container_id: str, exec_id: str, sock: ExecSocket,
-                       timeout: float, output_limit: int, started: float) -> ExecResult:
+    async def _collect(self, running: RunningExec, timeout: float, output_limit: int,
+                       started: float) -> ExecResult:
         """Read an exec's output (capped), enforce its timeout, and report how it ended."""
-        api = self.engine.api
-        reader = DemuxReader(sock, output_limit)
+        reader = DemuxReader(running.sock, output_limit)
         task = asyncio.ensure_future(self.engine.stream(reader.run))
         timed_out = False
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
             timed_out = True
-            await self.kill_exec(container_id, exec_id)
+            await self.kill_exec(running.container_id, running.exec_id)
             try:
                 await asyncio.wait_for(asyncio.shield(task), 5)
             except asyncio.TimeoutError:
@@ -2878,9 +3288,8 @@ class Spaces:
         finally:
             if not task.done():
                 reader.abort()
-            sock.close()
-        details = await self.engine.call(api.exec_inspect, exec_id)
-        exit_code = details.get("ExitCode")
+            running.sock.close()
+        exit_code = (await self.engine.exec_inspect(running.exec_id)).get("ExitCode")
         if exit_code is None:
             exit_code = 137 if timed_out else -1
         return {
@@ -2894,12 +3303,17 @@ class Spaces:
             "stderrTruncated": reader.truncated[2],
         }
 
+    async def exec_state(self, exec_id: str) -> tuple[bool, int | None]:
+        """(still running?, exit code) of an exec."""
+        details = await self.engine.exec_inspect(exec_id)
+        code = details.get("ExitCode")
+        return bool(details.get("Running")), None if code is None else int(code)
+
     async def kill_exec(self, container_id: str, exec_id: str,
                         sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal an exec's whole process group (a timeout, a closed terminal)."""
-        api = self.engine.api
         for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
-            details = await self.engine.call(api.exec_inspect, exec_id)
+            details = await self.engine.exec_inspect(exec_id)
             host_pid = details.get("Pid") or 0
             if not details.get("Running") or host_pid > 0:
                 break
@@ -2911,12 +3325,11 @@ class Spaces:
             return
         # From inside, as the space's user, who owns the processes (root in the space has no
         # capability over them).
-        user = next((u for _, (cid, u) in self.known.items() if cid == container_id), "")
-        with contextlib.suppress(docker.errors.APIError):
-            killer = await self.engine.call(
-                api.exec_create, container_id,
-                ["sh", "-c", f"kill -s {sig.name[3:]} -- -{int(container_pid)}"], user=user)
-            await self.engine.call(api.exec_start, killer["Id"])
+        user = next((u for cid, u in self.known.values() if cid == container_id), "")
+        with contextlib.suppress(EngineError):
+            await self.engine.exec_run(
+                container_id,
+                ["sh", "-c", f"kill -s {sig.name[3:]} -- -{int(container_pid)}"], user)
 
 
 ###############################################################################
@@ -3098,7 +3511,7 @@ class StatsReader:
         try:
             sample = await loop.run_in_executor(None, read_cgroup_sample, pid, host_memory)
         except (OSError, KeyError, ValueError):
-            raw = await self.engine.call(self.engine.api.stats, container_id, stream=False)
+            raw = await self.engine.stats(container_id)
             return stats_from_docker(raw)
         before = self.previous.get(container_id)
         if before is None or sample.taken - before.taken > CPU_SAMPLE_MAX_AGE:
@@ -3176,7 +3589,7 @@ class Observer:
 
     async def observe(self, name: str, top: int, history_lines: int) -> dict[str, Any]:
         info = await self.spaces.inspect(name)
-        labels = (info.get("Config") or {}).get("Labels") or {}
+        values, _ = decode_labels((info.get("Config") or {}).get("Labels") or {})
         host = info.get("HostConfig") or {}
         state = info.get("State") or {}
         observation: dict[str, Any] = {"workspaceDisk": None, "workspaceSizeBytes": None,
@@ -3198,15 +3611,15 @@ class Observer:
             "status": "paused" if state.get("Paused") else space_status(
                 str(state.get("Status", ""))),
             "settings": {
-                "template": labels.get(f"{LABEL}.template") or None,
-                "network": labels.get(f"{LABEL}.network", "internet"),
+                "template": values["template"],
+                "network": values["network"],
                 "writableRootfs": not host.get("ReadonlyRootfs", False),
-                "image": labels.get(f"{LABEL}.image", ""),
-                "user": labels.get(f"{LABEL}.user", ""),
+                "image": values["image"],
+                "user": values["user"],
                 "memory": int(host.get("Memory") or 0),
                 "cpus": (host.get("NanoCpus") or 0) / 1e9,
                 "pidsLimit": host.get("PidsLimit"),
-                "gpu": labels.get(f"{LABEL}.gpu") == "true",
+                "gpu": values["gpu"],
             },
         }
 
@@ -3247,33 +3660,6 @@ class Resolved:
     stat: dict[str, Any] | None
     parent: str
     missing: tuple[str, ...]
-
-
-def workspace_rel(raw: str | None) -> str:
-    """A client path (relative to /workspace) in normal form ``/a/b``; ``..`` may not climb out."""
-    if raw is None or raw == "":
-        return "/"
-    if "\x00" in raw or len(raw) > 4096:
-        raise BadRequest("path must be at most 4096 characters without NUL", "invalid_path")
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("path must be valid UTF-8", "invalid_path") from None
-    parts: list[str] = []
-    for component in raw.split("/"):
-        if component in ("", "."):
-            continue
-        if component == "..":
-            if not parts:
-                raise Forbidden("path leads outside /workspace", "outside_workspace")
-            parts.pop()
-        else:
-            parts.append(component)
-    return "/" + "/".join(parts)
-
-
-def inside_workspace(path: str) -> bool:
-    return path == WORKSPACE or path.startswith(WORKSPACE + "/")
 
 
 def to_rel(real: str) -> str:
@@ -3365,13 +3751,10 @@ def user_file_error(rel: str, code: int | None, stderr: str) -> ClawdError:
 class UserFile:
     """A regular file of a space, open in a process of the space's user, streaming out."""
 
-    def __init__(self, spaces: Spaces, container_id: str, exec_id: str, sock: ExecSocket,
-                 rel: str) -> None:
+    def __init__(self, spaces: Spaces, running: RunningExec, rel: str) -> None:
         self.spaces = spaces
-        self.container_id = container_id
-        self.exec_id = exec_id
-        self.sock = sock
-        self.stdout = ExecStdout(sock, FILE_CHUNK)
+        self.running = running
+        self.stdout = ExecStdout(running.sock, FILE_CHUNK)
         self.rel = rel
         self.size = 0
         self.closed = False
@@ -3417,15 +3800,48 @@ class UserFile:
         if self.closed:
             return self.exit_code
         self.closed = True
-        self.sock.close()
-        api = self.spaces.engine.api
-        details = await self.spaces.engine.call(api.exec_inspect, self.exec_id)
-        if details.get("Running"):
-            await self.spaces.kill_exec(self.container_id, self.exec_id)
-            return None
-        code = details.get("ExitCode")
-        self.exit_code = None if code is None else int(code)
+        self.running.sock.close()
+        running, self.exit_code = await self.spaces.exec_state(self.running.exec_id)
+        if running:
+            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
+            self.exit_code = None
         return self.exit_code
+
+
+class FileStream:
+    """A file on its way out of a space: its size, the bytes promised, then the bytes.
+
+    ``short`` is set when the file shrank after its length was promised (the caller must not
+    let the client take the short body for the whole file)."""
+
+    def __init__(self, activity: Activity, name: str, rel: str, opened: UserFile,
+                 length: int) -> None:
+        self.activity = activity
+        self.name = name
+        self.rel = rel
+        self.opened = opened
+        self.size = opened.size
+        self.length = length
+        self.short = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with self.activity.busy(self.name):
+            left = self.length
+            while left > 0:
+                chunk = await self.opened.read(min(FILE_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                self.activity.touch(self.name)
+                yield chunk
+            if left > 0:
+                log.warning("files: %s of %s shrank while being read; connection closed",
+                            self.rel, self.name)
+                self.short = True
+            await self.opened.close()
+
+    async def close(self) -> None:
+        await self.opened.close()
 
 
 def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -3433,7 +3849,7 @@ def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
 
     @functools.wraps(method)
     async def wrapper(self: Files, name: str, *args: Any, **kwargs: Any) -> T:
-        with self.spaces.busy(name):
+        with self.spaces.activity.busy(name):
             return await method(self, name, *args, **kwargs)
 
     return wrapper
@@ -3454,25 +3870,13 @@ class Files:
         self.spaces = spaces
         self.engine = spaces.engine
 
-    # -- engine archive calls -------------------------------------------------------------
-
-    def _archive_url(self, container_id: str) -> str:
-        url: str = self.engine.api._url("/containers/{0}/archive", container_id)
-        return url
-
-    def _stat_blocking(self, container_id: str, path: str) -> dict[str, Any] | None:
-        response = self.engine.api.head(self._archive_url(container_id), params={"path": path})
-        if response.status_code == 404:
-            return None
-        if response.status_code >= 400:
-            raise Conflict(f"cannot stat {to_rel(path)}: HTTP {response.status_code}",
-                           "stat_failed")
-        header = response.headers.get("X-Docker-Container-Path-Stat", "")
-        stat: dict[str, Any] | None = json.loads(base64.b64decode(header)) if header else None
-        return stat
-
     async def stat(self, container_id: str, path: str) -> dict[str, Any] | None:
-        return await self.engine.call(self._stat_blocking, container_id, path)
+        """The engine's stat of a path in a space (metadata only); None: it does not exist."""
+        try:
+            return await self.engine.archive_stat(container_id, path)
+        except EngineError as err:
+            raise Conflict(f"cannot stat {to_rel(path)}: HTTP {err.status}",
+                           "stat_failed") from None
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -3508,7 +3912,7 @@ class Files:
     async def _resolved(self, name: str, raw_path: str | None, actor: Actor,
                         follow_last: bool = True) -> tuple[dict[str, Any], Resolved]:
         info = await self.spaces.running(name, actor)
-        self.spaces.touch(name)
+        self.spaces.activity.touch(name)
         return info, await self.resolve(info["Id"], raw_path, follow_last)
 
     # -- list -----------------------------------------------------------------------------
@@ -3551,10 +3955,10 @@ class Files:
         """Open a regular file as the space's user and learn its size; the caller closes it.
 
         The stream is ``head`` bytes from the start, then everything from ``offset``."""
-        exec_id, sock = await self.spaces.open_internal(info, ExecRequest(
+        running = await self.spaces.open_internal(info, ExecRequest(
             argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)], env={},
             workdir=WORKSPACE, timeout=0))
-        opened = UserFile(self.spaces, info["Id"], exec_id, sock, rel)
+        opened = UserFile(self.spaces, running, rel)
         try:
             await opened.start()
         except BaseException:
@@ -3586,44 +3990,13 @@ class Files:
         return {"path": where.rel, "contentBase64": base64.b64encode(data).decode("ascii"),
                 "truncated": opened.size > len(data), "size": opened.size}
 
-    async def read_raw(self, request: web.Request, name: str, raw_path: str | None,
-                       max_bytes: int | None, actor: Actor) -> web.StreamResponse:
-        with self.spaces.busy(name):
-            return await self._stream_file(request, name, raw_path, max_bytes, actor)
-
-    async def _stream_file(self, request: web.Request, name: str, raw_path: str | None,
-                           max_bytes: int | None, actor: Actor) -> web.StreamResponse:
-        where, opened = await self.open_file(name, raw_path, actor)
-        try:
-            size = opened.size
-            length = size if max_bytes is None else min(size, max_bytes)
-            answer = web.StreamResponse(headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(length),
-                "X-Clawdspace-Size": str(size),
-                "X-Clawdspace-Truncated": "true" if length < size else "false",
-            })
-            await answer.prepare(request)
-            left = length
-            while left > 0:
-                chunk = await opened.read(min(FILE_CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                await answer.write(chunk)
-                self.spaces.touch(name)
-            if left > 0:
-                # The file shrank after its length was promised: end the connection rather
-                # than let the client take a short body for the whole file.
-                log.warning("files: %s of %s shrank while being read; connection closed",
-                            where.rel, name)
-                if request.transport is not None:
-                    request.transport.abort()
-                return answer
-            await answer.write_eof()
-            return answer
-        finally:
-            await opened.close()
+    async def open_stream(self, name: str, raw_path: str | None, max_bytes: int | None,
+                          actor: Actor) -> FileStream:
+        """A regular file of a space, open for streaming out (at most ``max_bytes``)."""
+        with self.spaces.activity.busy(name):
+            where, opened = await self.open_file(name, raw_path, actor)
+        length = opened.size if max_bytes is None else min(opened.size, max_bytes)
+        return FileStream(self.spaces.activity, name, where.rel, opened, length)
 
     # -- write ----------------------------------------------------------------------------
 
@@ -3684,34 +4057,208 @@ class Files:
 
 
 ###############################################################################
+# Git in a space: create with a clone, server-side push #######################
+###############################################################################
+
+class GitOps:
+    """Clone into a space at create time and push from it, with the token kept out of the
+    space's config, its files, every argv, the answers and the audit log."""
+
+    def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
+        self.config = config
+        self.spaces = spaces
+        self.files = files
+
+    async def create(self, req: CreateRequest, actor: Actor) -> SpaceInfo:
+        """Create a space and provision it (its env file, its clone) before it counts."""
+
+        async def provision(info: dict[str, Any]) -> None:
+            if req.env_file is not None:
+                path, content = req.env_file
+                await self.files.write(req.name, path, len(content), iter([content]), actor,
+                                       mode=0o600)
+            if req.repo is not None:
+                token = req.git_token
+                if token is None and req.repo.netloc == "github.com":
+                    token = await node_github_token(self.config)
+                result = await self.clone(info, req.repo, req.repo_branch, req.repo_dest, token)
+                if result["exitCode"] != 0:
+                    detail = (result["stderr"] or result["stdout"]).strip() or "unknown error"
+                    raise BadRequest(f"Repo clone failed: {detail[-2000:]}", "clone_failed")
+
+        needs_provision = req.env_file is not None or req.repo is not None
+        return await self.spaces.create(req, actor, provision if needs_provision else None)
+
+    async def clone(self, info: dict[str, Any], repo: RepoUrl, branch: str | None, dest: str,
+                    token: str | None) -> ExecResult:
+        options, env = git_auth(repo, token, self.config)
+        argv = ["git", *options, "clone", "--no-recurse-submodules"]
+        if branch:
+            argv += ["--branch", branch]
+        argv += ["--", repo.url, f"{WORKSPACE}/{dest}"]
+        result = await self.spaces.run_internal(info, ExecRequest(
+            argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout), 1 << 20)
+        return self._redacted(result, token)
+
+    def _redacted(self, result: ExecResult, token: str | None) -> ExecResult:
+        redactor = Redactor([token or "", self.config.api_key or ""])
+        clean = result.copy()
+        clean["stdout"] = redactor.text(result["stdout"])
+        clean["stderr"] = redactor.text(result["stderr"])
+        return clean
+
+    async def push(self, name: str, body: dict[str, Any], actor: Actor) -> ExecResult:
+        check_fields(body, {"repoPath", "remote", "branch", "token"})
+        remote = check_remote(body.get("remote", "origin"))
+        branch = check_ref(body.get("branch", "main"), "branch")
+        token = body.get("token")
+        if token is not None and (not isinstance(token, str) or not token.strip()
+                                  or len(token) > 4096 or "\n" in token):
+            raise BadRequest("token must be a non-empty string", "invalid_token")
+        repo_path = body.get("repoPath", "/repo")
+        if not isinstance(repo_path, str):
+            raise BadRequest("repoPath must be a path inside /workspace", "invalid_repo_path")
+        if repo_path.startswith(WORKSPACE + "/"):
+            repo_path = repo_path[len(WORKSPACE):]
+        info = await self.spaces.running(name, actor)
+        self.spaces.activity.touch(name)
+        where = await self.files.resolve(info["Id"], repo_path)
+        if where.stat is None or not where.stat["mode"] & MODE_DIR:
+            raise BadRequest(f"repoPath {where.rel} is not a directory", "invalid_repo_path")
+        # The URL is read as data (git config --get runs nothing) and then validated here.
+        lookup = await self.spaces.run_internal(info, ExecRequest(
+            argv=["git", "-C", where.real, "config", "--get", f"remote.{remote}.url"],
+            env=GIT_CLEAN_ENV, workdir=WORKSPACE, timeout=30), 65536)
+        if lookup["exitCode"] != 0 or not lookup["stdout"].strip():
+            raise BadRequest(f"remote {remote!r} is not configured in {where.rel}",
+                             "invalid_remote")
+        repo = check_repo_url(lookup["stdout"].strip(), self.config)
+        if token is None and repo.netloc == "github.com":
+            token = await node_github_token(self.config)
+        options, env = git_auth(repo, token, self.config)
+        refspec = f"refs/heads/{branch}:refs/heads/{branch}"
+        argv = ["sh", "-c", GIT_PUSH_SCRIPT, "sh", where.real, *options,
+                "-c", "core.hooksPath=/dev/null", "push", "--", repo.url, refspec]
+        await self.spaces.audit.record("space.git.push.start", name, {
+            "repoPath": where.rel, "remote": remote, "branch": branch}, actor)
+        with self.spaces.activity.busy(name):
+            # As the container's root, not the space user: code running in the space cannot
+            # read this process's environment (the token) through /proc.
+            result = await self.spaces.run_internal(info, ExecRequest(
+                argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout),
+                1 << 20, user="0")
+        result = self._redacted(result, token)
+        await self.spaces.audit.record("space.git.push", name, {
+            "repoPath": where.rel, "remote": remote, "branch": branch,
+            "exitCode": result["exitCode"]}, actor)
+        return result
+
+
+###############################################################################
 # Terminal ####################################################################
 ###############################################################################
 
 TERMINAL_QUEUE_CHUNKS = 16  # x 64 KiB: the most output held per terminal for a slow client
 TERMINAL_MAX_FRAME = 1 << 20
+TERMINAL_MAX_COLS, TERMINAL_MAX_ROWS = 500, 200
 
 
-def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
-    """Browsers send Origin on upgrades: only this node's own origin and configured ones pass."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True  # not a browser (curl, SDKs): the key is the guard
-    if origin in allowed:
-        return True
-    return origin in (f"http://{request.host}", f"https://{request.host}")
+class TerminalSession:
+    """One open terminal: a TTY exec of the space's shell, its output read by a thread of its
+    own into a bounded queue, so a client that stops reading stalls the shell (the kernel and
+    the engine hold a little), never the service's memory. The space is in use while open."""
+
+    def __init__(self, spaces: Spaces, name: str, running: RunningExec, actor: Actor) -> None:
+        self.spaces = spaces
+        self.name = name
+        self.running = running
+        self.actor = actor
+        self.opened = time.monotonic()
+        self.shutting_down = False  # ended by the service's shutdown, not the shell
+        self.closed = False
+        self.busy = contextlib.ExitStack()
+        self.busy.enter_context(spaces.activity.busy(name))
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
+        self.reader = asyncio.get_running_loop().run_in_executor(
+            spaces.engine.streams, self._read_shell, asyncio.get_running_loop())
+
+    def _read_shell(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while True:
+                try:
+                    data = self.running.sock.recv(65536)
+                except OSError:
+                    data = b""
+                asyncio.run_coroutine_threadsafe(self.queue.put(data or None), loop).result()
+                if not data:
+                    return
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop is gone (shutdown)
+
+    async def output(self) -> AsyncIterator[bytes]:
+        """What the shell prints, until it exits."""
+        while (data := await self.queue.get()) is not None:
+            self.spaces.activity.touch(self.name)
+            yield data
+
+    def touch(self) -> None:
+        self.spaces.activity.touch(self.name)
+
+    async def send(self, data: bytes) -> None:
+        """Type ``data`` into the shell."""
+        self.touch()
+        with contextlib.suppress(OSError):
+            await self.spaces.engine.stream(lambda: self.running.sock.sendall(data))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(EngineError, ClawdError):
+            await self.spaces.engine.exec_resize(
+                self.running.exec_id, min(max(rows, 1), TERMINAL_MAX_ROWS),
+                min(max(cols, 1), TERMINAL_MAX_COLS))
+
+    async def close(self) -> None:
+        """End the shell if it still runs (a dropped ssh session's hangup: SIGHUP, which bash
+        passes on to its jobs, nohup'd ones live on; then SIGKILL for what is left of its
+        group), release the engine connection and audit the close. Once only."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.reader.done():
+            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id,
+                                        signal.SIGHUP)
+            self.running.sock.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.3)
+            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
+        for _ in range(1000):  # unblock the reader if it waits on a full queue
+            if self.reader.done():
+                break
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)  # the output's reader, if any, hears the end
+        self.running.sock.close()
+        self.busy.close()
+        exit_code: int | None = None
+        with contextlib.suppress(EngineError, ClawdError):
+            exit_code = (await self.spaces.exec_state(self.running.exec_id))[1]
+        await self.spaces.audit.record("terminal.close", self.name, {
+            "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
+            self.actor)
+
+    async def stop(self) -> None:
+        """The service is shutting down: end the shell, so the client hears why."""
+        self.shutting_down = True
+        await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
 
 
 class Terminals:
-    """Websocket terminals: a TTY exec of ``bash -l`` (or ``sh``) bridged to a websocket.
-
-    Output flows through a bounded queue: a client that stops reading stalls the shell (the
-    kernel and the engine hold a little), never the service's memory.
-    """
+    """Terminals of spaces: ``bash -l`` (or ``sh -l`` where the image has no bash) on a TTY,
+    started through the one exec entry point."""
 
     def __init__(self, spaces: Spaces) -> None:
         self.spaces = spaces
-        self.engine = spaces.engine
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.sessions: set[TerminalSession] = set()
         self.shells: dict[str, list[str]] = {}
 
     async def shell(self, info: dict[str, Any]) -> list[str]:
@@ -3722,154 +4269,29 @@ class Terminals:
             self.shells[info["Id"]] = ["bash", "-l"] if probe["exitCode"] == 0 else ["sh", "-l"]
         return self.shells[info["Id"]]
 
-    async def serve(self, request: web.Request, name: str, actor: Actor) -> web.WebSocketResponse:
-        api = self.engine.api
-        cols = query_int(request, "cols", 80, 1, 500)
-        rows = query_int(request, "rows", 24, 1, 200)
+    async def open(self, name: str, rows: int, cols: int, actor: Actor) -> TerminalSession:
+        """Start a terminal in a running space (a paused one is resumed); the caller closes it."""
         info = await self.spaces.running(name, actor)
-        user = str(info["Config"].get("User") or "")
-        argv = await self.shell(info)
-        await self.spaces.audit.record("terminal.open", name, {"shell": argv[0]}, actor)
-        try:
-            exec_id = (await self.engine.call(
-                api.exec_create, info["Id"], argv, stdin=True, tty=True, stdout=True,
-                stderr=True, environment={"TERM": "xterm-256color"}, workdir=WORKSPACE,
-                user=user))["Id"]
-            sock = ExecSocket(await self.engine.call(api.exec_start, exec_id, socket=True,
-                                                     tty=True))
-        except docker.errors.APIError as err:
-            raise Conflict(f"terminal could not start: {api_message(err)}", "exec_failed") \
-                from None
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
-        try:
-            await ws.prepare(request)
-        except BaseException:
-            sock.close()
-            raise
-        self.sockets.add(ws)
-        opened = time.monotonic()
-        with contextlib.suppress(docker.errors.APIError, ClawdError):
-            await self.engine.call(api.exec_resize, exec_id, height=rows, width=cols)
-        with self.spaces.busy(name):
-            pump = asyncio.ensure_future(self._pump_output(name, sock, ws))
-            try:
-                await self._pump_input(name, exec_id, sock, ws)
-            finally:
-                # Shielded: a cancelled handler (the client vanished) still ends the shell,
-                # closes the engine socket and audits the close.
-                await asyncio.shield(self._finish(
-                    name, info["Id"], exec_id, sock, ws, pump, opened, actor))
-        return ws
+        req = exec_request(self.spaces.config, await self.shell(info),
+                           {"TERM": "xterm-256color"}, WORKSPACE, tty=True, source="terminal")
+        session = TerminalSession(self.spaces, name, await self.spaces.start_exec(
+            name, req, actor), actor)
+        self.sessions.add(session)
+        await session.resize(rows, cols)
+        return session
 
-    async def _finish(self, name: str, container_id: str, exec_id: str, sock: ExecSocket,
-                      ws: web.WebSocketResponse, pump: asyncio.Future[None], opened: float,
-                      actor: Actor) -> None:
-        if not pump.done():
-            await self._end_shell(container_id, exec_id, sock)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(pump, 10)
-        sock.close()
-        self.sockets.discard(ws)
-        exit_code: int | None = None
-        with contextlib.suppress(docker.errors.APIError, ClawdError):
-            exit_code = (await self.engine.call(self.engine.api.exec_inspect, exec_id)).get(
-                "ExitCode")
-        await self.spaces.audit.record("terminal.close", name, {
-            "durationMs": int((time.monotonic() - opened) * 1000), "exitCode": exit_code},
-            actor)
+    async def close(self, session: TerminalSession) -> None:
+        self.sessions.discard(session)
+        await session.close()
 
-    async def _pump_output(self, name: str, sock: ExecSocket,
-                           ws: web.WebSocketResponse) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
-
-        def read_shell() -> None:
-            try:
-                while True:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        data = b""
-                    future = asyncio.run_coroutine_threadsafe(queue.put(data or None), loop)
-                    future.result()
-                    if not data:
-                        return
-            except (RuntimeError, concurrent.futures.CancelledError):
-                return  # the loop is gone (shutdown)
-
-        reader = loop.run_in_executor(self.engine.streams, read_shell)
-        try:
-            while True:
-                data = await queue.get()
-                if data is None:
-                    break
-                self.spaces.touch(name)
-                await ws.send_bytes(data)
-            await ws.close(code=1000, message=b"shell exited")
-        except (ConnectionResetError, RuntimeError):
-            pass  # the client went away; input pumping notices and ends the shell
-        finally:
-            while not reader.done():  # unblock the reader if it waits on a full queue
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-                await asyncio.sleep(0.01)
-
-    async def _pump_input(self, name: str, exec_id: str, sock: ExecSocket,
-                          ws: web.WebSocketResponse) -> None:
-        async for message in ws:
-            self.spaces.touch(name)
-            if message.type == web.WSMsgType.BINARY:
-                await self._send(sock, message.data)
-            elif message.type == web.WSMsgType.TEXT:
-                await self._control(exec_id, sock, ws, message.data)
-            elif message.type == web.WSMsgType.ERROR:
-                break
-
-    async def _control(self, exec_id: str, sock: ExecSocket, ws: web.WebSocketResponse,
-                       text: str) -> None:
-        try:
-            command = json.loads(text)
-        except ValueError:
-            command = None
-        if not isinstance(command, dict):
-            await self._send(sock, text.encode())  # plain text is typed, as before
-            return
-        kind = command.get("type")
-        if kind == "input" and isinstance(command.get("data"), str):
-            await self._send(sock, command["data"].encode())
-        elif kind == "resize":
-            cols, rows = command.get("cols"), command.get("rows")
-            if not (isinstance(cols, int) and isinstance(rows, int)) or isinstance(
-                    cols, bool) or isinstance(rows, bool):
-                await ws.send_json({"type": "error", "error": "resize needs integer cols and rows"})
-                return
-            with contextlib.suppress(docker.errors.APIError, ClawdError):
-                await self.engine.call(self.engine.api.exec_resize, exec_id,
-                                       height=min(max(rows, 1), 200), width=min(max(cols, 1), 500))
-        elif kind == "ping":
-            await ws.send_json({"type": "pong"})
-        else:
-            await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
-
-    async def _send(self, sock: ExecSocket, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            await self.engine.stream(lambda: sock.sendall(data))
-
-    async def _end_shell(self, container_id: str, exec_id: str, sock: ExecSocket) -> None:
-        """The client left: hang up like a dropped ssh session (SIGHUP, which bash passes on
-        to its jobs; nohup'd ones live on), then kill what is left of the shell's group."""
-        await self.spaces.kill_exec(container_id, exec_id, signal.SIGHUP)
-        sock.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.3)
-        await self.spaces.kill_exec(container_id, exec_id)
-
-    async def close_all(self) -> None:
-        for ws in list(self.sockets):
-            await ws.close(code=1001, message=b"server shutting down")
+    async def shutdown(self) -> None:
+        for session in list(self.sessions):
+            with contextlib.suppress(EngineError, ClawdError):
+                await session.stop()
 
 
 ###############################################################################
-# Housekeeping: activity, auto-sleep, shell history ###########################
+# Housekeeping: auto-sleep, shell history #####################################
 ###############################################################################
 
 HISTORY_FILE = f"{WORKSPACE}/.bash_history"
@@ -3881,18 +4303,6 @@ HISTORY_LINES_PER_SPACE = 256  # commands recorded per space
 HISTORY_NODE_BYTES = 1 << 20
 HISTORY_NODE_LINES = 2048
 HISTORY_SPACES_PER_TICK = 64
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    write_atomic(path, json.dumps(value, separators=(",", ":")).encode())
-
-
-def read_json_file(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as source:
-            return json.load(source)
-    except (OSError, ValueError):
-        return None
 
 
 HISTORY_STAMP_RE = re.compile(r"#\d{9,12}")
@@ -3931,52 +4341,56 @@ def parse_history(text: str) -> list[tuple[float | None, str]]:
 
 
 class Housekeeper:
-    """Background work of the node: auto-sleep of idle spaces and shell history ingestion.
+    """Background work of the node: auto-sleep of idle spaces, shell history ingestion, the
+    firewall's check and saving activity times, each a supervised loop of its own.
 
-    Neither counts as activity nor wakes a paused space. Activity times and history read
-    positions live in small JSON files in the data directory, so a restart neither pauses every
-    space at once nor emits a history line twice.
+    Neither counts as activity nor wakes a paused space. History read positions live in a
+    small JSON file in the data directory, so a restart never emits a history line twice.
     """
 
     def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
         self.config = config
         self.spaces = spaces
+        self.activity = spaces.activity
         self.files = files
-        self.activity_path = os.path.join(config.data_dir, "activity.json")
         self.cursor_path = os.path.join(config.data_dir, "history-cursors.json")
         self.cursors: dict[str, dict[str, Any]] = {}
         self.history_turn = 0  # where the next tick's round of the spaces starts
-        self.saved_activity: dict[str, float] = {}
+        self.tasks = Tasks()
 
-    def load(self) -> None:
-        activity = read_json_file(self.activity_path)
-        if isinstance(activity, dict):
-            for name, when in activity.items():
-                if isinstance(when, (int, float)):
-                    self.spaces.last_activity.setdefault(str(name), float(when))
+    async def startup(self) -> None:
+        """Load what the last run saved and start the loops."""
+        self.activity.load()
         cursors = read_json_file(self.cursor_path)
         if isinstance(cursors, dict):
             self.cursors = {str(k): v for k, v in cursors.items() if isinstance(v, dict)}
+        # Looked up at each round (not bound now), so a test can replace a round.
+        self.tasks.spawn("auto-sleep", lambda: self.sleep_idle(),
+                         every=min(30.0, max(0.5, (self.config.idle_timeout or 120) / 4)))
+        if self.config.history_interval > 0:
+            self.tasks.spawn("shell history", lambda: self.ingest_history(),
+                             every=float(self.config.history_interval))
+        self.tasks.spawn("firewall check", self.spaces.firewall.check, every=60.0, delay=60.0)
+        self.tasks.spawn("saving activity", self.activity.save, every=2.0)
 
-    async def save_activity(self) -> None:
-        current = dict(self.spaces.last_activity)
-        if current != self.saved_activity:
-            await asyncio.get_running_loop().run_in_executor(
-                None, write_json_atomic, self.activity_path, current)
-            self.saved_activity = current
+    async def shutdown(self) -> None:
+        await self.tasks.close()
+        try:
+            await self.activity.save()
+        except OSError as err:
+            log.error("activity times could not be saved: %s", err)
 
     # -- auto-sleep -----------------------------------------------------------------------
 
     async def sleep_idle(self) -> None:
-        now = self.spaces.clock()
+        now = self.activity.clock()
         for space in await self.spaces.list_all():
             name = space["name"]
-            if space["status"] != "running" or self.spaces.is_busy(name):
+            if space["status"] != "running" or self.activity.is_busy(name):
                 continue
-            last = self.spaces.last_activity.get(name)
-            if last is None:
-                self.spaces.last_activity[name] = now  # first sight (e.g. after an upgrade)
+            if self.activity.first_sight(name):  # e.g. after an upgrade: its idle clock starts
                 continue
+            last = self.activity.last(name) or now
             timeout = space["idleTimeout"]
             if timeout is None:
                 timeout = self.config.idle_timeout
@@ -3999,8 +4413,12 @@ class Housekeeper:
         for space in (spaces[start:] + spaces[:start])[:HISTORY_SPACES_PER_TICK]:
             if budget["bytes"] <= 0 or budget["lines"] <= 0:
                 break
-            await guarded(f"history of {space['name']}",
-                          functools.partial(self._ingest_one, space, budget))
+            try:
+                await self._ingest_one(space, budget)
+            except (ClawdError, EngineError) as err:
+                log.warning("history of %s: %s", space["name"], err)
+            except Exception:  # noqa: BLE001 - one space's history must not stop the others'
+                log.exception("history of %s failed", space["name"])
             done += 1
         self.history_turn = start + done
         if spaces:
@@ -4054,7 +4472,7 @@ class Housekeeper:
                 meta["truncated"] = True  # a line longer than one read: its start only
             # The space writes its own stamps: one from the future (which would sort ahead
             # of every real event) is recorded at the time of reading, with the claim kept.
-            if stamp is not None and stamp > self.spaces.clock() + 60:
+            if stamp is not None and stamp > self.activity.clock() + 60:
                 meta["claimedTime"] = str(int(stamp))[:20]
                 stamp = None
             await self.spaces.audit.record("space.shell", name, meta,
@@ -4090,38 +4508,13 @@ class Housekeeper:
             await opened.close()
         return first, data
 
-    # -- the loop -------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        every = {
-            "sleep": min(30.0, max(0.5, (self.config.idle_timeout or 120) / 4)),
-            "history": float(self.config.history_interval),
-            "firewall": 60.0,
-        }
-        jobs: dict[str, Callable[[], Awaitable[Any]]] = {
-            "sleep": self.sleep_idle, "history": self.ingest_history,
-            "firewall": self.spaces.firewall.check}
-        due = {job: time.monotonic() + (every[job] if job == "firewall" else 0) for job in jobs
-               if every[job] > 0}
-        while True:
-            for job in due:
-                if time.monotonic() >= due[job]:
-                    due[job] = time.monotonic() + every[job]
-                    await guarded(f"housekeeping ({job})", jobs[job])
-            await guarded("housekeeping (activity)", self.save_activity)
-            await asyncio.sleep(max(0.2, min(due.values()) - time.monotonic()))
-
 
 ###############################################################################
-# Nodes: discovery, cluster view, forwarding ##################################
+# Nodes: discovery and the cluster view #######################################
 ###############################################################################
 
 NODE_PROBE_TIMEOUT = 3.0
 NODE_ANSWER_LIMIT = 4 << 20  # bytes read from a peer's JSON answer
-FORWARD_HEADER = "X-Clawdspace-Node"
-FORWARDED_MARK = "X-Clawdspace-Forwarded"
-HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                         "te", "trailer", "transfer-encoding", "upgrade", "host"})
 
 
 class NodeInfo(TypedDict, total=False):
@@ -4132,20 +4525,6 @@ class NodeInfo(TypedDict, total=False):
     capabilities: dict[str, Any] | None
     self: bool
     error: str
-
-
-def parse_nodes_setting(text: str) -> list[tuple[str, str]]:
-    """``name=url,name2=url2``; a URL may itself contain ``=`` (only the first one splits)."""
-    nodes = []
-    for item in text.split(","):
-        name, sep, url = item.strip().partition("=")
-        name, url = name.strip(), url.strip().rstrip("/")
-        if not sep or not name or not url:
-            continue
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"CLAWDSPACE_NODES: {name} needs an http:// or https:// URL")
-        nodes.append((name, url))
-    return nodes
 
 
 def tailscale_targets(status: dict[str, Any], port: int, tag: str | None
@@ -4197,7 +4576,25 @@ class Nodes:
         self.nodes: list[NodeInfo] = []
         self.updated_ms = 0
         self.lock = asyncio.Lock()
-        self.session: Any = None  # aiohttp.ClientSession, opened with the app
+        self.session: aiohttp.ClientSession | None = None  # from startup to shutdown
+        self.tasks = Tasks()
+
+    async def startup(self) -> None:
+        """Open the client session peers are asked through, and start discovery."""
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT),
+            trust_env=False)
+        self.tasks.spawn("node discovery", self.refresh, every=float(self.config.nodes_refresh))
+
+    async def shutdown(self) -> None:
+        await self.tasks.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def client(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise Unavailable("the node is not started", "not_started")
+        return self.session
 
     def self_name(self) -> str:
         return self.config.node_name or socket.gethostname()
@@ -4226,9 +4623,10 @@ class Nodes:
             me["url"] = ts_self["url"]
         return me, [(n, u) for n, u in peers if u != me["url"]]
 
-    async def _get_json(self, url: str, key: str | None) -> tuple[int, Any]:
+    async def get_json(self, url: str, key: str | None) -> tuple[int, Any]:
+        """(status, parsed JSON or None) of a GET to a peer (size-capped)."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with self.session.get(url, headers=headers, allow_redirects=False) as response:
+        async with self.client().get(url, headers=headers, allow_redirects=False) as response:
             body = bytearray()
             async for chunk in response.content.iter_chunked(65536):
                 body += chunk
@@ -4244,7 +4642,7 @@ class Nodes:
         node: NodeInfo = {"name": name, "url": url, "status": "offline", "latencyMs": None,
                           "capabilities": None, "self": False}
         try:
-            status, health = await asyncio.wait_for(self._get_json(f"{url}/api/health", None),
+            status, health = await asyncio.wait_for(self.get_json(f"{url}/api/health", None),
                                                     NODE_PROBE_TIMEOUT)
             node["latencyMs"] = int((time.monotonic() - started) * 1000)
             if not (isinstance(health, dict) and "version" in health and "status" in health):
@@ -4252,7 +4650,7 @@ class Nodes:
                 return node
             node["status"] = "online" if status == 200 else "degraded"
             status, caps = await asyncio.wait_for(
-                self._get_json(f"{url}/api/system/capabilities", self.config.api_key),
+                self.get_json(f"{url}/api/system/capabilities", self.config.api_key),
                 NODE_PROBE_TIMEOUT)
             if status == 200 and isinstance(caps, dict):
                 node["capabilities"] = caps
@@ -4284,11 +4682,6 @@ class Nodes:
             self.nodes = [local, *sorted(found, key=lambda n: n["name"])]
             self.updated_ms = int(time.time() * 1000)
 
-    async def run(self) -> None:
-        while True:
-            await guarded("node discovery", self.refresh)
-            await asyncio.sleep(self.config.nodes_refresh)
-
     async def recheck(self, node: NodeInfo) -> NodeInfo:
         """Probe one node now and update the cache with what it says."""
         fresh = await self.probe(node["name"], node["url"])
@@ -4315,7 +4708,7 @@ class Nodes:
         async def fetch(node: NodeInfo) -> None:
             try:
                 status, body = await asyncio.wait_for(
-                    self._get_json(f"{node['url']}/api/spaces", self.config.api_key), 10)
+                    self.get_json(f"{node['url']}/api/spaces", self.config.api_key), 10)
                 if status != 200 or not isinstance(body, dict):
                     raise ValueError(f"HTTP {status}")
                 spaces.extend({**s, "node": node["name"]} for s in body.get("spaces", [])
@@ -4327,102 +4720,16 @@ class Nodes:
         spaces.sort(key=lambda s: (str(s.get("node")), str(s.get("name"))))
         return {"spaces": spaces, "errors": errors}
 
-    async def forward(self, request: web.Request, node: NodeInfo) -> web.StreamResponse:
-        """Send this request to another node with the same key, streaming both ways."""
-        query = [(k, v) for k, v in request.query.items() if k not in ("node", "key")]
-        target = f"{node['url']}{request.path}"
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in HOP_HEADERS and k != FORWARD_HEADER}
-        headers[FORWARDED_MARK] = self.self_name()
-        headers["Authorization"] = f"Bearer {presented_key(request) or ''}"
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._forward_websocket(request, node, target, query, headers)
-        try:
-            upstream = await self.session.request(
-                request.method, target, params=query, headers=headers,
-                data=request.content if request.body_exists else None, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT,
-                                              sock_read=self.config.exec_max_timeout + 60))
-        except asyncio.TimeoutError:
-            raise GatewayTimeout(f"node {node['name']} did not answer in time") from None
-        except aiohttp.ClientError as err:
-            raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
-        async with upstream:
-            answer = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
-            await answer.prepare(request)
-            async for chunk in upstream.content.iter_chunked(FILE_CHUNK):
-                await answer.write(chunk)
-            await answer.write_eof()
-            return answer
-
-    async def _forward_websocket(self, request: web.Request, node: NodeInfo, target: str,
-                                 query: list[tuple[str, str]],
-                                 headers: dict[str, str]) -> web.StreamResponse:
-        headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
-        try:
-            upstream = await self.session.ws_connect(
-                target, params=query, headers=headers, heartbeat=30,
-                max_msg_size=TERMINAL_MAX_FRAME,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10))
-        except aiohttp.WSServerHandshakeError as err:
-            return json_error(err.status, f"node {node['name']} refused the terminal: "
-                              f"{err.message}", "upstream_refused")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
-        await ws.prepare(request)
-
-        async def pipe(source: Any, sink: Any) -> None:
-            async for message in source:
-                if message.type == aiohttp.WSMsgType.BINARY:
-                    await sink.send_bytes(message.data)
-                elif message.type == aiohttp.WSMsgType.TEXT:
-                    await sink.send_str(message.data)
-                else:
-                    break
-
-        tasks = [asyncio.ensure_future(pipe(ws, upstream)),
-                 asyncio.ensure_future(pipe(upstream, ws))]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        code = upstream.close_code or 1000
-        await upstream.close()
-        await ws.close(code=code, message=b"upstream closed")
-        return ws
-
 
 ###############################################################################
-# E2B-compatible surface: control plane and envd ##############################
+# E2B compatibility: sandboxes and their daemon ###############################
 ###############################################################################
 
-E2B_ENVD_VERSION = "0.5.7"  # what the SDK gates features on (see E2B.md 4.5)
-E2B_ENVD_PORT = "49983"
-E2B_ID_HEADER = "E2b-Sandbox-Id"
+# The daemon version sandboxes report: E2B's SDK enables features by the version it reads
+# here, and 0.5.7 has every feature this node serves.
+E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
 E2B_MAX_PROCESSES = 256  # remembered per node, for List and SendSignal
-CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
-                 404: "not_found", 409: "failed_precondition", 411: "invalid_argument",
-                 413: "resource_exhausted", 502: "unavailable", 503: "unavailable",
-                 504: "deadline_exceeded", 507: "resource_exhausted"}
-E2B_PATHS = ("/sandboxes", "/v2/sandboxes")
-
-
-ENVD_PATHS = ("/health", "/files", "/process.Process/", "/filesystem.Filesystem/")
-
-
-def is_envd_request(request: web.BaseRequest) -> bool:
-    """A call of E2B's in-sandbox daemon: one of its paths, for the sandbox the header names."""
-    path = request.path
-    return E2B_ID_HEADER in request.headers and (
-        path in ENVD_PATHS[:2] or path.startswith(ENVD_PATHS[2:]))
-
-
-def is_e2b_rest(request: web.BaseRequest) -> bool:
-    return request.path.startswith(E2B_PATHS)
-
-
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
 
 
@@ -4448,21 +4755,6 @@ def envd_token_incarnation(config: Config, sandbox_id: str, token: str) -> str |
     return match.group(1) if hmac.compare_digest(token.encode(), expected.encode()) else None
 
 
-def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return struct.pack(">BI", 0x02 if end else 0x00, len(body)) + body
-
-
-def read_envelope(raw: bytes) -> dict[str, Any]:
-    if len(raw) < 5:
-        raise BadRequest("empty Connect stream request", "invalid_argument")
-    flags, size = struct.unpack(">BI", raw[:5])
-    message = load_json(raw[5:5 + size], "the Connect message", "invalid_argument")
-    if flags & 0x01 or not isinstance(message, dict):
-        raise BadRequest("compressed or malformed Connect message", "invalid_argument")
-    return message
-
-
 def e2b_time(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -4478,6 +4770,91 @@ class E2bProcess:
     tag: str | None
 
 
+class E2bRun:
+    """A command started through envd's Process/Start, as the events the SDK reads: its
+    start, output (through a bounded queue) and keepalives, its end, and the stream's
+    trailer. The sandbox is in use until the command ends."""
+
+    def __init__(self, spaces: Spaces, sandbox: str, pid: int, running: RunningExec,
+                 timeout: float | None, busy: contextlib.ExitStack) -> None:
+        self.spaces = spaces
+        self.sandbox = sandbox
+        self.pid = pid
+        self.running = running
+        self.timeout = timeout
+        self.busy = busy
+
+    async def events(self, ping_every: float) -> AsyncIterator[tuple[dict[str, Any], bool]]:
+        """(message, is the trailer) pairs, to the end; a consumer that stops writing them
+        must still drain them (envd leaves a process running when its client goes)."""
+        try:
+            yield {"event": {"start": {"pid": self.pid}}}, False
+            timed_out = False
+            async for event in self._output(ping_every):
+                if event is None:
+                    timed_out = True
+                    continue
+                yield {"event": event}, False
+            _, code = await self.spaces.exec_state(self.running.exec_id)
+            code = -1 if code is None or timed_out else code
+            yield {"event": {"end": {
+                "exitCode": code, "exited": not timed_out,
+                "status": "signal: killed" if timed_out else f"exit status {code}"}}}, False
+            yield ({"error": {"code": "deadline_exceeded",
+                              "message": "the command ran past its timeout"}}
+                   if timed_out else {}), True
+        finally:
+            self.busy.close()
+
+    async def _output(self, ping_every: float) -> AsyncIterator[dict[str, Any] | None]:
+        """Output and keepalive events; None once, when the timeout kills the command."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
+        reader = DemuxReader(self.running.sock, 0)
+        reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
+            queue.put((stream, data)), loop).result()
+        pump = loop.run_in_executor(self.spaces.engine.streams, self._pump, reader, queue,
+                                    loop)
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        try:
+            while True:
+                wait = ping_every if deadline is None else min(ping_every,
+                                                               deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(wait, 0.01))
+                except asyncio.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        await self.spaces.kill_exec(self.running.container_id,
+                                                    self.running.exec_id)
+                        deadline = None
+                        yield None
+                        continue
+                    item = (-1, b"")
+                if item is None:
+                    return
+                self.spaces.activity.touch(self.sandbox)
+                stream, data = item
+                yield {"keepalive": {}} if stream < 0 else {"data": {
+                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
+        finally:
+            if not pump.done():
+                reader.abort()
+            try:
+                await pump
+            except Exception:  # noqa: BLE001 - the reader's failure is only worth a line
+                log.exception("e2b process %d: its output reader failed", self.pid)
+            self.running.sock.close()
+
+    @staticmethod
+    def _pump(reader: DemuxReader, queue: asyncio.Queue[tuple[int, bytes] | None],
+              loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            reader.run()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+
 class E2b:
     """E2B's REST control plane over spaces, and envd emulated with ``docker exec`` and the
     files API. A sandbox is a space named ``e2b-<hex>``; its metadata and template are labels,
@@ -4490,17 +4867,24 @@ class E2b:
         self.files = files
         self.templates = templates
         self.nodes = nodes
+        self.activity = spaces.activity
         self.deadline_path = os.path.join(config.data_dir, "e2b-deadlines.json")
         self.deadlines: dict[str, float] = {}
         self.save_lock = asyncio.Lock()
         self.processes: dict[int, E2bProcess] = {}
         self.next_pid = 1000
+        self.tasks = Tasks()
 
-    def load(self) -> None:
+    async def startup(self) -> None:
+        """Load the sandbox deadlines and start pausing sandboxes past theirs."""
         saved = read_json_file(self.deadline_path)
         if isinstance(saved, dict):
             self.deadlines = {str(k): float(v) for k, v in saved.items()
                               if isinstance(v, (int, float))}
+        self.tasks.spawn("e2b timeouts", self.expire, every=5.0)
+
+    async def shutdown(self) -> None:
+        await self.tasks.close()
 
     async def _save(self) -> None:
         async with self.save_lock:  # in order: a later snapshot never loses to an earlier one
@@ -4524,11 +4908,11 @@ class E2b:
         except ValueError:  # absent or malformed (labels are anyone's to write)
             created = dt.datetime.now(dt.timezone.utc)
         try:
-            metadata = json.loads((labels or {}).get(f"{LABEL}.e2b-metadata") or "{}")
+            metadata = json.loads((labels or {}).get(E2B_METADATA_LABEL) or "{}")
         except (ValueError, RecursionError):
             metadata = {}
         sandbox: dict[str, Any] = {
-            "templateID": (labels or {}).get(f"{LABEL}.e2b-template") or space["template"]
+            "templateID": (labels or {}).get(E2B_TEMPLATE_LABEL) or space["template"]
             or "base",
             "sandboxID": name,
             "clientID": self.nodes.self_name(),
@@ -4536,7 +4920,7 @@ class E2b:
             "domain": None,
             "startedAt": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "endAt": e2b_time(self.deadlines.get(name,
-                                                 self.spaces.clock() + E2B_DEFAULT_TIMEOUT)),
+                                                 self.activity.clock() + E2B_DEFAULT_TIMEOUT)),
             "cpuCount": max(1, int(space["cpus"])),
             "memoryMB": space["memory"] >> 20,
             "diskSizeMB": 0,
@@ -4549,7 +4933,7 @@ class E2b:
 
     async def owner(self, sandbox_id: str) -> NodeInfo | None:
         """The other node that holds a sandbox this node does not have; None when local."""
-        if sandbox_id in self.spaces.known:
+        if self.spaces.is_known(sandbox_id):
             return None
         with contextlib.suppress(NotFound):
             await self._find(sandbox_id)
@@ -4560,22 +4944,23 @@ class E2b:
             for node in self.nodes.nodes:
                 if node.get("self") or node["status"] != "online":
                     continue
-                with contextlib.suppress(Exception):
-                    status, _ = await asyncio.wait_for(self.nodes._get_json(
+                try:
+                    status, _ = await asyncio.wait_for(self.nodes.get_json(
                         f"{node['url']}/sandboxes/{sandbox_id}", self.config.api_key),
                         NODE_PROBE_TIMEOUT)
-                    if status == 200:
-                        return node
+                except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError) as err:
+                    log.info("sandbox %s: node %s did not answer: %s", sandbox_id,
+                             node["name"], err or type(err).__name__)
+                    continue
+                if status == 200:
+                    return node
         return None
 
     async def is_incarnation(self, sandbox_id: str, incarnation: str) -> bool:
         """Whether the sandbox exists here and its container's id starts with
         ``incarnation``."""
-        if sandbox_id not in self.spaces.known:
-            with contextlib.suppress(NotFound, BadRequest):
-                await self.spaces.inspect(sandbox_id)
-        known = self.spaces.known.get(sandbox_id)
-        return known is not None and known[0].startswith(incarnation)
+        container_id = await self.spaces.incarnation(sandbox_id)
+        return container_id is not None and container_id.startswith(incarnation)
 
     async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
         if not SPACE_NAME_RE.fullmatch(sandbox_id) or not sandbox_id.startswith("e2b-"):
@@ -4611,9 +4996,9 @@ class E2b:
         name = f"e2b-{os.urandom(8).hex()}"
         request = parse_create({"name": name, "env": env}, self.config, template)
         request = dataclasses.replace(request, labels={
-            f"{LABEL}.e2b-template": template_id, f"{LABEL}.e2b-metadata": encoded})
+            E2B_TEMPLATE_LABEL: template_id, E2B_METADATA_LABEL: encoded})
         space = await self.spaces.create(request, actor)
-        self.deadlines[name] = self.spaces.clock() + timeout
+        self.deadlines[name] = self.activity.clock() + timeout
         await self._save()
         return self._sandbox(space, request.labels)
 
@@ -4621,22 +5006,18 @@ class E2b:
         space, labels = await self._find(sandbox_id)
         return self._sandbox(space, labels)
 
-    async def list_sandboxes(self, request: web.Request) -> list[dict[str, Any]]:
-        states = set((request.query.get("state") or "running,paused").split(","))
-        wanted = dict(urllib.parse.parse_qsl(request.query.get("metadata") or ""))
-        filters = {"label": [f"{LABEL}.instance={self.config.prefix}", f"{LABEL}.kind=space",
-                             f"{LABEL}.e2b-template"]}
-        rows = await self.spaces.engine.call(self.spaces.engine.api.containers, all=True,
-                                             filters=filters)
+    async def list_sandboxes(self, states: set[str], wanted: dict[str, str],
+                             limit: int) -> list[dict[str, Any]]:
+        """Sandboxes in one of ``states`` whose metadata has every pair of ``wanted``."""
         found = []
-        for row in rows:
+        for row in await self.spaces.rows(E2B_TEMPLATE_LABEL):
             labels = row.get("Labels") or {}
             sandbox = self._sandbox(self.spaces.view(row["Id"], labels, row.get("State", "")),
                                     labels, with_token=False)
             if sandbox["state"] in states and all(
                     sandbox["metadata"].get(k) == v for k, v in wanted.items()):
                 found.append(sandbox)
-        return found[:max(1, min(query_int(request, "limit", 100, 1, 100), 100))]
+        return found[:limit]
 
     async def kill(self, sandbox_id: str, actor: Actor) -> None:
         await self._find(sandbox_id)
@@ -4646,7 +5027,7 @@ class E2b:
 
     async def set_timeout(self, sandbox_id: str, body: dict[str, Any]) -> None:
         await self._find(sandbox_id)
-        self.deadlines[sandbox_id] = self.spaces.clock() + self._timeout(body)
+        self.deadlines[sandbox_id] = self.activity.clock() + self._timeout(body)
         await self._save()
 
     async def pause(self, sandbox_id: str, actor: Actor) -> None:
@@ -4661,66 +5042,51 @@ class E2b:
         resumed = space["status"] != "running"
         if resumed:
             await self.spaces.start(sandbox_id, actor, reason="e2b connect")
-        self.deadlines[sandbox_id] = self.spaces.clock() + self._timeout(body)
+        self.deadlines[sandbox_id] = self.activity.clock() + self._timeout(body)
         await self._save()
         space, labels = await self._find(sandbox_id)
         return (201 if resumed else 200), self._sandbox(space, labels)
 
-    async def run(self) -> None:
-        while True:
-            await guarded("e2b timeouts", self.expire)
-            await asyncio.sleep(5)
-
     async def expire(self) -> None:
         """Sandboxes past their timeout are paused (never deleted: /workspace survives)."""
-        now = self.spaces.clock()
+        now = self.activity.clock()
         for name, deadline in list(self.deadlines.items()):
-            if deadline > now or self.spaces.last_activity.get(name, 0) > deadline:
+            if deadline > now or (self.activity.last(name) or 0) > deadline:
                 continue  # used after its deadline (woken by a call): auto-sleep governs now
             try:
                 space, _ = await self._find(name)
             except NotFound:
                 self.deadlines.pop(name, None)
                 continue
-            if space["status"] == "running" and not self.spaces.is_busy(name):
+            if space["status"] == "running" and not self.activity.is_busy(name):
                 with contextlib.suppress(ClawdError):
                     await self.spaces.pause(name, SYSTEM_ACTOR, reason="e2b timeout")
 
     # -- envd: processes ------------------------------------------------------------------
 
-    async def start_process(self, request: web.Request, sandbox: str,
-                            actor: Actor) -> web.StreamResponse:
-        message = read_envelope(await read_body(request))
+    async def start_process(self, sandbox: str, message: dict[str, Any], timeout: float | None,
+                            actor: Actor) -> E2bRun:
+        """Start an envd ``Process/Start`` message's command; the caller relays its events."""
         process = json_object(message.get("process"), "process")
         cmd, args = process.get("cmd"), process.get("args") or []
         envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
         if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
                 isinstance(a, str) for a in args):
             raise BadRequest("process.cmd and args are required", "invalid_argument")
-        if not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd:
-            raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
-                             "invalid_argument")
-        timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
-        timeout = min(int(timeout_ms) / 1000, float(self.config.exec_max_timeout)) \
-            if re.fullmatch(r"[0-9]{1,12}", timeout_ms) and int(timeout_ms) else None
-        keepalive = request.headers.get("Keepalive-Ping-Interval", "")
-        ping_every = float(keepalive) if re.fullmatch(r"[0-9]{1,6}", keepalive) and int(
-            keepalive) > 0 else 50.0
-        req = ExecRequest(argv=[cmd, *args], env=check_env(envs),
-                          workdir="/" + os.path.normpath(cwd).lstrip("/"),
-                          timeout=timeout or 86400.0, root="")
-        with self.spaces.busy(sandbox):
-            container_id, exec_id, sock = await self.spaces._start_exec(sandbox, req, actor, {
-                "command": [cmd, *args], "envKeys": sorted(req.env), "workdir": req.workdir,
-                "source": "e2b"})
-            pid = self._remember(E2bProcess(sandbox, container_id, exec_id,
-                                            {"cmd": cmd, "args": args, "envs": envs,
-                                             "cwd": req.workdir}, message.get("tag")))
-            answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
-            await answer.prepare(request)
-            await answer.write(connect_envelope({"event": {"start": {"pid": pid}}}))
-            await self._relay(answer, sandbox, sock, container_id, exec_id, timeout, ping_every)
-            return answer
+        limit = min(timeout, float(self.config.exec_max_timeout)) if timeout else None
+        req = exec_request(self.config, [cmd, *args], envs, cwd,
+                           limit or self.config.exec_max_timeout, root="", source="e2b")
+        busy = contextlib.ExitStack()
+        busy.enter_context(self.activity.busy(sandbox))
+        try:
+            running = await self.spaces.start_exec(sandbox, req, actor)
+        except BaseException:
+            busy.close()
+            raise
+        pid = self._remember(E2bProcess(sandbox, running.container_id, running.exec_id,
+                                        {"cmd": cmd, "args": args, "envs": envs,
+                                         "cwd": req.workdir}, message.get("tag")))
+        return E2bRun(self.spaces, sandbox, pid, running, limit, busy)
 
     def _remember(self, process: E2bProcess) -> int:
         self.next_pid += 1
@@ -4729,83 +5095,13 @@ class E2b:
             self.processes.pop(next(iter(self.processes)))
         return self.next_pid
 
-    async def _relay(self, answer: web.StreamResponse, sandbox: str, sock: ExecSocket,
-                     container_id: str, exec_id: str, timeout: float | None,
-                     ping_every: float) -> None:
-        """Exec output to Connect data events through a bounded queue, then the end event."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
-        reader = DemuxReader(sock, 0)
-        reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
-            queue.put((stream, data)), loop).result()
-        pump = loop.run_in_executor(self.spaces.engine.streams, self._pump, reader, queue, loop)
-        deadline = time.monotonic() + timeout if timeout else None
-        client_gone = timed_out = False
-        try:
-            while True:
-                wait = ping_every if deadline is None else min(ping_every,
-                                                               deadline - time.monotonic())
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(wait, 0.01))
-                except asyncio.TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        timed_out = True
-                        await self.spaces.kill_exec(container_id, exec_id)
-                        deadline = None
-                        continue
-                    item = (-1, b"")
-                if item is None:
-                    break
-                self.spaces.touch(sandbox)
-                if client_gone:
-                    continue  # keep draining: envd leaves a process running when a client goes
-                stream, data = item
-                event = {"keepalive": {}} if stream < 0 else {"data": {
-                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
-                try:
-                    await answer.write(connect_envelope({"event": event}))
-                except (ConnectionResetError, RuntimeError):
-                    client_gone = True
-        finally:
-            if not pump.done():
-                reader.abort()
-            with contextlib.suppress(Exception):
-                await pump
-            sock.close()
-        details = await self.spaces.engine.call(self.spaces.engine.api.exec_inspect, exec_id)
-        code = details.get("ExitCode")
-        code = -1 if code is None or timed_out else int(code)
-        end: dict[str, Any] = {"exitCode": code, "exited": not timed_out,
-                               "status": "signal: killed" if timed_out else f"exit status {code}"}
-        if client_gone:
-            return
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
-            await answer.write(connect_envelope({"event": {"end": end}}))
-            trailer: dict[str, Any] = {}
-            if timed_out:
-                trailer = {"error": {"code": "deadline_exceeded",
-                                     "message": "the command ran past its timeout"}}
-            await answer.write(connect_envelope(trailer, end=True))
-            await answer.write_eof()
-
-    @staticmethod
-    def _pump(reader: DemuxReader, queue: asyncio.Queue[tuple[int, bytes] | None],
-              loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            reader.run()
-        finally:
-            with contextlib.suppress(RuntimeError):
-                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
-
     async def list_processes(self, sandbox: str) -> dict[str, Any]:
-        api = self.spaces.engine.api
         alive = []
         for pid, process in list(self.processes.items()):
             if process.sandbox != sandbox:
                 continue
-            with contextlib.suppress(docker.errors.APIError):
-                if (await self.spaces.engine.call(api.exec_inspect, process.exec_id)).get(
-                        "Running"):
+            with contextlib.suppress(EngineError):
+                if (await self.spaces.exec_state(process.exec_id))[0]:
                     entry: dict[str, Any] = {"config": process.config, "pid": pid}
                     if process.tag:
                         entry["tag"] = process.tag
@@ -4818,8 +5114,7 @@ class E2b:
         process = self.processes.get(pid)
         if process is None or process.sandbox != sandbox:
             raise NotFound(f"process {pid} not found")
-        running = (await self.spaces.engine.call(self.spaces.engine.api.exec_inspect,
-                                                 process.exec_id)).get("Running")
+        running, _ = await self.spaces.exec_state(process.exec_id)
         if not running:
             self.processes.pop(pid, None)
             raise NotFound(f"process {pid} not found")
@@ -4852,7 +5147,7 @@ class E2b:
     async def filesystem(self, method: str, sandbox: str, body: dict[str, Any],
                          actor: Actor) -> dict[str, Any]:
         info = await self.spaces.running(sandbox, actor)
-        self.spaces.touch(sandbox)
+        self.activity.touch(sandbox)
         if method == "Stat":
             where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
             if where.stat is None:
@@ -4913,31 +5208,12 @@ class E2b:
         if result["exitCode"] != 0:
             raise Conflict(result["stderr"].strip() or f"{argv[0]} failed")
 
-    async def upload(self, request: web.Request, sandbox: str,
-                     actor: Actor) -> list[dict[str, str]]:
-        written = []
-        path = request.query.get("path")
-        if request.content_type.startswith("multipart/"):
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, aiohttp.BodyPartReader) or part.name != "file":
-                    continue
-                target = path or part.filename
-                data = await part.read(decode=False)
-                await self.files.write(sandbox, self.rel_path(target), len(data),
-                                       iter([bytes(data)]), actor)
-                written.append(self.rel_path(target))
-        else:
-            size = request.content_length
-            if size is None:
-                raise LengthRequired("uploads need a Content-Length header")
-            await self.files.write(sandbox, self.rel_path(path), size, body_chunks(request),
-                                   actor)
-            written.append(self.rel_path(path))
-        if not written:
-            raise BadRequest("no file in the upload", "invalid_argument")
-        return [{"name": rel.rpartition("/")[2], "type": "file", "path": WORKSPACE + rel}
-                for rel in written]
+    async def upload(self, sandbox: str, path: Any, size: int, chunks: Iterator[bytes],
+                     actor: Actor) -> dict[str, str]:
+        """Write one uploaded file; its entry as envd's upload answers it."""
+        rel = self.rel_path(path)
+        await self.files.write(sandbox, rel, size, chunks, actor)
+        return {"name": rel.rpartition("/")[2], "type": "file", "path": WORKSPACE + rel}
 
 
 class E2bExists(Conflict):
@@ -4947,7 +5223,7 @@ class E2bExists(Conflict):
 
 
 ###############################################################################
-# Auth and errors (middlewares) ###############################################
+# HTTP: requests, errors, surfaces, forwarding ################################
 ###############################################################################
 
 CONFIG_KEY = web.AppKey("config", Config)
@@ -4963,28 +5239,93 @@ FIREWALL_KEY = web.AppKey("firewall", Firewall)
 NODES_KEY = web.AppKey("nodes", Nodes)
 E2B_KEY = web.AppKey("e2b", E2b)
 GIT_KEY = web.AppKey("git", GitOps)
+OPENAPI_KEY = web.AppKey("openapi", dict)  # the document, built once per app
+ACTOR_KEY = web.RequestKey("actor", Actor)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEADER_LIMIT = 128 << 10
-# What a route accepts as credentials, fixed in the route table, never chosen by the headers a
-# request happens to carry. A route missing from the table (404, 405) needs the key.
+FORWARD_HEADER = "X-Clawdspace-Node"
+FORWARDED_MARK = "X-Clawdspace-Forwarded"
+HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "te", "trailer", "transfer-encoding", "upgrade", "host"})
+# What a route accepts as credentials, fixed where the route is declared, never chosen by the
+# headers a request happens to carry. A request no route matches (404, 405) needs the key.
 PUBLIC = "public"  # nothing (GET and HEAD only)
 NODE_KEY = "key"  # the node's API key
 ENVD_TOKEN = "envd"  # noqa: S105 - a route kind; one E2B sandbox's daemon token, for that sandbox only
-ACTOR_KEY = web.RequestKey("actor", Actor)
-ENVD_INCARNATION_KEY = web.RequestKey("envd_incarnation", str)
 
 
-def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
-               request: web.BaseRequest | None = None) -> web.Response:
-    """Our ``{"error", "code"}``; E2B's shapes on its surfaces (envd: Connect error codes)."""
-    if request is not None and is_envd_request(request):
-        connect = code if code in ("already_exists",) else CONNECT_CODES.get(status, "internal")
-        return web.json_response({"code": connect, "message": message}, status=status,
-                                 headers=headers)
-    if request is not None and is_e2b_rest(request):
-        return web.json_response({"code": status, "message": message}, status=status,
-                                 headers={**(headers or {}), "Should-Retry": "false"})
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """A route, declared once: what the router serves, who may call it, whether it is
+    forwarded, and (for /api routes) what the OpenAPI document says of it."""
+
+    method: str
+    path: str
+    handler: Handler
+    auth: str = NODE_KEY
+    summary: str = ""
+    ok: dict[str, Any] | None = None  # the success response (OpenAPI response object)
+    errors: tuple[int, ...] = ()  # 4xx statuses besides 401/503 (and 400/413 with a body)
+    body: dict[str, Any] | None = None  # JSON request body schema
+    params: tuple[dict[str, Any], ...] = ()
+    ok_status: str = "200"
+    node_local: bool = False  # answered by the node asked, never forwarded with ?node=
+    doc: dict[str, Any] = dataclasses.field(default_factory=dict)  # operation overrides
+
+
+ErrorShape = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
+ErrorShapeOf = Callable[[web.Request], ErrorShape]  # a surface's error shape for a request
+Credentials = Callable[[web.Request], Actor]
+ForwardRule = Callable[[web.Request, Route], Awaitable["web.StreamResponse | None"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """A group of routes with one rule each for error shapes, credentials and forwarding: the
+    service's own /api, and E2B's protocols, which know nothing of each other."""
+
+    name: str
+    routes: tuple[Route, ...]
+    error_shape: ErrorShapeOf
+    credentials: dict[str, Credentials]  # route auth kind -> check (raises Unauthorized)
+    forward: ForwardRule  # a response when the request is served elsewhere, else None
+
+
+def json_error(status: int, message: str, code: str,
+               headers: dict[str, str] | None = None) -> web.Response:
+    """The service's error shape: ``{"error", "code"}``."""
     return web.json_response({"error": message, "code": code}, status=status, headers=headers)
+
+
+HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+              415: "unsupported_media_type"}
+
+
+async def answer_errors(request: web.Request, handler: Handler,
+                        shape: ErrorShape) -> web.StreamResponse:
+    """Every failure of ``handler`` as an error response of ``shape`` with the right status."""
+    try:
+        return await handler(request)
+    except ClawdError as err:
+        return shape(err.status, err.message, err.code, None)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
+        message = {404: "no such route", 413: "request body too large"}.get(err.status,
+                                                                         err.reason)
+        return shape(err.status, message, HTTP_CODES.get(err.status, "http_error"), headers)
+    except EngineError as err:
+        log.warning("docker: %s %s: %s", request.method, request.path, err.message)
+        if err.status in (404, 409):
+            return shape(err.status, err.message,
+                         "not_found" if err.status == 404 else "conflict", None)
+        return shape(503, f"the Docker engine refused: {err.message}", "docker_error", None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return shape(500, "internal error (see the service log)", "internal", None)
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -4996,128 +5337,67 @@ def presented_key(request: web.Request) -> str | None:
     return request.query.get("key") or request.headers.get("X-API-Key") or None
 
 
-def make_auth_middleware(config: Config, access: dict[web.AbstractRoute, str]) -> Any:
-    """Deny by default: the route's entry in ``access`` says which credential it takes."""
+def key_credentials(config: Config) -> dict[str, Credentials]:
+    """The checks of the public and node-key route kinds."""
     expected = (config.api_key or "").encode("utf-8", "surrogateescape")
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        kind = access.get(request.match_info.route, NODE_KEY)
-        if kind == PUBLIC and request.method in ("GET", "HEAD"):
-            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote)
-        elif config.auth_disabled:
-            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote)
-            if kind == ENVD_TOKEN:
-                request[ENVD_INCARNATION_KEY] = ""
-        elif kind == ENVD_TOKEN:
-            sandbox = request.headers.get(E2B_ID_HEADER, "")
-            incarnation = envd_token_incarnation(config, sandbox,
-                                                 request.headers.get("X-Access-Token", ""))
-            if incarnation is None:
-                log.warning("auth: rejected envd %s %s from %s", request.method,
-                            request.path, request.remote)
-                raise Unauthorized("Unauthorized")
-            request[ACTOR_KEY] = Actor(key_id=None, addr=request.remote, sandbox=sandbox)
-            request[ENVD_INCARNATION_KEY] = incarnation
-        else:
-            key = presented_key(request)
-            if key is None or not hmac.compare_digest(
-                    key.encode("utf-8", "surrogateescape"), expected):
-                log.warning("auth: rejected %s %s from %s (%s)", request.method, request.path,
-                            request.remote, "no key" if key is None else "wrong key")
-                raise Unauthorized("Unauthorized")
-            request[ACTOR_KEY] = Actor(key_id=key_id(key), addr=request.remote)
+    def public(request: web.Request) -> Actor:
+        if request.method not in ("GET", "HEAD"):
+            return node_key(request)
+        return Actor(key_id=None, addr=request.remote)
+
+    def node_key(request: web.Request) -> Actor:
+        if config.auth_disabled:
+            return Actor(key_id=None, addr=request.remote)
+        key = presented_key(request)
+        if key is None or not hmac.compare_digest(
+                key.encode("utf-8", "surrogateescape"), expected):
+            log.warning("auth: rejected %s %s from %s (%s)", request.method, request.path,
+                        request.remote, "no key" if key is None else "wrong key")
+            raise Unauthorized("Unauthorized")
+        return Actor(key_id=key_id(key), addr=request.remote)
+
+    return {PUBLIC: public, NODE_KEY: node_key}
+
+
+def surface_handler(surface: Surface, route: Route) -> Handler:
+    """``route``'s handler inside its surface's rules: errors shaped, credentials checked,
+    then forwarded or served here."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        request[ACTOR_KEY] = surface.credentials[route.auth](request)
+        forwarded = await surface.forward(request, route)
+        if forwarded is not None:
+            return forwarded
+        return await route.handler(request)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return await answer_errors(request, checked, surface.error_shape(request))
+
+    return serve
+
+
+def unmatched_middleware(config: Config) -> Any:
+    """A request no route matches: the key first (so the router's answers reveal nothing to
+    a stranger), then the 404 or 405 in the service's error shape."""
+    check = key_credentials(config)[NODE_KEY]
+
+    async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
+        check(request)
         return await handler(request)
 
-    return authenticate
-
-
-NODE_LOCAL_PATHS = frozenset({"/api/health", "/api/openapi.json", "/api/nodes"})
-
-
-def make_forward_middleware(nodes: Nodes) -> Any:
     @web.middleware
-    async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """``?node=NAME`` (or the X-Clawdspace-Node header) sends the request to that node."""
-        target = request.query.get("node") or request.headers.get(FORWARD_HEADER)
-        if not target:
-            sandbox = request.headers.get(E2B_ID_HEADER) if is_envd_request(request) else \
-                request.match_info.get("id") if is_e2b_rest(request) else None
-            if sandbox and SPACE_NAME_RE.fullmatch(sandbox) and request.path != "/health":
-                forwarded = await e2b_elsewhere(request, sandbox)
-                if forwarded is not None:
-                    return forwarded
-        if not target or request.headers.get(FORWARDED_MARK) or request.path in \
-                NODE_LOCAL_PATHS or target == nodes.self_name():
+    async def unmatched(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is None:
             return await handler(request)
-        if not nodes.nodes:
-            await nodes.refresh()
-        node = nodes.find(target)
-        if node.get("self"):
-            return await handler(request)
-        if node["status"] != "online":
-            node = await nodes.recheck(node)  # the cache may be older than the node's start
-        if node["status"] != "online":
-            raise BadGateway(f"node {target} is {node['status']}"
-                             f"{': ' + node['error'] if node.get('error') else ''}")
-        return await nodes.forward(request, node)
+        return await answer_errors(request, functools.partial(refuse, handler=handler),
+                                   json_error)
 
-    return forward
+    return unmatched
 
-
-HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-              415: "unsupported_media_type"}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes ``{"error", "code"}`` JSON with the right status."""
-    try:
-        return await handler(request)
-    except ClawdError as err:
-        return json_error(err.status, err.message, err.code, request=request)
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
-        message = {404: "no such route", 413: "request body too large"}.get(err.status,
-                                                                         err.reason)
-        return json_error(err.status, message, HTTP_CODES.get(err.status, "http_error"), headers,
-                          request)
-    except docker.errors.APIError as err:
-        log.warning("docker: %s %s: %s", request.method, request.path, api_message(err))
-        if api_status(err) in (404, 409):
-            return json_error(api_status(err), api_message(err),
-                              "not_found" if api_status(err) == 404 else "conflict",
-                              request=request)
-        return json_error(503, f"the Docker engine refused: {api_message(err)}", "docker_error",
-                          request=request)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return json_error(500, "internal error (see the service log)", "internal",
-                          request=request)
-
-
-class RedactingAccessLogger(AbstractAccessLogger):
-    """Access log lines without query strings, so a ``?key=`` never reaches the log."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %d %.1fms", request.remote, request.method, request.path,
-                         response.status, time * 1000)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-
-###############################################################################
-# Handlers ####################################################################
-###############################################################################
 
 def actor(request: web.Request) -> Actor:
-    """Who is calling, as the auth middleware established it."""
+    """Who is calling, as the route's credentials check established it."""
     return request.get(ACTOR_KEY) or Actor(key_id=None, addr=request.remote)
 
 
@@ -5137,6 +5417,10 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", "invalid_json")
     return body
+
+
+async def optional_json_body(request: web.Request) -> dict[str, Any]:
+    return await json_body(request) if request.can_read_body else {}
 
 
 def body_chunks(request: web.Request) -> Iterator[bytes]:
@@ -5159,6 +5443,13 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
             yield chunk
 
     return chunks()
+
+
+def sized_body(request: web.Request, what: str) -> tuple[int, Iterator[bytes]]:
+    """(Content-Length, the body's chunks) of a streamed upload; 411 without a length."""
+    if request.content_length is None:
+        raise LengthRequired(f"{what} need a Content-Length header")
+    return request.content_length, body_chunks(request)
 
 
 def query_bool(request: web.Request, name: str, default: bool = False) -> bool:
@@ -5186,19 +5477,178 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     return min(value, high)
 
 
+async def send_file(request: web.Request, stream: FileStream) -> web.StreamResponse:
+    """Stream a file of a space as the response body, its length announced first."""
+    try:
+        answer = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(stream.length),
+            "X-Clawdspace-Size": str(stream.size),
+            "X-Clawdspace-Truncated": "true" if stream.length < stream.size else "false",
+        })
+        await answer.prepare(request)
+        async for chunk in stream.chunks():
+            await answer.write(chunk)
+        if stream.short:
+            # The file shrank after its length was promised: end the connection rather than
+            # let the client take a short body for the whole file.
+            if request.transport is not None:
+                request.transport.abort()
+            return answer
+        await answer.write_eof()
+        return answer
+    finally:
+        await stream.close()
+
+
+async def forward_named(request: web.Request, nodes: Nodes,
+                        route: Route) -> web.StreamResponse | None:
+    """``?node=NAME`` (or the X-Clawdspace-Node header) sends the request to that node; None
+    when it is for this one."""
+    target = request.query.get("node") or request.headers.get(FORWARD_HEADER)
+    if not target or request.headers.get(FORWARDED_MARK) or route.node_local \
+            or target == nodes.self_name():
+        return None
+    if not nodes.nodes:
+        await nodes.refresh()
+    node = nodes.find(target)
+    if node.get("self"):
+        return None
+    if node["status"] != "online":
+        node = await nodes.recheck(node)  # the cache may be older than the node's start
+    if node["status"] != "online":
+        raise BadGateway(f"node {target} is {node['status']}"
+                         f"{': ' + node['error'] if node.get('error') else ''}")
+    return await forward_request(request, nodes, node)
+
+
+async def forward_request(request: web.Request, nodes: Nodes,
+                          node: NodeInfo) -> web.StreamResponse:
+    """Send this request to another node with the same key, streaming both ways."""
+    query = [(k, v) for k, v in request.query.items() if k not in ("node", "key")]
+    target = f"{node['url']}{request.path}"
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() not in HOP_HEADERS and k != FORWARD_HEADER}
+    headers[FORWARDED_MARK] = nodes.self_name()
+    headers["Authorization"] = f"Bearer {presented_key(request) or ''}"
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await forward_websocket(request, nodes, node, target, query, headers)
+    try:
+        upstream = await nodes.client().request(
+            request.method, target, params=query, headers=headers,
+            data=request.content if request.body_exists else None, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT,
+                                          sock_read=nodes.config.exec_max_timeout + 60))
+    except asyncio.TimeoutError:
+        raise GatewayTimeout(f"node {node['name']} did not answer in time") from None
+    except aiohttp.ClientError as err:
+        raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
+    async with upstream:
+        answer = web.StreamResponse(status=upstream.status, headers={
+            k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
+        await answer.prepare(request)
+        async for chunk in upstream.content.iter_chunked(FILE_CHUNK):
+            await answer.write(chunk)
+        await answer.write_eof()
+        return answer
+
+async def forward_websocket(request: web.Request, nodes: Nodes, node: NodeInfo, target: str,
+                            query: list[tuple[str, str]],
+                            headers: dict[str, str]) -> web.StreamResponse:
+    headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
+    try:
+        upstream = await nodes.client().ws_connect(
+            target, params=query, headers=headers, heartbeat=30,
+            max_msg_size=TERMINAL_MAX_FRAME,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10))
+    except aiohttp.WSServerHandshakeError as err:
+        return json_error(err.status, f"node {node['name']} refused the terminal: "
+                          f"{err.message}", "upstream_refused")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        raise BadGateway(f"node {node['name']} is unreachable: {err}") from None
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
+    await ws.prepare(request)
+
+    async def pipe(source: Any, sink: Any) -> None:
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            else:
+                break
+
+    tasks = [asyncio.ensure_future(pipe(ws, upstream)),
+             asyncio.ensure_future(pipe(upstream, ws))]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    code = upstream.close_code or 1000
+    await upstream.close()
+    await ws.close(code=code, message=b"upstream closed")
+    return ws
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """Access log lines without query strings, so a ``?key=`` never reaches the log."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s %d %.1fms", request.remote, request.method, request.path,
+                         response.status, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+###############################################################################
+# Handlers: the /api surface ##################################################
+###############################################################################
+
+def ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """An OpenAPI response object with a JSON body."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+NAME_PARAM = {"name": "name", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63}}
+TEMPLATE_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+PATH_PARAM = {"name": "path", "in": "query", "required": True,
+              "description": "Path relative to /workspace, e.g. /src/main.py",
+              "schema": {"type": "string", "maxLength": 4096}}
+MESSAGE = {"type": "object", "required": ["message"],
+           "properties": {"message": {"type": "string"}}}
+SPACE_RESPONSE = json_content({"type": "object", "required": ["space"],
+                               "properties": {"space": ref("Space")}}, "The space")
+BINARY = {"type": "string", "format": "binary"}
+
+
+def query_param(name: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", **extra, "schema": schema}
+
+
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     try:
-        await asyncio.wait_for(engine.call(engine.api.ping), 2)
+        await asyncio.wait_for(engine.ping(), 2)
         docker_state: dict[str, Any] = {"ok": True}
-    except (ClawdError, docker.errors.APIError, asyncio.TimeoutError) as err:
-        message = err.message if isinstance(err, ClawdError) else "no answer within 2 s"
+    except (ClawdError, EngineError, asyncio.TimeoutError) as err:
+        message = err.message if isinstance(err, (ClawdError, EngineError)) \
+            else "no answer within 2 s"
         docker_state = {"ok": False, "error": message}
     ok = bool(docker_state["ok"])
     return web.json_response(
         {"status": "ok" if ok else "degraded", "version": VERSION, "docker": docker_state,
          "firewall": request.app[FIREWALL_KEY].status()},
         status=200 if ok else 503)
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI_KEY])
 
 
 async def get_system(request: web.Request) -> web.Response:
@@ -5208,6 +5658,13 @@ async def get_system(request: web.Request) -> web.Response:
 async def get_capabilities(request: web.Request) -> web.Response:
     caps = await capabilities(request.app[CONFIG_KEY], request.app[ENGINE_KEY])
     return web.json_response({**caps, "firewall": request.app[FIREWALL_KEY].status()})
+
+
+async def get_nodes(request: web.Request) -> web.Response:
+    nodes = request.app[NODES_KEY]
+    if query_bool(request, "refresh") or not nodes.nodes:
+        await nodes.refresh()
+    return web.json_response({"nodes": nodes.nodes, "lastUpdatedAt": nodes.updated_ms})
 
 
 async def list_spaces(request: web.Request) -> web.Response:
@@ -5223,38 +5680,12 @@ async def list_spaces(request: web.Request) -> web.Response:
     return web.json_response(await nodes.cluster_spaces(local))
 
 
-async def get_nodes(request: web.Request) -> web.Response:
-    nodes = request.app[NODES_KEY]
-    if query_bool(request, "refresh") or not nodes.nodes:
-        await nodes.refresh()
-    return web.json_response({"nodes": nodes.nodes, "lastUpdatedAt": nodes.updated_ms})
-
-
 async def create_space(request: web.Request) -> web.Response:
     body = await json_body(request)
-    config = request.app[CONFIG_KEY]
     template = await request.app[TEMPLATES_KEY].for_space(body.get("template", "default"))
-    req = parse_create(body, config, template)
-    who = actor(request)
-    files, git = request.app[FILES_KEY], request.app[GIT_KEY]
-
-    async def provision(info: dict[str, Any]) -> None:
-        if req.env_file is not None:
-            path, content = req.env_file
-            await files.write(req.name, path, len(content), iter([content]), who, mode=0o600)
-        if req.repo is not None:
-            token = req.git_token
-            if token is None and req.repo.netloc == "github.com":
-                token = await node_github_token(config)
-            result = await git.clone(info, req.repo, req.repo_branch, req.repo_dest, token)
-            if result["exitCode"] != 0:
-                detail = (result["stderr"] or result["stdout"]).strip() or "unknown error"
-                raise BadRequest(f"Repo clone failed: {detail[-2000:]}", "clone_failed")
-
-    needs_provision = req.env_file is not None or req.repo is not None
+    req = parse_create(body, request.app[CONFIG_KEY], template)
     try:
-        space = await request.app[SPACES_KEY].create(req, who,
-                                                     provision if needs_provision else None)
+        space = await request.app[GIT_KEY].create(req, actor(request))
     except NoGpu as err:
         others = request.app[NODES_KEY].with_gpu()
         if others:
@@ -5262,34 +5693,6 @@ async def create_space(request: web.Request) -> web.Response:
                         "or add ?node=NAME)") from None
         raise
     return web.json_response({"space": space}, status=201)
-
-
-async def list_templates(request: web.Request) -> web.Response:
-    return web.json_response({"templates": await request.app[TEMPLATES_KEY].list_all()})
-
-
-async def get_template(request: web.Request) -> web.Response:
-    template, text = await request.app[TEMPLATES_KEY].get(request.match_info["name"])
-    return web.json_response({"name": template.name, "yaml": text,
-                              "template": template.as_dict()})
-
-
-async def put_template(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    check_fields(body, {"yaml"})
-    template = await request.app[TEMPLATES_KEY].put(body.get("yaml"), actor(request))
-    return web.json_response({"template": template.as_dict()})
-
-
-async def delete_template(request: web.Request) -> web.Response:
-    await request.app[TEMPLATES_KEY].delete(request.match_info["name"], actor(request))
-    return web.json_response({"message": "OK"})
-
-
-async def git_push(request: web.Request) -> web.Response:
-    name = check_space_name(request.match_info["name"])
-    body = await json_body(request)
-    return web.json_response(await request.app[GIT_KEY].push(name, body, actor(request)))
 
 
 async def get_space(request: web.Request) -> web.Response:
@@ -5324,9 +5727,9 @@ async def touch_space(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     spaces = request.app[SPACES_KEY]
     await spaces.running(name, actor(request))
-    spaces.touch(name)
-    return web.json_response({"message": "OK",
-                              "lastActivity": epoch_to_iso(spaces.last_activity[name])})
+    spaces.activity.touch(name)
+    return web.json_response({"message": "OK", "lastActivity": epoch_to_iso(
+        spaces.activity.last(name) or spaces.activity.clock())})
 
 
 async def space_stats(request: web.Request) -> web.Response:
@@ -5348,6 +5751,13 @@ def wants_raw(request: web.Request) -> bool:
     return accept.split(";")[0].strip() == "application/octet-stream"
 
 
+def required_path(request: web.Request) -> str:
+    path = request.query.get("path")
+    if not path:
+        raise BadRequest("path required", "invalid_path")
+    return path
+
+
 async def list_files(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     limit = query_int(request, "limit", 1000, 1, 10000)
@@ -5358,31 +5768,22 @@ async def list_files(request: web.Request) -> web.Response:
 
 async def read_file(request: web.Request) -> web.StreamResponse:
     name = check_space_name(request.match_info["name"])
-    files = request.app[FILES_KEY]
-    path = request.query.get("path")
-    if not path:
-        raise BadRequest("path required", "invalid_path")
-    limit = request.app[CONFIG_KEY].file_read_limit
+    files, path = request.app[FILES_KEY], required_path(request)
     if wants_raw(request):
         max_bytes = (query_int(request, "maxBytes", 0, 0, 1 << 62)
                      if "maxBytes" in request.query else None)
-        return await files.read_raw(request, name, path, max_bytes, actor(request))
-    max_bytes = query_int(request, "maxBytes", 262144, 0, limit)
+        return await send_file(request, await files.open_stream(name, path, max_bytes,
+                                                                actor(request)))
+    max_bytes = query_int(request, "maxBytes", 262144, 0, request.app[CONFIG_KEY].file_read_limit)
     return web.json_response(await files.read(name, path, max_bytes, actor(request)))
 
 
 async def write_file(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
-    path = request.query.get("path")
-    if not path:
-        raise BadRequest("path required", "invalid_path")
-    files = request.app[FILES_KEY]
+    files, path = request.app[FILES_KEY], required_path(request)
     if request.content_type == "application/octet-stream":
-        size = request.content_length
-        if size is None:
-            raise LengthRequired("raw uploads need a Content-Length header")
-        return web.json_response(await files.write(name, path, size, body_chunks(request),
-                                                   actor(request)))
+        size, chunks = sized_body(request, "raw uploads")
+        return web.json_response(await files.write(name, path, size, chunks, actor(request)))
     payload = await json_body(request)
     check_fields(payload, {"contentBase64"})
     encoded = payload.get("contentBase64")
@@ -5399,12 +5800,19 @@ async def write_file(request: web.Request) -> web.Response:
 
 async def delete_file(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
-    path = request.query.get("path")
-    if not path:
-        raise BadRequest("path required", "invalid_path")
-    recursive = query_bool(request, "recursive")
+    path, recursive = required_path(request), query_bool(request, "recursive")
     return web.json_response(await request.app[FILES_KEY].delete(name, path, recursive,
                                                                  actor(request)))
+
+
+def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    """Browsers send Origin on upgrades: only this node's own origin and configured ones pass."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser (curl, SDKs): the key is the guard
+    if origin in allowed:
+        return True
+    return origin in (f"http://{request.host}", f"https://{request.host}")
 
 
 async def terminal(request: web.Request) -> web.StreamResponse:
@@ -5413,7 +5821,359 @@ async def terminal(request: web.Request) -> web.StreamResponse:
         log.warning("terminal: refused upgrade from origin %s", request.headers.get("Origin"))
         raise Forbidden("this Origin may not open terminals (see CLAWDSPACE_ALLOWED_ORIGINS)",
                         "bad_origin")
-    return await request.app[TERMINALS_KEY].serve(request, name, actor(request))
+    cols = query_int(request, "cols", 80, 1, TERMINAL_MAX_COLS)
+    rows = query_int(request, "rows", 24, 1, TERMINAL_MAX_ROWS)
+    terminals = request.app[TERMINALS_KEY]
+    session = await terminals.open(name, rows, cols, actor(request))
+    pump: asyncio.Future[None] | None = None
+    try:
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
+        await ws.prepare(request)
+        pump = asyncio.ensure_future(terminal_output(ws, session))
+        await terminal_input(ws, session)
+        return ws
+    finally:
+        # Shielded: a cancelled handler (the client vanished) still ends the shell, closes
+        # the engine connection and audits the close.
+        await asyncio.shield(end_terminal(terminals, session, pump))
+
+
+async def terminal_output(ws: web.WebSocketResponse, session: TerminalSession) -> None:
+    """Shell output to binary frames, then the close, with why."""
+    try:
+        async for data in session.output():
+            await ws.send_bytes(data)
+        if session.shutting_down:
+            await ws.close(code=1001, message=b"server shutting down")
+        else:
+            await ws.close(code=1000, message=b"shell exited")
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client went away; the input side notices and the shell is ended
+
+
+async def terminal_input(ws: web.WebSocketResponse, session: TerminalSession) -> None:
+    """Binary frames are typed into the shell; text frames are JSON commands."""
+    async for message in ws:
+        session.touch()
+        if message.type == web.WSMsgType.BINARY:
+            await session.send(message.data)
+        elif message.type == web.WSMsgType.TEXT:
+            await terminal_command(ws, session, message.data)
+        elif message.type == web.WSMsgType.ERROR:
+            break
+
+
+async def end_terminal(terminals: Terminals, session: TerminalSession,
+                       pump: asyncio.Future[None] | None) -> None:
+    await terminals.close(session)
+    if pump is not None:
+        try:
+            await asyncio.wait_for(pump, 10)
+        except asyncio.TimeoutError:
+            log.error("terminal of %s: its output did not end after the shell", session.name)
+
+
+async def terminal_command(ws: web.WebSocketResponse, session: TerminalSession,
+                           text: str) -> None:
+    try:
+        command = json.loads(text)
+    except ValueError:
+        command = None
+    if not isinstance(command, dict):
+        await session.send(text.encode())  # plain text (no JSON command) is typed as it is
+        return
+    kind = command.get("type")
+    if kind == "input" and isinstance(command.get("data"), str):
+        await session.send(command["data"].encode())
+    elif kind == "resize":
+        cols, rows = command.get("cols"), command.get("rows")
+        if not (isinstance(cols, int) and isinstance(rows, int)) or isinstance(
+                cols, bool) or isinstance(rows, bool):
+            await ws.send_json({"type": "error", "error": "resize needs integer cols and rows"})
+            return
+        await session.resize(rows, cols)
+    elif kind == "ping":
+        await ws.send_json({"type": "pong"})
+    else:
+        await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
+
+
+async def git_push(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    body = await json_body(request)
+    return web.json_response(await request.app[GIT_KEY].push(name, body, actor(request)))
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    return web.json_response({"templates": await request.app[TEMPLATES_KEY].list_all()})
+
+
+async def get_template(request: web.Request) -> web.Response:
+    template, text = await request.app[TEMPLATES_KEY].get(request.match_info["name"])
+    return web.json_response({"name": template.name, "yaml": text,
+                              "template": template.as_dict()})
+
+
+async def put_template(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    check_fields(body, {"yaml"})
+    template = await request.app[TEMPLATES_KEY].put(body.get("yaml"), actor(request))
+    return web.json_response({"template": template.as_dict()})
+
+
+async def delete_template(request: web.Request) -> web.Response:
+    await request.app[TEMPLATES_KEY].delete(request.match_info["name"], actor(request))
+    return web.json_response({"message": "OK"})
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    space = request.query.get("space") or None
+    limit = query_int(request, "limit", 200, 1, 1000)
+    events = await request.app[AUDIT_KEY].read(space, limit)
+    return web.json_response({"events": events})
+
+
+SPACE_LIST = {"type": "object", "required": ["spaces"],
+              "properties": {"spaces": {"type": "array", "items": ref("Space")},
+                             "errors": {"type": "array", "items": {"type": "object"}}}}
+NODE_LIST = {"type": "object", "required": ["nodes", "lastUpdatedAt"], "properties": {
+    "lastUpdatedAt": {"type": "integer"},
+    "nodes": {"type": "array", "items": {
+        "type": "object", "required": ["name", "url", "status"],
+        "properties": {"name": {"type": "string"}, "url": {"type": "string"},
+                       "status": {"enum": ["online", "offline", "degraded", "unknown"]},
+                       "latencyMs": {"type": ["integer", "null"]},
+                       "capabilities": {"type": ["object", "null"]}}}}}}
+TEMPLATE_LIST = {"type": "object", "required": ["templates"], "properties": {"templates": {
+    "type": "array", "items": {
+        "type": "object", "required": ["name", "description", "source"],
+        "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                       "source": {"enum": ["builtin", "shipped", "user"]}}}}}}
+FILE_READ_RESPONSE = {**json_content(ref("FileContent"), "Content"), "content": {
+    "application/json": {"schema": ref("FileContent")},
+    "application/octet-stream": {"schema": BINARY}}}
+FILE_WRITE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["contentBase64"], "additionalProperties": False,
+        "properties": {"contentBase64": {"type": "string", "contentEncoding": "base64"}}}},
+    "application/octet-stream": {"schema": BINARY}}}}
+GIT_PUSH_BODY = {"type": "object", "additionalProperties": False, "properties": {
+    "repoPath": {"type": "string", "default": "/repo"},
+    "remote": {"type": "string", "default": "origin"},
+    "branch": {"type": "string", "default": "main"},
+    "token": {"type": "string"}}}
+
+# The service's own API: every route's method, path, handler, credential and document, once.
+API_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/api/health", health, PUBLIC, "Liveness and Docker engine reachability",
+          json_content({"type": "object", "required": ["status", "version", "docker"],
+                        "properties": {"status": {"enum": ["ok", "degraded"]},
+                                       "version": {"type": "string"},
+                                       "docker": {"type": "object"}}}, "Healthy"),
+          node_local=True, doc={"responses": {
+              "200": json_content({"type": "object"}, "Healthy"),
+              "503": json_content({"type": "object"}, "The Docker engine does not answer")}}),
+    Route("GET", "/api/openapi.json", get_openapi, PUBLIC, "This document",
+          json_content({"type": "object"}, "OpenAPI 3.1"), node_local=True),
+    Route("GET", "/api/system", get_system, NODE_KEY,
+          "Host facts, Docker counts and capabilities", json_content(
+              {"type": "object", "required": ["hostname", "cpus", "memory", "docker",
+                                              "capabilities"]}, "System")),
+    Route("GET", "/api/system/capabilities", get_capabilities, NODE_KEY,
+          "GPU, CPU and memory of this node", json_content(ref("Capabilities"),
+                                                           "Capabilities")),
+    Route("GET", "/api/nodes", get_nodes, NODE_KEY,
+          "Nodes of the cluster (refresh=true: probe now)", json_content(NODE_LIST, "Nodes"),
+          (400,), params=(query_param("refresh", {"type": "boolean"}),), node_local=True),
+    Route("GET", "/api/spaces", list_spaces, NODE_KEY,
+          "List spaces (scope=cluster: every online node's)", json_content(SPACE_LIST, "Spaces"),
+          (400,), params=(query_param("scope", {"enum": ["node", "cluster"]}),)),
+    Route("POST", "/api/spaces", create_space, NODE_KEY, "Create a space", SPACE_RESPONSE,
+          (409,), body=ref("CreateSpace"), ok_status="201"),
+    Route("GET", "/api/spaces/{name}", get_space, NODE_KEY, "Get a space", SPACE_RESPONSE,
+          (400, 404)),
+    Route("DELETE", "/api/spaces/{name}", delete_space, NODE_KEY, "Destroy a space",
+          json_content(MESSAGE, "Destroyed"), (400, 404, 409),
+          params=(query_param("removeVolume", {"type": "boolean"}),)),
+    Route("POST", "/api/spaces/{name}/stop", stop_space, NODE_KEY, "Pause a space",
+          json_content(MESSAGE, "Paused"), (400, 404, 409)),
+    Route("POST", "/api/spaces/{name}/start", start_space, NODE_KEY,
+          "Resume or start a space", json_content(MESSAGE, "Started"), (400, 404, 409)),
+    Route("POST", "/api/spaces/{name}/exec", exec_space, NODE_KEY, "Run a command",
+          json_content(ref("ExecResult"), "Finished"), (404, 409), body=ref("Exec")),
+    Route("POST", "/api/spaces/{name}/touch", touch_space, NODE_KEY,
+          "Mark a space active (resumes a paused one)", json_content(
+              {"type": "object", "required": ["message", "lastActivity"],
+               "properties": {"message": {"type": "string"},
+                              "lastActivity": {"type": "string"}}}, "Touched"),
+          (400, 404, 409)),
+    Route("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY, "Resource usage now",
+          json_content({"type": "object", "required": ["stats"],
+                        "properties": {"stats": ref("Stats")}}, "Stats"), (400, 404)),
+    Route("GET", "/api/spaces/{name}/observability", space_observability, NODE_KEY,
+          "Stats, disk, top processes, history tail, settings", json_content(
+              {"type": "object", "required": ["observability"],
+               "properties": {"observability": ref("Observability")}}, "Observability"),
+          (400, 404), params=(
+              query_param("top", {"type": "integer", "minimum": 1, "maximum": 25}),
+              query_param("historyLines", {"type": "integer", "minimum": 1, "maximum": 500}))),
+    Route("GET", "/api/spaces/{name}/files", list_files, NODE_KEY,
+          "List a directory of /workspace", json_content(ref("Listing"), "Entries"),
+          (400, 403, 404, 409), params=(
+              PATH_PARAM | {"required": False},
+              query_param("limit", {"type": "integer", "minimum": 1, "maximum": 10000}))),
+    Route("GET", "/api/spaces/{name}/file", read_file, NODE_KEY,
+          "Read a file (JSON base64, or raw bytes with raw=true or Accept: "
+          "application/octet-stream)", FILE_READ_RESPONSE, (400, 403, 404, 409), params=(
+              PATH_PARAM, query_param("maxBytes", {"type": "integer", "minimum": 0}),
+              query_param("raw", {"type": "boolean"}))),
+    Route("PUT", "/api/spaces/{name}/file", write_file, NODE_KEY,
+          "Write a file atomically (JSON base64, or a raw application/octet-stream "
+          "body with Content-Length)", json_content(ref("FileWritten"), "Written"),
+          (400, 403, 404, 409, 411, 413, 507), params=(PATH_PARAM,), doc=FILE_WRITE_BODY),
+    Route("DELETE", "/api/spaces/{name}/file", delete_file, NODE_KEY,
+          "Delete a file, or a directory with recursive=true", json_content(
+              {"type": "object", "required": ["message", "path"],
+               "properties": {"message": {"type": "string"}, "path": {"type": "string"}}},
+              "Deleted"), (400, 403, 404, 409),
+          params=(PATH_PARAM, query_param("recursive", {"type": "boolean"}))),
+    Route("GET", "/api/spaces/{name}/terminal", terminal, NODE_KEY,
+          "Websocket terminal (bash -l). Binary frames are stdin and output; text frames "
+          "are JSON {type: input|resize|ping}", {"description": "Switching protocols"},
+          (400, 403, 404, 409), ok_status="101", params=(
+              query_param("cols", {"type": "integer", "minimum": 1,
+                                   "maximum": TERMINAL_MAX_COLS}),
+              query_param("rows", {"type": "integer", "minimum": 1,
+                                   "maximum": TERMINAL_MAX_ROWS}))),
+    Route("POST", "/api/spaces/{name}/git/push", git_push, NODE_KEY,
+          "Push a branch from a repository in the space; the token only reaches git",
+          json_content(ref("ExecResult"), "git push finished (see exitCode)"),
+          (403, 404, 409), body=GIT_PUSH_BODY),
+    Route("GET", "/api/templates", list_templates, NODE_KEY, "List templates",
+          json_content(TEMPLATE_LIST, "Templates")),
+    Route("PUT", "/api/templates", put_template, NODE_KEY,
+          "Create or replace a template from YAML", json_content(
+              {"type": "object", "required": ["template"],
+               "properties": {"template": {"type": "object"}}}, "Stored"),
+          body={"type": "object", "required": ["yaml"], "additionalProperties": False,
+                "properties": {"yaml": {"type": "string"}}}),
+    Route("GET", "/api/templates/{name}", get_template, NODE_KEY, "One template",
+          json_content({"type": "object", "required": ["name", "yaml", "template"],
+                        "properties": {"name": {"type": "string"}, "yaml": {"type": "string"},
+                                       "template": {"type": "object"}}}, "Template"),
+          (400, 404)),
+    Route("DELETE", "/api/templates/{name}", delete_template, NODE_KEY,
+          "Delete a user template (shipped ones can only be overridden)",
+          json_content(MESSAGE, "Deleted"), (400, 404, 409)),
+    Route("GET", "/api/audit", get_audit, NODE_KEY, "Audit events, oldest first", json_content(
+        {"type": "object", "required": ["events"],
+         "properties": {"events": {"type": "array", "items": ref("AuditEvent")}}}, "Events"),
+          (400,), params=(
+              query_param("space", {"type": "string"}),
+              query_param("limit", {"type": "integer", "minimum": 1},
+                          description="Default 200; values above 1000 are read as 1000"))),
+)
+
+
+def api_surface(config: Config, nodes: Nodes) -> Surface:
+    """The /api routes: the service's error shape, the key, forwarding by ``?node=``."""
+
+    async def forward(request: web.Request, route: Route) -> web.StreamResponse | None:
+        return await forward_named(request, nodes, route)
+
+    return Surface("api", API_ROUTES, lambda _: json_error, key_credentials(config), forward)
+
+
+###############################################################################
+# E2B surface: the control plane and the daemon protocol ######################
+###############################################################################
+
+# E2B's SDK talks two protocols to this node: the REST control plane (/sandboxes) with the
+# node's key, and each sandbox's daemon ("envd": /files, Connect RPCs) with the sandbox's own
+# token, the sandbox named by a header. Each is a surface of its own: its error shape, its
+# credentials and its rule for requests about a sandbox another node holds.
+E2B_ID_HEADER = "E2b-Sandbox-Id"
+E2B_ENVD_PORT = "49983"
+CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
+                 404: "not_found", 409: "failed_precondition", 411: "invalid_argument",
+                 413: "resource_exhausted", 502: "unavailable", 503: "unavailable",
+                 504: "deadline_exceeded", 507: "resource_exhausted"}
+ENVD_INCARNATION_KEY = web.RequestKey("envd_incarnation", str)
+
+
+def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return struct.pack(">BI", 0x02 if end else 0x00, len(body)) + body
+
+
+def read_envelope(raw: bytes) -> dict[str, Any]:
+    if len(raw) < 5:
+        raise BadRequest("empty Connect stream request", "invalid_argument")
+    flags, size = struct.unpack(">BI", raw[:5])
+    message = load_json(raw[5:5 + size], "the Connect message", "invalid_argument")
+    if flags & 0x01 or not isinstance(message, dict):
+        raise BadRequest("compressed or malformed Connect message", "invalid_argument")
+    return message
+
+
+def e2b_rest_error(status: int, message: str, code: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """E2B's control-plane error: ``{"code": <status>, "message"}``, never to be retried."""
+    return web.json_response({"code": status, "message": message}, status=status,
+                             headers={**(headers or {}), "Should-Retry": "false"})
+
+
+def connect_error(status: int, message: str, code: str,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A Connect RPC error: ``{"code": <Connect code>, "message"}``."""
+    connect = code if code in ("already_exists",) else CONNECT_CODES.get(status, "internal")
+    return web.json_response({"code": connect, "message": message}, status=status,
+                             headers=headers)
+
+
+def envd_error_shape(request: web.Request) -> ErrorShape:
+    """Connect errors for daemon calls; a request that names no sandbox is none, and gets
+    the service's own shape."""
+    return connect_error if E2B_ID_HEADER in request.headers else json_error
+
+
+def envd_credentials(config: Config) -> dict[str, Credentials]:
+    """The daemon routes take the token of the sandbox the request names, nothing else."""
+
+    def token(request: web.Request) -> Actor:
+        if config.auth_disabled:
+            request[ENVD_INCARNATION_KEY] = ""
+            return Actor(key_id=None, addr=request.remote)
+        sandbox = request.headers.get(E2B_ID_HEADER, "")
+        incarnation = envd_token_incarnation(config, sandbox,
+                                             request.headers.get("X-Access-Token", ""))
+        if incarnation is None:
+            log.warning("auth: rejected envd %s %s from %s", request.method, request.path,
+                        request.remote)
+            raise Unauthorized("Unauthorized")
+        request[ENVD_INCARNATION_KEY] = incarnation
+        return Actor(key_id=None, addr=request.remote, sandbox=sandbox)
+
+    return {PUBLIC: key_credentials(config)[PUBLIC], ENVD_TOKEN: token}
+
+
+def forward_to_owner(nodes: Nodes, e2b: E2b,
+                     sandbox_of: Callable[[web.Request], str | None]) -> ForwardRule:
+    """A sandbox another node holds is served through this one (one URL for the whole
+    cluster); ``?node=NAME`` still names a node outright."""
+
+    async def forward(request: web.Request, route: Route) -> web.StreamResponse | None:
+        named = await forward_named(request, nodes, route)
+        if named is not None or request.query.get("node") or request.headers.get(
+                FORWARD_HEADER) or request.headers.get(FORWARDED_MARK):
+            return named
+        sandbox = sandbox_of(request)
+        if not sandbox or not SPACE_NAME_RE.fullmatch(sandbox) or route.node_local:
+            return None
+        node = await e2b.owner(sandbox)
+        return None if node is None else await forward_request(request, nodes, node)
+
+    return forward
 
 
 async def e2b_create(request: web.Request) -> web.Response:
@@ -5422,7 +6182,10 @@ async def e2b_create(request: web.Request) -> web.Response:
 
 
 async def e2b_list(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[E2B_KEY].list_sandboxes(request))
+    states = set((request.query.get("state") or "running,paused").split(","))
+    wanted = dict(urllib.parse.parse_qsl(request.query.get("metadata") or ""))
+    limit = query_int(request, "limit", 100, 1, 100)
+    return web.json_response(await request.app[E2B_KEY].list_sandboxes(states, wanted, limit))
 
 
 async def e2b_get(request: web.Request) -> web.Response:
@@ -5445,20 +6208,9 @@ async def e2b_pause(request: web.Request) -> web.Response:
 
 
 async def e2b_connect(request: web.Request) -> web.Response:
-    body = await json_body(request) if request.can_read_body else {}
-    status, sandbox = await request.app[E2B_KEY].connect(request.match_info["id"], body,
-                                                         actor(request))
+    status, sandbox = await request.app[E2B_KEY].connect(
+        request.match_info["id"], await optional_json_body(request), actor(request))
     return web.json_response(sandbox, status=status)
-
-
-async def e2b_elsewhere(request: web.Request, sandbox_id: str) -> web.StreamResponse | None:
-    """Serve a sandbox of another node through this one (one URL for the whole cluster)."""
-    if request.headers.get(FORWARDED_MARK):
-        return None
-    node = await request.app[E2B_KEY].owner(sandbox_id)
-    if node is None:
-        return None
-    return await request.app[NODES_KEY].forward(request, node)
 
 
 def envd_target(request: web.Request) -> str:
@@ -5476,7 +6228,7 @@ def envd_target(request: web.Request) -> str:
 
 async def envd_sandbox(request: web.Request) -> str:
     """The sandbox of an authenticated envd request, once its token's incarnation is known to
-    be the sandbox's current container (the middleware checked the token's signature)."""
+    be the sandbox's current container (the credentials check verified the signature)."""
     sandbox = envd_target(request)
     incarnation = request[ENVD_INCARNATION_KEY]
     if incarnation and not await request.app[E2B_KEY].is_incarnation(sandbox, incarnation):
@@ -5493,21 +6245,36 @@ async def envd_health(request: web.Request) -> web.Response:
 async def envd_download(request: web.Request) -> web.StreamResponse:
     sandbox = await envd_sandbox(request)
     path = E2b.rel_path(request.query.get("path"))
-    return await request.app[FILES_KEY].read_raw(request, sandbox, path, None, actor(request))
+    return await send_file(request, await request.app[FILES_KEY].open_stream(
+        sandbox, path, None, actor(request)))
 
 
 async def envd_upload(request: web.Request) -> web.Response:
     sandbox = await envd_sandbox(request)
-    return web.json_response(await request.app[E2B_KEY].upload(request, sandbox,
-                                                               actor(request)))
+    e2b, path, who = request.app[E2B_KEY], request.query.get("path"), actor(request)
+    written = []
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader) or part.name != "file":
+                continue
+            data = bytes(await part.read(decode=False))
+            written.append(await e2b.upload(sandbox, path or part.filename, len(data),
+                                            iter([data]), who))
+    else:
+        size, chunks = sized_body(request, "uploads")
+        written.append(await e2b.upload(sandbox, path, size, chunks, who))
+    if not written:
+        raise BadRequest("no file in the upload", "invalid_argument")
+    return web.json_response(written)
 
 
 async def envd_process(request: web.Request) -> web.StreamResponse:
     sandbox = await envd_sandbox(request)
     e2b, method = request.app[E2B_KEY], request.match_info["method"]
     if method == "Start":
-        return await e2b.start_process(request, sandbox, actor(request))
-    body = await json_body(request) if request.can_read_body else {}
+        return await envd_start(request, e2b, sandbox)
+    body = await optional_json_body(request)
     if method == "List":
         return web.json_response(await e2b.list_processes(sandbox))
     if method == "SendSignal":
@@ -5515,112 +6282,116 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"process.Process/{method[:40]} is not supported by this node")
 
 
+async def envd_start(request: web.Request, e2b: E2b, sandbox: str) -> web.StreamResponse:
+    """Process/Start: a Connect server stream of the command's events."""
+    message = read_envelope(await read_body(request))
+    timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
+    timeout = int(timeout_ms) / 1000 if re.fullmatch(r"[0-9]{1,12}", timeout_ms) else None
+    keepalive = request.headers.get("Keepalive-Ping-Interval", "")
+    ping_every = float(keepalive) if re.fullmatch(r"[0-9]{1,6}", keepalive) and int(
+        keepalive) > 0 else 50.0
+    run = await e2b.start_process(sandbox, message, timeout, actor(request))
+    answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
+    client_gone = False
+    async for event, last in run.events(ping_every):
+        if client_gone:
+            continue  # keep draining: envd leaves a process running when a client goes
+        try:
+            if not answer.prepared:
+                await answer.prepare(request)
+            await answer.write(connect_envelope(event, end=last))
+            if last:
+                await answer.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            client_gone = True
+    return answer
+
+
 async def envd_filesystem(request: web.Request) -> web.Response:
     sandbox = await envd_sandbox(request)
-    body = await json_body(request) if request.can_read_body else {}
     return web.json_response(await request.app[E2B_KEY].filesystem(
-        request.match_info["method"], sandbox, body, actor(request)))
+        request.match_info["method"], sandbox, await optional_json_body(request),
+        actor(request)))
 
 
-async def get_audit(request: web.Request) -> web.Response:
-    space = request.query.get("space") or None
-    limit = query_int(request, "limit", 200, 1, 1000)
-    events = await request.app[AUDIT_KEY].read(space, limit)
-    return web.json_response({"events": events})
+E2B_REST_ROUTES: tuple[Route, ...] = (
+    Route("POST", "/sandboxes", e2b_create),
+    Route("POST", "/v2/sandboxes", e2b_create),
+    Route("GET", "/sandboxes", e2b_list),
+    Route("GET", "/v2/sandboxes", e2b_list),
+    Route("GET", "/sandboxes/{id}", e2b_get),
+    Route("DELETE", "/sandboxes/{id}", e2b_kill),
+    Route("POST", "/sandboxes/{id}/timeout", e2b_timeout),
+    Route("POST", "/sandboxes/{id}/pause", e2b_pause),
+    Route("POST", "/sandboxes/{id}/connect", e2b_connect),
+    Route("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
+)
+ENVD_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/health", envd_health, PUBLIC, node_local=True),
+    Route("GET", "/files", envd_download, ENVD_TOKEN),
+    Route("POST", "/files", envd_upload, ENVD_TOKEN),
+    Route("POST", "/process.Process/{method}", envd_process, ENVD_TOKEN),
+    Route("POST", "/filesystem.Filesystem/{method}", envd_filesystem, ENVD_TOKEN),
+)
 
 
-async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b) -> tuple[Surface, Surface]:
+    """E2B's control plane (the node's key) and the sandboxes' daemon (their tokens)."""
+    rest = Surface("e2b", E2B_REST_ROUTES, lambda _: e2b_rest_error,
+                   {NODE_KEY: key_credentials(config)[NODE_KEY]},
+                   forward_to_owner(nodes, e2b, lambda r: r.match_info.get("id")))
+    envd = Surface("envd", ENVD_ROUTES, envd_error_shape, envd_credentials(config),
+                   forward_to_owner(nodes, e2b, lambda r: r.headers.get(E2B_ID_HEADER)))
+    return rest, envd
 
 
 ###############################################################################
 # OpenAPI document ############################################################
 ###############################################################################
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+ERROR_WORDS = {400: "Invalid input", 401: "Missing or wrong API key",
+               403: "Outside /workspace, or a foreign Origin", 404: "Not found",
+               409: "Conflict with the space's state", 411: "Content-Length required",
+               413: "Body too large", 507: "The space's disk is full",
+               503: "The Docker engine or the audit log is unavailable"}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def error_responses(*statuses: int) -> dict[str, Any]:
+    return {str(s): json_content(ref("Error"), ERROR_WORDS[s]) for s in statuses}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    words = {400: "Invalid input", 401: "Missing or wrong API key",
-             403: "Outside /workspace, or a foreign Origin", 404: "Not found",
-             409: "Conflict with the space's state", 411: "Content-Length required",
-             413: "Body too large", 507: "The space's disk is full",
-             503: "The Docker engine or the audit log is unavailable"}
-    return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
-
-
-NAME_PARAM = {"name": "name", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63}}
-PATH_PARAM = {"name": "path", "in": "query", "required": True,
-              "description": "Path relative to /workspace, e.g. /src/main.py",
-              "schema": {"type": "string", "maxLength": 4096}}
-MESSAGE = {"type": "object", "required": ["message"],
-           "properties": {"message": {"type": "string"}}}
-
-
-def _operation(summary: str, ok: dict[str, Any], *errors: int, body: dict[str, Any] | None = None,
-               params: list[dict[str, Any]] | None = None, public: bool = False,
-               ok_status: str = "200") -> dict[str, Any]:
-    statuses = set(errors) | ({503} if not public else set())
-    if not public:
-        statuses.add(401)
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "responses": {ok_status: ok, **_errors(*sorted(statuses))},
+def operation(route: Route) -> dict[str, Any]:
+    """The OpenAPI operation of a declared route."""
+    public = route.auth == PUBLIC
+    statuses = set(route.errors) | (set() if public else {401, 503})
+    doc: dict[str, Any] = {
+        "summary": route.summary,
+        "responses": {route.ok_status: route.ok, **error_responses(*sorted(statuses))},
     }
-    if params:
-        operation["parameters"] = params
-    if body is not None:
-        operation["requestBody"] = {"required": True,
-                                    "content": {"application/json": {"schema": body}}}
-        operation["responses"].update(_errors(400, 413))
+    if route.params:
+        doc["parameters"] = list(route.params)
+    if route.body is not None:
+        doc["requestBody"] = {"required": True,
+                              "content": {"application/json": {"schema": route.body}}}
+        doc["responses"].update(error_responses(400, 413))
     if public:
-        operation["security"] = []
-    return operation
+        doc["security"] = []
+    return doc | route.doc
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 description of every route; tests check it against the router."""
-    space_op = {"parameters": [NAME_PARAM]}
-    schemas: dict[str, Any] = {
+def component_schemas() -> dict[str, Any]:
+    return {
         "Error": {"type": "object", "required": ["error", "code"],
                   "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
-        "Space": {
-            "type": "object",
-            "required": ["name", "id", "status", "created", "started", "image", "memory", "cpus",
-                         "gpu", "gpus", "template", "network", "writableRootfs", "idleTimeout",
-                         "user",
-                         "lastActivity", "volume"],
-            "properties": {
-                "name": {"type": "string"}, "id": {"type": "string"},
-                "status": {"enum": ["running", "paused", "stopped"]},
-                "created": {"type": "string"}, "started": {"type": ["string", "null"]},
-                "image": {"type": "string"}, "memory": {"type": "integer"},
-                "cpus": {"type": "number"}, "gpu": {"type": "boolean"},
-                "gpus": {"type": "array", "items": {"type": "string"}},
-                "node": {"type": "string"},
-                "template": {"type": ["string", "null"]}, "network": {"type": "string"},
-                "writableRootfs": {"type": "boolean"},
-                "idleTimeout": {"type": ["integer", "null"]},
-                "user": {"type": "string"}, "lastActivity": {"type": "string"},
-                "volume": {"type": "object", "required": ["name", "mountpoint"],
-                           "properties": {"name": {"type": "string"},
-                                          "mountpoint": {"type": "string"}}},
-            },
-        },
+        "Space": space_schema(),
         "CreateSpace": {
             "type": "object", "required": ["name"], "additionalProperties": False,
             "properties": {
                 "name": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63},
-                "network": {"enum": list(NETWORK_MODES)},
+                **{a.field: a.request_schema for a in SPACE_ATTRIBUTES
+                   if a.request_schema is not None},
                 "gpus": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 64},
                                    {"const": "all"}]},
-                "writableRootfs": {"type": "boolean"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "envFileText": {"type": "string"},
                 "envFileBase64": {"type": "string", "contentEncoding": "base64"},
@@ -5628,12 +6399,6 @@ def openapi_document() -> dict[str, Any]:
                 "repoUrl": {"type": "string", "format": "uri"},
                 "repoBranch": {"type": "string"},
                 "repoDest": {"type": "string"},
-                "memory": {"oneOf": [{"type": "string", "examples": ["512m", "2g"]},
-                                     {"type": "integer", "minimum": MIN_MEMORY_BYTES}]},
-                "cpus": {"type": "number", "exclusiveMinimum": 0},
-                "gpu": {"type": "boolean"},
-                "image": {"type": "string"},
-                "template": {"type": "string"},
             },
         },
         "Exec": {
@@ -5679,7 +6444,7 @@ def openapi_document() -> dict[str, Any]:
             "required": ["stats", "workspaceDisk", "workspaceSizeBytes", "top",
                          "bashHistoryTail", "oomKills", "status", "settings"],
             "properties": {
-                "stats": _ref("Stats"),
+                "stats": ref("Stats"),
                 "workspaceDisk": {"type": ["object", "null"]},
                 "workspaceSizeBytes": {"type": ["integer", "null"]},
                 "top": {"type": "array", "items": {"type": "object"}},
@@ -5722,171 +6487,17 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
-    space_response = _json({"type": "object", "required": ["space"],
-                            "properties": {"space": _ref("Space")}}, "The space")
-    paths: dict[str, Any] = {
-        "/api/health": {"get": _operation(
-            "Liveness and Docker engine reachability", _json({
-                "type": "object", "required": ["status", "version", "docker"],
-                "properties": {"status": {"enum": ["ok", "degraded"]},
-                               "version": {"type": "string"},
-                               "docker": {"type": "object"}}}, "Healthy"),
-            public=True) | {"responses": {
-                "200": _json({"type": "object"}, "Healthy"),
-                "503": _json({"type": "object"}, "The Docker engine does not answer")}}},
-        "/api/openapi.json": {"get": _operation(
-            "This document", _json({"type": "object"}, "OpenAPI 3.1"), public=True)},
-        "/api/system": {"get": _operation("Host facts, Docker counts and capabilities", _json(
-            {"type": "object", "required": ["hostname", "cpus", "memory", "docker",
-                                            "capabilities"]}, "System"))},
-        "/api/system/capabilities": {"get": _operation(
-            "GPU, CPU and memory of this node", _json(_ref("Capabilities"), "Capabilities"))},
-        "/api/nodes": {"get": _operation("Nodes of the cluster (refresh=true: probe now)", _json(
-            {"type": "object", "required": ["nodes", "lastUpdatedAt"], "properties": {
-                "lastUpdatedAt": {"type": "integer"},
-                "nodes": {"type": "array", "items": {
-                    "type": "object", "required": ["name", "url", "status"],
-                    "properties": {"name": {"type": "string"}, "url": {"type": "string"},
-                                   "status": {"enum": ["online", "offline", "degraded",
-                                                       "unknown"]},
-                                   "latencyMs": {"type": ["integer", "null"]},
-                                   "capabilities": {"type": ["object", "null"]}}}}}},
-            "Nodes"), 400, params=[{"name": "refresh", "in": "query",
-                                    "schema": {"type": "boolean"}}])},
-        "/api/spaces": {
-            "get": _operation("List spaces (scope=cluster: every online node's)", _json(
-                {"type": "object", "required": ["spaces"],
-                 "properties": {"spaces": {"type": "array", "items": _ref("Space")},
-                                "errors": {"type": "array", "items": {"type": "object"}}}},
-                "Spaces"), 400, params=[{"name": "scope", "in": "query",
-                                         "schema": {"enum": ["node", "cluster"]}}]),
-            "post": _operation("Create a space", space_response, 409,
-                               body=_ref("CreateSpace"), ok_status="201"),
-        },
-        "/api/spaces/{name}": space_op | {
-            "get": _operation("Get a space", space_response, 400, 404),
-            "delete": _operation("Destroy a space", _json(MESSAGE, "Destroyed"), 400, 404, 409,
-                                 params=[{"name": "removeVolume", "in": "query",
-                                          "schema": {"type": "boolean"}}]),
-        },
-        "/api/spaces/{name}/stop": space_op | {
-            "post": _operation("Pause a space", _json(MESSAGE, "Paused"), 400, 404, 409)},
-        "/api/spaces/{name}/start": space_op | {
-            "post": _operation("Resume or start a space", _json(MESSAGE, "Started"),
-                               400, 404, 409)},
-        "/api/spaces/{name}/exec": space_op | {
-            "post": _operation("Run a command", _json(_ref("ExecResult"), "Finished"),
-                               404, 409, body=_ref("Exec"))},
-        "/api/spaces/{name}/touch": space_op | {
-            "post": _operation("Mark a space active (resumes a paused one)", _json(
-                {"type": "object", "required": ["message", "lastActivity"],
-                 "properties": {"message": {"type": "string"},
-                                "lastActivity": {"type": "string"}}}, "Touched"),
-                400, 404, 409)},
-        "/api/spaces/{name}/stats": space_op | {
-            "get": _operation("Resource usage now", _json(
-                {"type": "object", "required": ["stats"], "properties": {"stats": _ref("Stats")}},
-                "Stats"), 400, 404)},
-        "/api/spaces/{name}/observability": space_op | {
-            "get": _operation("Stats, disk, top processes, history tail, settings", _json(
-                {"type": "object", "required": ["observability"],
-                 "properties": {"observability": _ref("Observability")}}, "Observability"),
-                400, 404, params=[
-                    {"name": "top", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 25}},
-                    {"name": "historyLines", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 500}}])},
-        "/api/spaces/{name}/files": space_op | {
-            "get": _operation("List a directory of /workspace", _json(
-                _ref("Listing"), "Entries"), 400, 403, 404, 409, params=[
-                    PATH_PARAM | {"required": False},
-                    {"name": "limit", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}])},
-        "/api/spaces/{name}/file": space_op | {
-            "get": _operation(
-                "Read a file (JSON base64, or raw bytes with raw=true or Accept: "
-                "application/octet-stream)", {
-                    **_json(_ref("FileContent"), "Content"),
-                    "content": {"application/json": {"schema": _ref("FileContent")},
-                                "application/octet-stream": {"schema": {
-                                    "type": "string", "format": "binary"}}}},
-                400, 403, 404, 409, params=[
-                    PATH_PARAM,
-                    {"name": "maxBytes", "in": "query", "schema": {"type": "integer",
-                                                                  "minimum": 0}},
-                    {"name": "raw", "in": "query", "schema": {"type": "boolean"}}]),
-            "put": _operation(
-                "Write a file atomically (JSON base64, or a raw application/octet-stream "
-                "body with Content-Length)", _json(_ref("FileWritten"), "Written"),
-                400, 403, 404, 409, 411, 413, 507, params=[PATH_PARAM]) | {
-                    "requestBody": {"required": True, "content": {
-                        "application/json": {"schema": {
-                            "type": "object", "required": ["contentBase64"],
-                            "additionalProperties": False,
-                            "properties": {"contentBase64": {"type": "string",
-                                                             "contentEncoding": "base64"}}}},
-                        "application/octet-stream": {"schema": {"type": "string",
-                                                                "format": "binary"}}}}},
-            "delete": _operation("Delete a file, or a directory with recursive=true", _json(
-                {"type": "object", "required": ["message", "path"],
-                 "properties": {"message": {"type": "string"}, "path": {"type": "string"}}},
-                "Deleted"), 400, 403, 404, 409, params=[
-                    PATH_PARAM,
-                    {"name": "recursive", "in": "query", "schema": {"type": "boolean"}}]),
-        },
-        "/api/spaces/{name}/terminal": space_op | {
-            "get": _operation(
-                "Websocket terminal (bash -l). Binary frames are stdin and output; text frames "
-                "are JSON {type: input|resize|ping}", {"description": "Switching protocols"},
-                400, 403, 404, 409, params=[
-                    {"name": "cols", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-                    {"name": "rows", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 200}}],
-                ok_status="101")},
-        "/api/spaces/{name}/git/push": space_op | {
-            "post": _operation(
-                "Push a branch from a repository in the space; the token only reaches git",
-                _json(_ref("ExecResult"), "git push finished (see exitCode)"), 403, 404, 409,
-                body={"type": "object", "additionalProperties": False, "properties": {
-                    "repoPath": {"type": "string", "default": "/repo"},
-                    "remote": {"type": "string", "default": "origin"},
-                    "branch": {"type": "string", "default": "main"},
-                    "token": {"type": "string"}}})},
-        "/api/templates": {
-            "get": _operation("List templates", _json(
-                {"type": "object", "required": ["templates"], "properties": {"templates": {
-                    "type": "array", "items": {
-                        "type": "object", "required": ["name", "description", "source"],
-                        "properties": {"name": {"type": "string"},
-                                       "description": {"type": "string"},
-                                       "source": {"enum": ["builtin", "shipped", "user"]}}}}}},
-                "Templates")),
-            "put": _operation("Create or replace a template from YAML", _json(
-                {"type": "object", "required": ["template"],
-                 "properties": {"template": {"type": "object"}}}, "Stored"),
-                body={"type": "object", "required": ["yaml"], "additionalProperties": False,
-                      "properties": {"yaml": {"type": "string"}}}),
-        },
-        "/api/templates/{name}": {
-            "parameters": [{"name": "name", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
-            "get": _operation("One template", _json(
-                {"type": "object", "required": ["name", "yaml", "template"],
-                 "properties": {"name": {"type": "string"}, "yaml": {"type": "string"},
-                                "template": {"type": "object"}}}, "Template"), 400, 404),
-            "delete": _operation("Delete a user template (shipped ones can only be overridden)",
-                                 _json(MESSAGE, "Deleted"), 400, 404, 409),
-        },
-        "/api/audit": {"get": _operation("Audit events, oldest first", _json(
-            {"type": "object", "required": ["events"],
-             "properties": {"events": {"type": "array", "items": _ref("AuditEvent")}}},
-            "Events"), 400, params=[
-                {"name": "space", "in": "query", "schema": {"type": "string"}},
-                {"name": "limit", "in": "query",
-                 "description": "Default 200; values above 1000 are read as 1000",
-                 "schema": {"type": "integer", "minimum": 1}}])},
-    }
+
+
+def openapi_document(routes: tuple[Route, ...] = API_ROUTES) -> dict[str, Any]:
+    """OpenAPI 3.1 description of the /api routes, derived from their declarations."""
+    paths: dict[str, Any] = {}
+    for route in routes:
+        item = paths.setdefault(route.path, {})
+        if "{name}" in route.path and "parameters" not in item:
+            item["parameters"] = [NAME_PARAM if route.path.startswith("/api/spaces/")
+                                  else TEMPLATE_PARAM]
+        item[route.method.lower()] = operation(route)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Clawdspace", "version": VERSION,
@@ -5894,7 +6505,7 @@ def openapi_document() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"queryKey": []}],
         "components": {
-            "schemas": schemas,
+            "schemas": component_schemas(),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
@@ -5908,88 +6519,9 @@ def openapi_document() -> dict[str, Any]:
 # App factory #################################################################
 ###############################################################################
 
-ROUTES: list[tuple[str, str, Handler, str]] = [
-    ("GET", "/api/health", health, PUBLIC),
-    ("GET", "/api/openapi.json", get_openapi, PUBLIC),
-    ("GET", "/api/system", get_system, NODE_KEY),
-    ("GET", "/api/system/capabilities", get_capabilities, NODE_KEY),
-    ("GET", "/api/nodes", get_nodes, NODE_KEY),
-    ("GET", "/api/spaces", list_spaces, NODE_KEY),
-    ("POST", "/api/spaces", create_space, NODE_KEY),
-    ("GET", "/api/spaces/{name}", get_space, NODE_KEY),
-    ("DELETE", "/api/spaces/{name}", delete_space, NODE_KEY),
-    ("POST", "/api/spaces/{name}/stop", stop_space, NODE_KEY),
-    ("POST", "/api/spaces/{name}/start", start_space, NODE_KEY),
-    ("POST", "/api/spaces/{name}/exec", exec_space, NODE_KEY),
-    ("POST", "/api/spaces/{name}/touch", touch_space, NODE_KEY),
-    ("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY),
-    ("GET", "/api/spaces/{name}/observability", space_observability, NODE_KEY),
-    ("GET", "/api/spaces/{name}/files", list_files, NODE_KEY),
-    ("GET", "/api/spaces/{name}/file", read_file, NODE_KEY),
-    ("PUT", "/api/spaces/{name}/file", write_file, NODE_KEY),
-    ("DELETE", "/api/spaces/{name}/file", delete_file, NODE_KEY),
-    ("GET", "/api/spaces/{name}/terminal", terminal, NODE_KEY),
-    ("POST", "/api/spaces/{name}/git/push", git_push, NODE_KEY),
-    ("GET", "/api/templates", list_templates, NODE_KEY),
-    ("PUT", "/api/templates", put_template, NODE_KEY),
-    ("GET", "/api/templates/{name}", get_template, NODE_KEY),
-    ("DELETE", "/api/templates/{name}", delete_template, NODE_KEY),
-    ("GET", "/api/audit", get_audit, NODE_KEY),
-    # E2B-compatible control plane (outside /api: the SDK's paths)
-    ("POST", "/sandboxes", e2b_create, NODE_KEY),
-    ("POST", "/v2/sandboxes", e2b_create, NODE_KEY),
-    ("GET", "/sandboxes", e2b_list, NODE_KEY),
-    ("GET", "/v2/sandboxes", e2b_list, NODE_KEY),
-    ("GET", "/sandboxes/{id}", e2b_get, NODE_KEY),
-    ("DELETE", "/sandboxes/{id}", e2b_kill, NODE_KEY),
-    ("POST", "/sandboxes/{id}/timeout", e2b_timeout, NODE_KEY),
-    ("POST", "/sandboxes/{id}/pause", e2b_pause, NODE_KEY),
-    ("POST", "/sandboxes/{id}/connect", e2b_connect, NODE_KEY),
-    ("POST", "/v2/sandboxes/{id}/connect", e2b_connect, NODE_KEY),
-    # E2B's in-sandbox daemon, selected by the E2b-Sandbox-Id header
-    ("GET", "/health", envd_health, PUBLIC),
-    ("GET", "/files", envd_download, ENVD_TOKEN),
-    ("POST", "/files", envd_upload, ENVD_TOKEN),
-    ("POST", "/process.Process/{method}", envd_process, ENVD_TOKEN),
-    ("POST", "/filesystem.Filesystem/{method}", envd_filesystem, ENVD_TOKEN),
-]
-
-
-async def service_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Open what the service owns at start, run the housekeeper; undo it all at shutdown."""
-    audit = app[AUDIT_KEY]
-    audit.open()
-    for directory in (app[CONFIG_KEY].data_dir, app[TEMPLATES_KEY].user_dir):
-        if remove_temp_files(directory):
-            log.info("removed temporary files of interrupted writes in %s", directory)
-    await guarded("undoing interrupted creates", app[SPACES_KEY].recover)
-    housekeeper = app[HOUSEKEEPER_KEY]
-    housekeeper.load()
-    if not await app[FIREWALL_KEY].check():
-        log.warning("egress firewall inactive: %s", app[FIREWALL_KEY].error)
-    nodes = app[NODES_KEY]
-    nodes.session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=NODE_PROBE_TIMEOUT),
-        trust_env=False)
-    app[E2B_KEY].load()
-    tasks = [asyncio.create_task(supervised(what, run)) for what, run in (
-        ("housekeeper", housekeeper.run), ("node discovery", nodes.run),
-        ("e2b timeouts", app[E2B_KEY].run))]
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await nodes.session.close()
-    with contextlib.suppress(OSError):
-        await housekeeper.save_activity()
-    audit.close()
-    await app[ENGINE_KEY].close()
-
-
-async def close_terminals(app: web.Application) -> None:
-    await app[TERMINALS_KEY].close_all()
+def add_surface(app: web.Application, surface: Surface) -> None:
+    for route in surface.routes:
+        app.router.add_route(route.method, route.path, surface_handler(surface, route))
 
 
 def create_app(config: Config) -> web.Application:
@@ -5999,44 +6531,73 @@ def create_app(config: Config) -> web.Application:
         log.warning("AUTHENTICATION IS DISABLED (CLAWDSPACE_AUTH_DISABLED=true): anyone who "
                     "can reach this port controls every space. Use only on a trusted dev box.")
     engine = Engine()
+    audit = AuditLog(config.data_dir, config.audit_max_bytes, config.audit_keep,
+                     Redactor([config.api_key or ""]))
+    firewall = Firewall(config, engine)
+    activity = Activity(os.path.join(config.data_dir, "activity.json"))
+    spaces = Spaces(config, engine, audit, firewall, activity)
+    files = Files(spaces)
+    templates = Templates(config.shipped_templates_dir,
+                          config.templates_dir or os.path.join(config.data_dir, "templates"),
+                          audit)
     nodes = Nodes(config, engine)
-    access: dict[web.AbstractRoute, str] = {}  # filled below, with the routes
+    e2b = E2b(config, spaces, files, templates, nodes)
+    housekeeper = Housekeeper(config, spaces, files)
+    terminals = Terminals(spaces)
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(config, access),
-                     make_forward_middleware(nodes)],
+        middlewares=[unmatched_middleware(config)],
         client_max_size=config.max_body_bytes,
-        # Long header lines (up to 128 KiB) get to the middlewares (and a JSON 401/400), not
+        # Long header lines (up to 128 KiB) get to the handlers (and a JSON 401/400), not
         # aiohttp's 8 KiB plain-text refusal; bounded in size and count, so what a client
         # sends before auth cannot grow the service (64 x 128 KiB at most per request).
         handler_args={"max_line_size": HEADER_LIMIT, "max_field_size": HEADER_LIMIT,
                       "max_headers": 64},
     )
-    audit = AuditLog(config.data_dir, config.audit_max_bytes, config.audit_keep,
-                     Redactor([config.api_key or ""]))
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine
     app[AUDIT_KEY] = audit
-    firewall = Firewall(config, engine)
-    spaces = Spaces(config, engine, audit, firewall)
-    files = Files(spaces)
-    templates = Templates(config.shipped_templates_dir,
-                          config.templates_dir or os.path.join(config.data_dir, "templates"),
-                          audit)
     app[FIREWALL_KEY] = firewall
-    app[NODES_KEY] = nodes
-    app[TEMPLATES_KEY] = templates
-    app[E2B_KEY] = E2b(config, spaces, files, templates, nodes)
-    app[GIT_KEY] = GitOps(config, spaces, files)
     app[SPACES_KEY] = spaces
     app[FILES_KEY] = files
-    app[TERMINALS_KEY] = Terminals(spaces)
+    app[TEMPLATES_KEY] = templates
+    app[NODES_KEY] = nodes
+    app[E2B_KEY] = e2b
+    app[GIT_KEY] = GitOps(config, spaces, files)
+    app[TERMINALS_KEY] = terminals
     app[OBSERVER_KEY] = Observer(spaces)
-    app[HOUSEKEEPER_KEY] = Housekeeper(config, spaces, files)
-    for method, path, handler, kind in ROUTES:
-        access[app.router.add_route(method, path, handler)] = kind
-    app.cleanup_ctx.append(service_lifecycle)
-    app.on_shutdown.append(close_terminals)
+    app[HOUSEKEEPER_KEY] = housekeeper
+    app[OPENAPI_KEY] = openapi_document()
+    for surface in (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b)):
+        add_surface(app, surface)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        """Start the services in order at start; stop them in reverse at shutdown."""
+        audit.open()
+        for directory in (config.data_dir, templates.user_dir):
+            if remove_temp_files(directory):
+                log.info("removed temporary files of interrupted writes in %s", directory)
+        await spaces.startup()
+        if not await firewall.check():
+            log.warning("egress firewall inactive: %s", firewall.error)
+        await nodes.startup()
+        await e2b.startup()
+        await housekeeper.startup()
+        yield
+        await housekeeper.shutdown()
+        await e2b.shutdown()
+        await nodes.shutdown()
+        await spaces.shutdown()
+        audit.close()
+        await engine.close()
+
+    async def end_terminals(app: web.Application) -> None:
+        await terminals.shutdown()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_terminals)
     return app
+
+
 
 
 ###############################################################################
@@ -6051,8 +6612,8 @@ async def remove_networks(config: Config) -> int:
             try:
                 await firewall.remove_network(network["Name"])
                 print(f"removed {network['Name']}")
-            except docker.errors.APIError as err:
-                print(f"ERROR: {network['Name']}: {api_message(err)}", file=sys.stderr)
+            except EngineError as err:
+                print(f"ERROR: {network['Name']}: {err.message}", file=sys.stderr)
                 return 1
     except ClawdError as err:
         print(f"ERROR: {err.message}", file=sys.stderr)

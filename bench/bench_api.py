@@ -8,7 +8,7 @@ random key, data directory and name prefix, then times every operation both ways
 API and direct samples (alternating which side goes first) so that load drift hits both equally:
 
 * create: ``POST /api/spaces`` vs ``create_volume`` + ``create_container`` + ``start`` with the
-  HostConfig the service builds (``Spaces._host_config``), through ``docker.APIClient``.
+  HostConfig the service builds (``space_host_config``), through ``docker.APIClient``.
 * exec: ``POST /api/spaces/<n>/exec {"command": "true"}`` vs ``exec_create`` + ``exec_start``
   + ``exec_inspect`` (output and exit code, what a client needs), in the same container.
 * pause / resume: ``POST .../stop`` / ``POST .../start`` vs ``pause`` / ``unpause``.
@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -44,7 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -302,19 +302,16 @@ class Direct:
         }
 
     def host_config(self, volume: str) -> dict[str, Any]:
-        """Exactly what ``Spaces._host_config`` builds for a 256m, 1-CPU internet space (the
+        """Exactly what ``space_host_config`` builds for a 256m, 1-CPU internet space (the
         service's own function, so the two sides can never drift apart)."""
         sys.path.insert(0, ROOT)
         import clawdspace
 
         request = clawdspace.CreateRequest(name="bench", memory=MEMORY_BYTES, cpus=CPUS,
                                            gpu=False, image=IMAGE, template="default")
-        spaces = types.SimpleNamespace(engine=types.SimpleNamespace(api=self.api),
-                                       config=clawdspace.Config(pids_limit=PIDS_LIMIT))
         # The bridge the service puts internet spaces on (made by the first API create).
-        config: dict[str, Any] = clawdspace.Spaces._host_config(
-            spaces, request, volume, f"{self.prefix}net", [])  # type: ignore[arg-type]
-        return config
+        return clawdspace.space_host_config(clawdspace.Config(pids_limit=PIDS_LIMIT), request,
+                                            volume, f"{self.prefix}net", [])
 
     def create(self, name: str) -> str:
         volume = f"{self.prefix}vol-{name}"
@@ -692,7 +689,9 @@ def traced_serve(trace_path: str) -> int:
     cs.Engine.call = call  # type: ignore[method-assign]
     cs.Engine.stream = stream  # type: ignore[method-assign]
     cs.AuditLog.record = record  # type: ignore[method-assign]
-    cs.ROUTES = [(m, p, wrap(m, p, h), kind) for m, p, h, kind in cs.ROUTES]
+    for table in ("API_ROUTES", "E2B_REST_ROUTES", "ENVD_ROUTES"):
+        setattr(cs, table, tuple(dataclasses.replace(r, handler=wrap(r.method, r.path, r.handler))
+                                 for r in getattr(cs, table)))
     return cs.main(["serve"])
 
 

@@ -168,11 +168,10 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
     try:
         (mount / "templates").mkdir()
-        with pytest.raises(OSError):
-            with open(mount / "filler", "wb") as filler:
-                while True:
-                    filler.write(b"\0" * 4096)
-                    filler.flush()
+        with pytest.raises(OSError), open(mount / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
@@ -221,13 +220,8 @@ async def test_a_failing_housekeeping_job_is_logged_and_the_loop_goes_on(
 
     monkeypatch.setattr(housekeeper, "sleep_idle", broken)
     caplog.set_level(logging.ERROR, "clawdspace")
-    task = asyncio.ensure_future(clawdspace.supervised("housekeeper", housekeeper.run))
-    try:
-        await poll(lambda: asyncio.sleep(0, len(calls) >= 3), what="three rounds")
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    monkeypatch.setattr("clawdspace.BACKOFF_LIMIT", 0.5)  # the service's own loop, backing off
+    await poll(lambda: asyncio.sleep(0, len(calls) >= 3), what="three rounds")
     failures = [r for r in caplog.records if "injected failure" in str(r.exc_info)]
     assert failures and failures[0].exc_info is not None  # logged with its traceback
 
@@ -247,7 +241,7 @@ async def test_a_loop_that_dies_is_restarted(caplog: pytest.LogCaptureFixture,
 
     monkeypatch.setattr("clawdspace.asyncio.sleep", no_wait)  # the restart's pause
     caplog.set_level(logging.ERROR, "clawdspace")
-    task = asyncio.ensure_future(clawdspace.supervised("test loop", dies_once))
+    task = asyncio.ensure_future(clawdspace.supervise("test loop", dies_once, every=1))
     try:
         for _ in range(1000):  # loop turns, not time
             if len(runs) >= 2:
@@ -259,6 +253,32 @@ async def test_a_loop_that_dies_is_restarted(caplog: pytest.LogCaptureFixture,
             await task
     assert len(runs) == 2
     assert any("test loop" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_a_failing_loop_backs_off_and_recovers(caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failure in a row doubles the wait before the next round, up to BACKOFF_LIMIT;
+    one good round brings the loop back to its own interval."""
+    outcomes = iter([False, False, False, False, True, False, True])
+    waits: list[float] = []
+
+    async def round_() -> None:
+        if not next(outcomes, True):
+            raise OSError("injected")
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 7:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr("clawdspace.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("clawdspace.BACKOFF_LIMIT", 12.0)
+    caplog.set_level(logging.ERROR, "clawdspace")
+    with pytest.raises(asyncio.CancelledError):
+        await clawdspace.supervise("backing off", round_, every=1.5)
+    assert waits == [3.0, 6.0, 12.0, 12.0, 1.5, 3.0, 1.5]
+    logged = [r for r in caplog.records if "backing off" in r.getMessage()]
+    assert len(logged) == 5 and all(r.exc_info for r in logged)
 
 
 async def _yield() -> None:

@@ -231,14 +231,14 @@ def record_starts(api: Api, docker_api: docker.APIClient) -> list[dict[str, Any]
     """Have the app's engine client inspect every container just before starting it; returns
     the list the inspections go to."""
     engine = api.app[clawdspace.ENGINE_KEY]
-    real_start = engine.api.start
+    real_start = engine.start
     seen: list[dict[str, Any]] = []
 
-    def start(container: str, *args: Any, **kwargs: Any) -> Any:
+    async def start(container: str) -> None:
         seen.append(docker_api.inspect_container(container))
-        return real_start(container, *args, **kwargs)
+        await real_start(container)
 
-    engine.api.start = start
+    engine.start = start  # type: ignore[assignment]
     return seen
 
 
@@ -324,16 +324,16 @@ async def test_assign_gpus_fewest_spaces_first(make_client: MakeClient, tmp_path
         container("other", [UUIDS[2], UUIDS[3]], owner=f"{prefix}elsewhere-")  # not ours
         container("volume", [UUIDS[2]], kind="space-volume")  # not a space
         # Load: GPU 0: 2, GPU 1: 1, GPU 2: 0, GPU 3: 0.
-        assert await spaces._assign_gpus(1) == [UUIDS[2]]  # a tie goes to the lower index
-        assert await spaces._assign_gpus(2) == [UUIDS[2], UUIDS[3]]
-        assert await spaces._assign_gpus(3) == [UUIDS[2], UUIDS[3], UUIDS[1]]
-        assert await spaces._assign_gpus(4) == [UUIDS[2], UUIDS[3], UUIDS[1], UUIDS[0]]
-        assert sorted(await spaces._assign_gpus(-1)) == sorted(UUIDS)
+        assert await spaces.assign_gpus(1) == [UUIDS[2]]  # a tie goes to the lower index
+        assert await spaces.assign_gpus(2) == [UUIDS[2], UUIDS[3]]
+        assert await spaces.assign_gpus(3) == [UUIDS[2], UUIDS[3], UUIDS[1]]
+        assert await spaces.assign_gpus(4) == [UUIDS[2], UUIDS[3], UUIDS[1], UUIDS[0]]
+        assert sorted(await spaces.assign_gpus(-1)) == sorted(UUIDS)
         with pytest.raises(clawdspace.Conflict) as refused:
-            await spaces._assign_gpus(5)
+            await spaces.assign_gpus(5)
         assert refused.value.code == "not_enough_gpus"
         container("three", [UUIDS[2]])  # now GPU 3 alone carries nothing
-        assert await spaces._assign_gpus(1) == [UUIDS[3]]
+        assert await spaces.assign_gpus(1) == [UUIDS[3]]
         listed = {s["name"]: s for s in (await api.get("/api/spaces")).body["spaces"]}
         assert listed["one"]["gpus"] == [UUIDS[0], UUIDS[1]] and listed["one"]["gpu"] is True
         assert listed["three"]["gpus"] == [UUIDS[2]]
@@ -347,10 +347,10 @@ async def test_assign_gpus_refusals(make_client: MakeClient, tmp_path: Path,
                                     docker_api: docker.APIClient, no_toolkit: None) -> None:
     none = await make_client(nvidia_smi=smi(tmp_path, []))
     with pytest.raises(clawdspace.NoGpu):
-        await none.app[clawdspace.SPACES_KEY]._assign_gpus(1)
+        await none.app[clawdspace.SPACES_KEY].assign_gpus(1)
     four = await make_client(nvidia_smi=smi(tmp_path, ROWS_4))
     with pytest.raises(clawdspace.Unavailable) as refused:
-        await four.app[clawdspace.SPACES_KEY]._assign_gpus(1)
+        await four.app[clawdspace.SPACES_KEY].assign_gpus(1)
     assert refused.value.code == "no_gpu_runtime"
 
 
@@ -364,8 +364,7 @@ def gpu_request(network: str = "none", **overrides: Any) -> clawdspace.CreateReq
 
 async def test_host_config_of_a_gpu_space(client: Api, docker_api: docker.APIClient,
                                           prefix: str) -> None:
-    spaces = client.app[clawdspace.SPACES_KEY]
-    host = spaces._host_config(gpu_request(), "vol", "none", [UUIDS[3]])
+    host = clawdspace.space_host_config(client.config, gpu_request(), "vol", "none", [UUIDS[3]])
     assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": 0, "DeviceIDs": [UUIDS[3]],
                                        "Capabilities": [["gpu"]], "Options": {}}]
     assert host["CapDrop"] == ["ALL"]
@@ -374,15 +373,17 @@ async def test_host_config_of_a_gpu_space(client: Api, docker_api: docker.APICli
     assert not host.get("Privileged") and not host.get("Binds")
     assert not host.get("Devices") and host["Init"] is True and host["PidsLimit"] > 0
     assert host["Memory"] == host["MemorySwap"] == 256 << 20
-    plain = spaces._host_config(gpu_request(gpu=False, gpus=0), "vol", "none", [])
+    plain = clawdspace.space_host_config(client.config, gpu_request(gpu=False, gpus=0), "vol",
+                                          "none", [])
     assert not plain.get("DeviceRequests")
     assert {k: v for k, v in plain.items() if k != "DeviceRequests"} == {
         k: v for k, v in host.items() if k != "DeviceRequests"}
     # What the engine records for it (created, never started).
     name = f"{prefix}hostcfg-{unique_name()}"
     created = docker_api.create_container(TEST_IMAGE, ["true"], name=name,
-                                          host_config=spaces._host_config(
-                                              gpu_request(), f"{name}-vol", "none", UUIDS[:2]))
+                                          host_config=clawdspace.space_host_config(
+                                              client.config, gpu_request(), f"{name}-vol",
+                                              "none", UUIDS[:2]))
     try:
         recorded = docker_api.inspect_container(created["Id"])["HostConfig"]
         assert recorded["DeviceRequests"] == [{"Driver": "nvidia", "Count": 0,

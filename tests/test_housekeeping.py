@@ -137,7 +137,7 @@ def assert_idle_paused(docker_api: docker.APIClient, container: str, name: str,
 
 
 class FakeClock:
-    """Wall-clock seconds (``Spaces.clock``) that pass only when the test says so."""
+    """Wall-clock seconds (``Activity.clock``) that pass only when the test says so."""
 
     def __init__(self, now: float = 1_700_000_000.0) -> None:
         self.now = now
@@ -150,7 +150,7 @@ class FakeClock:
 
     def install(self, api: Api) -> FakeClock:
         """This clock for the activity, auto-sleep and E2B deadlines of ``api``'s app."""
-        api.app[clawdspace.SPACES_KEY].clock = self
+        api.app[clawdspace.SPACES_KEY].activity.clock = self
         return self
 
 
@@ -454,7 +454,7 @@ async def test_open_terminal_keeps_the_space_awake(make_client: MakeClient, roun
     async def released() -> bool:  # the close audited and the space no longer in use
         closed = any(e.get("space") == name and e["type"] == "terminal.close"
                      for e in api.audit_lines())
-        return closed and not api.app[clawdspace.SPACES_KEY].is_busy(name)
+        return closed and not api.app[clawdspace.SPACES_KEY].activity.is_busy(name)
 
     await poll(released, 60, 0.02, "the terminal closed on the server")
     clock.advance(IDLE)

@@ -148,7 +148,7 @@ async def nodes_of(session: aiohttp.ClientSession, base: str, refresh: bool = Tr
     assert abs(reply.body["lastUpdatedAt"] / 1000 - time.time()) < 3600
     found: dict[str, dict[str, Any]] = {}
     for node in reply.body["nodes"]:
-        assert NODE_KEYS <= set(node), node
+        assert set(node) >= NODE_KEYS, node
         assert node["name"] not in found, f"{node['name']} listed twice: {reply.body}"
         found[node["name"]] = node
     return found

@@ -29,9 +29,9 @@ import clawdspace
 # Docker's default capabilities minus NET_RAW, MKNOD, AUDIT_WRITE and SYS_CHROOT.
 ALLOWED_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
                 "SETFCAP", "SETGID", "SETPCAP", "SETUID"}
-SPACE_FIELDS = {"name", "id", "status", "created", "started", "image", "memory", "cpus", "gpu",
-                "gpus", "template", "network", "writableRootfs", "idleTimeout", "user",
-                "lastActivity", "volume"}
+SPACE_FIELDS = {"name", "id", "status", "created", "createdBy", "started", "image", "memory",
+                "cpus", "gpu", "gpus", "template", "network", "writableRootfs", "idleTimeout",
+                "user", "lastActivity", "volume"}
 
 
 def iso(value: str) -> dt.datetime:
@@ -58,6 +58,7 @@ async def test_create_shape_and_hardening(make_client: MakeClient, space: SpaceM
     assert body["id"] == info["Id"][:12]
     assert body["status"] == "running"
     assert iso(body["created"]) <= iso(body["started"])
+    assert body["createdBy"] == clawdspace.key_id(api.key)  # the key's id, never the key
     assert iso(body["lastActivity"]) >= iso(body["created"])
     assert body["image"] == TEST_IMAGE
     assert body["memory"] == 256 << 20

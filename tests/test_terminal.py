@@ -421,6 +421,6 @@ async def test_client_that_never_reads(served: Served, own_space: str,
     await wait_until_gone(docker_api, container)  # the flood pipeline too
     after = served_rss_kib(served)
     assert max(during, after) - before < 64 * 1024, (before, during, after)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{served.url}/api/health") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as session, session.get(
+            f"{served.url}/api/health") as resp:
+        assert resp.status == 200

@@ -13,6 +13,7 @@ A plain ``curl`` sees a complete HTTP answer and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -47,10 +48,8 @@ def serve(port: int, log_path: str) -> None:
         except OSError:
             pass
         record({"event": "data", "peer": peer[0], "data": data.decode("latin-1")})
-        try:
+        with contextlib.suppress(OSError):
             conn.sendall(REPLY)
-        except OSError:
-            pass
         conn.close()
 
     while True:
