@@ -1701,8 +1701,8 @@ BUILTIN_DEFAULT = Template(name="default", description="Internet access; LAN, ta
                            "cloud metadata and this node blocked")
 
 
-def parse_template(text: str, source: str = "user") -> Template:
-    """YAML (safe_load) against a closed schema; every error names its field."""
+def template_mapping(text: str) -> dict[str, Any]:
+    """A template's YAML (safe_load), checked against the closed schema TEMPLATE_KEYS."""
     if len(text.encode("utf-8", "surrogatepass")) > TEMPLATE_MAX_BYTES:
         raise BadRequest("template YAML is larger than 64 KiB", "invalid_template")
     try:
@@ -1717,13 +1717,20 @@ def parse_template(text: str, source: str = "user") -> Template:
         if key not in TEMPLATE_KEYS:
             raise BadRequest(f"unknown template field {str(key)[:64]!r}", "invalid_template")
         allowed = TEMPLATE_KEYS[key]
-        if allowed is not None:
-            if not isinstance(value, dict):
-                raise BadRequest(f"{key} must be a mapping", "invalid_template")
-            for sub in value:
-                if sub not in allowed:
-                    raise BadRequest(f"unknown template field {key}.{str(sub)[:64]}",
-                                     "invalid_template")
+        if allowed is None:
+            continue
+        if not isinstance(value, dict):
+            raise BadRequest(f"{key} must be a mapping", "invalid_template")
+        unknown = [sub for sub in value if sub not in allowed]
+        if unknown:
+            raise BadRequest(f"unknown template field {key}.{str(unknown[0])[:64]}",
+                             "invalid_template")
+    return data
+
+
+def parse_template(text: str, source: str = "user") -> Template:
+    """A template from YAML against a closed schema; every error names its field."""
+    data = template_mapping(text)
 
     def field(section: str, key: str) -> Any:
         return (data.get(section) or {}).get(key)
@@ -2486,80 +2493,6 @@ class CreateRequest:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)  # extra, e.g. E2B's
 
 
-@dataclasses.dataclass(frozen=True)
-class ExecRequest:
-    """A command to run in a space, built by ``exec_request`` (one set of rules for every
-    client: the API, the terminal, E2B's daemon protocol)."""
-
-    argv: list[str]
-    env: dict[str, str]
-    workdir: str
-    timeout: float  # seconds; 0: none (terminals)
-    # The tree the working directory must really be in, checked by the space's user after
-    # entering it ("" for anywhere but /proc, /sys and /dev, as E2B's daemon allows).
-    root: str = WORKSPACE
-    tty: bool = False  # a terminal: stdin open, output as one stream
-    source: str = "api"  # who asked, for the audit record: api, terminal, e2b
-
-
-def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORKSPACE,
-                 timeout: Any = None, root: str = WORKSPACE, tty: bool = False,
-                 source: str = "api") -> ExecRequest:
-    """The rules of a client's command, whoever asks: argv a list of strings without NUL,
-    a valid environment, a working directory normalised (inside ``root``, where there is
-    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (default CLAWDSPACE_EXEC_TIMEOUT)."""
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise BadRequest("command required: a string (run by sh -c) or a list of strings",
-                         "invalid_command")
-    if not argv[0]:
-        raise BadRequest("command[0] must name a program", "invalid_command")
-    if any("\x00" in arg for arg in argv):
-        raise BadRequest("command must not contain NUL bytes", "invalid_command")
-    if tty:
-        limit = 0.0
-    else:
-        limit = config.exec_timeout if timeout is None else timeout
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
-            raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
-        if not 0 < limit <= config.exec_max_timeout:
-            raise BadRequest(f"timeout must be between 0 and {config.exec_max_timeout} "
-                             "seconds", "invalid_timeout")
-    if root:
-        where = check_workdir(workdir)
-    elif isinstance(workdir, str) and workdir.startswith("/") and "\x00" not in workdir:
-        where = "/" + os.path.normpath(workdir).lstrip("/")
-    else:
-        raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
-                         "invalid_argument")
-    return ExecRequest(argv=list(argv), env=check_env({} if env is None else env),
-                       workdir=where, timeout=float(limit), root=root, tty=tty, source=source)
-
-
-def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
-    """A ``POST /api/spaces/:name/exec`` body."""
-    check_fields(body, {"command", "env", "workdir", "timeout"})
-    command = body.get("command")
-    if isinstance(command, str):
-        if not command.strip():
-            raise BadRequest("command required", "invalid_command")
-        command = ["sh", "-c", command]
-    return exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
-                        body.get("timeout"))
-
-
-def exec_event(req: ExecRequest) -> tuple[str, dict[str, Any]]:
-    """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
-    not the API's own exec), or ``terminal.open`` for a terminal's shell."""
-    if req.tty:
-        return "terminal.open", {"shell": req.argv[0]}
-    meta: dict[str, Any] = {
-        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
-        "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
-    if req.source != "api":
-        meta["source"] = req.source
-    return "space.exec", meta
-
-
 TOKEN_ENV_KEYS = ("GITHUB_TOKEN", "GH_TOKEN")  # used for the clone, never stored in the space
 ENV_FILE_MAX_BYTES = 1 << 20
 
@@ -2675,53 +2608,6 @@ def parse_repo(body: dict[str, Any], config: Config, network: str,
     return repo, branch, dest
 
 
-# Every command a client runs starts through this script, as the command's own user:
-# - the working directory is entered and checked where it really is before the command runs,
-#   in the same process, so a space that swaps a directory for a link cannot send a command
-#   elsewhere (the docker-level WorkingDir is only ever "/");
-# - the command runs under coreutils' timeout (where the image has it), so its time limit
-#   holds even when the service is killed or restarted while it runs. It fires a little after
-#   the service's own timer, which normally ends the command first. A terminal has no limit
-#   (and could not have this one: timeout puts its command out of the terminal's foreground).
-WORKDIR_MARK = "clawdspace-workdir:"
-WORKDIR_FAILED = 125
-TIMEOUT_GRACE = 2
-COMMAND_SCRIPT = r"""
-cd -P -- "$1" 2>/dev/null || { echo "clawdspace-workdir: missing $1" >&2; exit 125; }
-if [ "$1" != "$2" ]; then
-    here=$(pwd -P)
-    case $here in
-        /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;;
-        "$2"|"$2"/*) ;;
-        *) here= ;;
-    esac
-    [ -n "$here" ] || { echo "clawdspace-workdir: outside $1" >&2; exit 125; }
-fi
-limit=$3
-shift 3
-[ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
-exec "$@"
-"""
-
-
-def confined(req: ExecRequest) -> ExecRequest:
-    """``req`` as run through COMMAND_SCRIPT."""
-    limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE) if req.timeout else "0"
-    return dataclasses.replace(req, workdir="/", argv=[
-        "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, *req.argv])
-
-
-def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
-    """The error for an exec whose working directory could not be entered."""
-    if result["exitCode"] != WORKDIR_FAILED or not result["stderr"].startswith(WORKDIR_MARK):
-        return None
-    if result["stderr"][len(WORKDIR_MARK):].startswith(" missing"):
-        return BadRequest(f"workdir {req.workdir} does not exist or is not a directory the "
-                          "space's user may enter", "invalid_workdir")
-    return BadRequest(f"workdir {req.workdir} leads outside "
-                      f"{req.root or 'the allowed directories'}", "invalid_workdir")
-
-
 def space_host_config(config: Config, req: CreateRequest, volume: str, network_mode: str,
                       gpu_ids: list[str]) -> dict[str, Any]:
     """The whole HostConfig of a space, in the engine's own terms, from server-side rules
@@ -2752,15 +2638,6 @@ def space_host_config(config: Config, req: CreateRequest, volume: str, network_m
         host["Tmpfs"] = {path: "rw,nosuid,nodev,size=256m"  # paths inside the space
                          for path in ("/tmp", "/var/tmp", "/run")}  # noqa: S108
     return host
-
-
-@dataclasses.dataclass
-class RunningExec:
-    """A started client command: the exec and its hijacked connection."""
-
-    container_id: str
-    exec_id: str
-    sock: ExecSocket
 
 
 class Spaces:
@@ -2857,6 +2734,20 @@ class Spaces:
     def is_known(self, name: str) -> bool:
         """Whether this node has seen the space (without asking the engine)."""
         return name in self.known
+
+    async def exec_target(self, name: str, actor: Actor) -> tuple[str, str]:
+        """(container id, user) to run a command in: cached for the life of the container,
+        else looked up (a paused space is resumed, a stopped one refused)."""
+        if name not in self.known:
+            await self.running(name, actor)
+        return self.known[name]
+
+    def forget(self, name: str) -> None:
+        """Drop what is cached of a space's container (it was re-created, or is gone)."""
+        self.known.pop(name, None)
+
+    def user_of(self, container_id: str) -> str:
+        return next((user for cid, user in self.known.values() if cid == container_id), "")
 
     async def get(self, name: str) -> SpaceInfo:
         return self.view_inspected(await self.inspect(name))
@@ -3160,7 +3051,154 @@ class Spaces:
                            f"{name}/start", "space_stopped")
         return info
 
-    # -- a client's command ---------------------------------------------------------------
+
+
+
+###############################################################################
+# Exec: commands in a space ###################################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class ExecRequest:
+    """A command to run in a space, built by ``exec_request`` (one set of rules for every
+    client: the API, the terminal, E2B's daemon protocol)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str
+    timeout: float  # seconds; 0: none (terminals)
+    # The tree the working directory must really be in, checked by the space's user after
+    # entering it ("" for anywhere but /proc, /sys and /dev, as E2B's daemon allows).
+    root: str = WORKSPACE
+    tty: bool = False  # a terminal: stdin open, output as one stream
+    source: str = "api"  # who asked, for the audit record: api, terminal, e2b
+
+
+def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORKSPACE,
+                 timeout: Any = None, root: str = WORKSPACE, tty: bool = False,
+                 source: str = "api") -> ExecRequest:
+    """The rules of a client's command, whoever asks: argv a list of strings without NUL,
+    a valid environment, a working directory normalised (inside ``root``, where there is
+    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (default CLAWDSPACE_EXEC_TIMEOUT)."""
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequest("command required: a string (run by sh -c) or a list of strings",
+                         "invalid_command")
+    if not argv[0]:
+        raise BadRequest("command[0] must name a program", "invalid_command")
+    if any("\x00" in arg for arg in argv):
+        raise BadRequest("command must not contain NUL bytes", "invalid_command")
+    if tty:
+        limit = 0.0
+    else:
+        limit = config.exec_timeout if timeout is None else timeout
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
+            raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
+        if not 0 < limit <= config.exec_max_timeout:
+            raise BadRequest(f"timeout must be between 0 and {config.exec_max_timeout} "
+                             "seconds", "invalid_timeout")
+    if root:
+        where = check_workdir(workdir)
+    elif isinstance(workdir, str) and workdir.startswith("/") and "\x00" not in workdir:
+        where = "/" + os.path.normpath(workdir).lstrip("/")
+    else:
+        raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
+                         "invalid_argument")
+    return ExecRequest(argv=list(argv), env=check_env({} if env is None else env),
+                       workdir=where, timeout=float(limit), root=root, tty=tty, source=source)
+
+
+def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
+    """A ``POST /api/spaces/:name/exec`` body."""
+    check_fields(body, {"command", "env", "workdir", "timeout"})
+    command = body.get("command")
+    if isinstance(command, str):
+        if not command.strip():
+            raise BadRequest("command required", "invalid_command")
+        command = ["sh", "-c", command]
+    return exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
+                        body.get("timeout"))
+
+
+def exec_event(req: ExecRequest) -> tuple[str, dict[str, Any]]:
+    """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
+    not the API's own exec), or ``terminal.open`` for a terminal's shell."""
+    if req.tty:
+        return "terminal.open", {"shell": req.argv[0]}
+    meta: dict[str, Any] = {
+        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+        "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
+    if req.source != "api":
+        meta["source"] = req.source
+    return "space.exec", meta
+
+
+# Every command a client runs starts through this script, as the command's own user:
+# - the working directory is entered and checked where it really is before the command runs,
+#   in the same process, so a space that swaps a directory for a link cannot send a command
+#   elsewhere (the docker-level WorkingDir is only ever "/");
+# - the command runs under coreutils' timeout (where the image has it), so its time limit
+#   holds even when the service is killed or restarted while it runs. It fires a little after
+#   the service's own timer, which normally ends the command first. A terminal has no limit
+#   (and could not have this one: timeout puts its command out of the terminal's foreground).
+WORKDIR_MARK = "clawdspace-workdir:"
+WORKDIR_FAILED = 125
+TIMEOUT_GRACE = 2
+COMMAND_SCRIPT = r"""
+cd -P -- "$1" 2>/dev/null || { echo "clawdspace-workdir: missing $1" >&2; exit 125; }
+if [ "$1" != "$2" ]; then
+    here=$(pwd -P)
+    case $here in
+        /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) here= ;;
+        "$2"|"$2"/*) ;;
+        *) here= ;;
+    esac
+    [ -n "$here" ] || { echo "clawdspace-workdir: outside $1" >&2; exit 125; }
+fi
+limit=$3
+shift 3
+[ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
+exec "$@"
+"""
+
+
+def confined(req: ExecRequest) -> ExecRequest:
+    """``req`` as run through COMMAND_SCRIPT."""
+    limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE) if req.timeout else "0"
+    return dataclasses.replace(req, workdir="/", argv=[
+        "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, *req.argv])
+
+
+def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
+    """The error for an exec whose working directory could not be entered."""
+    if result["exitCode"] != WORKDIR_FAILED or not result["stderr"].startswith(WORKDIR_MARK):
+        return None
+    if result["stderr"][len(WORKDIR_MARK):].startswith(" missing"):
+        return BadRequest(f"workdir {req.workdir} does not exist or is not a directory the "
+                          "space's user may enter", "invalid_workdir")
+    return BadRequest(f"workdir {req.workdir} leads outside "
+                      f"{req.root or 'the allowed directories'}", "invalid_workdir")
+
+
+@dataclasses.dataclass
+class RunningExec:
+    """A started client command: the exec and its hijacked connection."""
+
+    container_id: str
+    exec_id: str
+    sock: ExecSocket
+
+
+class Execs:
+    """Commands in spaces: the one way a client's command starts (``start_exec``; ``exec``
+    runs one to its end), and the service's own commands (``run_internal``), with their
+    output read on stream threads, their time limits enforced and their ends observed."""
+
+    def __init__(self, config: Config, spaces: Spaces) -> None:
+        self.config = config
+        self.spaces = spaces
+        self.engine = spaces.engine
+        self.audit = spaces.audit
+        self.activity = spaces.activity
 
     async def start_exec(self, name: str, req: ExecRequest, actor: Actor) -> RunningExec:
         """The one way a client's command starts (an API exec, a terminal, an E2B process):
@@ -3170,18 +3208,16 @@ class Spaces:
         event, meta = exec_event(req)
         confined_req = confined(req)
         for _ in range(3):
-            if name not in self.known:
-                await self.running(name, actor)
-            container_id, user = self.known[name]
+            container_id, user = await self.spaces.exec_target(name, actor)
             try:
                 exec_id = await self.engine.exec_create(
                     container_id, confined_req.argv, user, req.env, "/", stdin=req.tty,
                     tty=req.tty)
             except EngineError as err:
                 if err.status == 404:
-                    self.known.pop(name, None)  # re-created or gone: look again
+                    self.spaces.forget(name)  # re-created or gone: look again
                 elif "paused" in err.message:
-                    await self.running(name, actor)
+                    await self.spaces.running(name, actor)
                 elif "not running" in err.message:
                     raise Conflict(f"Space is stopped; start it with POST /api/spaces/{name}"
                                    "/start", "space_stopped") from None
@@ -3325,7 +3361,7 @@ class Spaces:
             return
         # From inside, as the space's user, who owns the processes (root in the space has no
         # capability over them).
-        user = next((u for cid, u in self.known.values() if cid == container_id), "")
+        user = self.spaces.user_of(container_id)
         with contextlib.suppress(EngineError):
             await self.engine.exec_run(
                 container_id,
@@ -3572,8 +3608,9 @@ def parse_observation(text: str) -> dict[str, Any]:
 class Observer:
     """Stats and observability of a space. Neither wakes a paused space nor counts as activity."""
 
-    def __init__(self, spaces: Spaces) -> None:
+    def __init__(self, spaces: Spaces, execs: Execs) -> None:
         self.spaces = spaces
+        self.execs = execs
         self.reader = StatsReader(spaces.engine)
 
     async def stats(self, info: dict[str, Any]) -> SpaceStats:
@@ -3596,7 +3633,7 @@ class Observer:
                                        "top": [], "bashHistoryTail": None}
         if state.get("Running") and not state.get("Paused"):
             script = OBSERVE_SCRIPT.format(sep=OBSERVE_SEPARATOR, top=top, lines=history_lines)
-            result = await self.spaces.run_internal(info, ExecRequest(
+            result = await self.execs.run_internal(info, ExecRequest(
                 argv=["sh", "-c", script], env={}, workdir=WORKSPACE, timeout=10), 1 << 20)
             observation = parse_observation(result["stdout"])
             if observation["bashHistoryTail"]:
@@ -3751,8 +3788,8 @@ def user_file_error(rel: str, code: int | None, stderr: str) -> ClawdError:
 class UserFile:
     """A regular file of a space, open in a process of the space's user, streaming out."""
 
-    def __init__(self, spaces: Spaces, running: RunningExec, rel: str) -> None:
-        self.spaces = spaces
+    def __init__(self, execs: Execs, running: RunningExec, rel: str) -> None:
+        self.execs = execs
         self.running = running
         self.stdout = ExecStdout(running.sock, FILE_CHUNK)
         self.rel = rel
@@ -3766,7 +3803,7 @@ class UserFile:
         Bounded: a space can swap a FIFO in for the file, whose open never returns."""
         try:
             line = await asyncio.wait_for(
-                self.spaces.engine.stream(lambda: self.stdout.read_line(32)), FILE_OPEN_TIMEOUT)
+                self.execs.engine.stream(lambda: self.stdout.read_line(32)), FILE_OPEN_TIMEOUT)
         except asyncio.TimeoutError:
             raise Conflict(f"{self.rel} could not be opened in {FILE_OPEN_TIMEOUT} s (a FIFO "
                            "or a hung file system?)", "file_changed") from None
@@ -3778,7 +3815,7 @@ class UserFile:
     async def read(self, size: int) -> bytes:
         try:
             return await asyncio.wait_for(
-                self.spaces.engine.stream(lambda: self.stdout.read(size)), FILE_READ_STALL)
+                self.execs.engine.stream(lambda: self.stdout.read(size)), FILE_READ_STALL)
         except asyncio.TimeoutError:
             raise Conflict(f"{self.rel} stopped producing data for {FILE_READ_STALL} s",
                            "file_changed") from None
@@ -3801,9 +3838,9 @@ class UserFile:
             return self.exit_code
         self.closed = True
         self.running.sock.close()
-        running, self.exit_code = await self.spaces.exec_state(self.running.exec_id)
+        running, self.exit_code = await self.execs.exec_state(self.running.exec_id)
         if running:
-            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
+            await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
             self.exit_code = None
         return self.exit_code
 
@@ -3866,8 +3903,9 @@ class Files:
     gets at most what its user could read or write anyway.
     """
 
-    def __init__(self, spaces: Spaces) -> None:
+    def __init__(self, spaces: Spaces, execs: Execs) -> None:
         self.spaces = spaces
+        self.execs = execs
         self.engine = spaces.engine
 
     async def stat(self, container_id: str, path: str) -> dict[str, Any] | None:
@@ -3925,7 +3963,7 @@ class Files:
             raise NotFound(f"{where.rel}: no such file or directory")
         if not where.stat["mode"] & MODE_DIR:
             raise BadRequest(f"{where.rel} is not a directory", "not_a_dir")
-        result = await self.spaces.run_internal(info, ExecRequest(
+        result = await self.execs.run_internal(info, ExecRequest(
             argv=["sh", "-c", USER_LIST_SCRIPT, "sh", where.real], env={}, workdir=WORKSPACE,
             timeout=60), LIST_OUTPUT_LIMIT)
         if result["exitCode"] != 0:
@@ -3955,10 +3993,10 @@ class Files:
         """Open a regular file as the space's user and learn its size; the caller closes it.
 
         The stream is ``head`` bytes from the start, then everything from ``offset``."""
-        running = await self.spaces.open_internal(info, ExecRequest(
+        running = await self.execs.open_internal(info, ExecRequest(
             argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)], env={},
             workdir=WORKSPACE, timeout=0))
-        opened = UserFile(self.spaces, running, rel)
+        opened = UserFile(self.execs, running, rel)
         try:
             await opened.start()
         except BaseException:
@@ -4017,7 +4055,7 @@ class Files:
         temp = f"{TEMP_MARK}{os.urandom(6).hex()}"  # short: any legal name fits beside it
         async with self.spaces.audit.action("space.file.write", name,
                                             {"path": where.rel, "bytes": size}, actor):
-            result = await self.spaces.run_internal(info, ExecRequest(
+            result = await self.execs.run_internal(info, ExecRequest(
                 argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final, temp,
                       f"{mode:o}", str(size)], env={}, workdir=WORKSPACE,
                 timeout=self.spaces.config.exec_max_timeout), 65536, stdin=chunks)
@@ -4043,7 +4081,7 @@ class Files:
                 ("tree" if recursive else "dir") if is_dir else "file"]
         async with self.spaces.audit.action("space.file.delete", name,
                                             {"path": where.rel, "recursive": recursive}, actor):
-            result = await self.spaces.run_internal(info, ExecRequest(
+            result = await self.execs.run_internal(info, ExecRequest(
                 argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
             if result["exitCode"] == NOT_WORKSPACE:
                 raise user_file_error(where.rel, NOT_WORKSPACE, result["stderr"])
@@ -4064,9 +4102,10 @@ class GitOps:
     """Clone into a space at create time and push from it, with the token kept out of the
     space's config, its files, every argv, the answers and the audit log."""
 
-    def __init__(self, config: Config, spaces: Spaces, files: Files) -> None:
+    def __init__(self, config: Config, spaces: Spaces, execs: Execs, files: Files) -> None:
         self.config = config
         self.spaces = spaces
+        self.execs = execs
         self.files = files
 
     async def create(self, req: CreateRequest, actor: Actor) -> SpaceInfo:
@@ -4096,7 +4135,7 @@ class GitOps:
         if branch:
             argv += ["--branch", branch]
         argv += ["--", repo.url, f"{WORKSPACE}/{dest}"]
-        result = await self.spaces.run_internal(info, ExecRequest(
+        result = await self.execs.run_internal(info, ExecRequest(
             argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout), 1 << 20)
         return self._redacted(result, token)
 
@@ -4126,7 +4165,7 @@ class GitOps:
         if where.stat is None or not where.stat["mode"] & MODE_DIR:
             raise BadRequest(f"repoPath {where.rel} is not a directory", "invalid_repo_path")
         # The URL is read as data (git config --get runs nothing) and then validated here.
-        lookup = await self.spaces.run_internal(info, ExecRequest(
+        lookup = await self.execs.run_internal(info, ExecRequest(
             argv=["git", "-C", where.real, "config", "--get", f"remote.{remote}.url"],
             env=GIT_CLEAN_ENV, workdir=WORKSPACE, timeout=30), 65536)
         if lookup["exitCode"] != 0 or not lookup["stdout"].strip():
@@ -4144,7 +4183,7 @@ class GitOps:
         with self.spaces.activity.busy(name):
             # As the container's root, not the space user: code running in the space cannot
             # read this process's environment (the token) through /proc.
-            result = await self.spaces.run_internal(info, ExecRequest(
+            result = await self.execs.run_internal(info, ExecRequest(
                 argv=argv, env=env, workdir=WORKSPACE, timeout=self.config.git_timeout),
                 1 << 20, user="0")
         result = self._redacted(result, token)
@@ -4168,8 +4207,8 @@ class TerminalSession:
     own into a bounded queue, so a client that stops reading stalls the shell (the kernel and
     the engine hold a little), never the service's memory. The space is in use while open."""
 
-    def __init__(self, spaces: Spaces, name: str, running: RunningExec, actor: Actor) -> None:
-        self.spaces = spaces
+    def __init__(self, execs: Execs, name: str, running: RunningExec, actor: Actor) -> None:
+        self.execs = execs
         self.name = name
         self.running = running
         self.actor = actor
@@ -4177,10 +4216,10 @@ class TerminalSession:
         self.shutting_down = False  # ended by the service's shutdown, not the shell
         self.closed = False
         self.busy = contextlib.ExitStack()
-        self.busy.enter_context(spaces.activity.busy(name))
+        self.busy.enter_context(execs.activity.busy(name))
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
         self.reader = asyncio.get_running_loop().run_in_executor(
-            spaces.engine.streams, self._read_shell, asyncio.get_running_loop())
+            execs.engine.streams, self._read_shell, asyncio.get_running_loop())
 
     def _read_shell(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -4198,21 +4237,21 @@ class TerminalSession:
     async def output(self) -> AsyncIterator[bytes]:
         """What the shell prints, until it exits."""
         while (data := await self.queue.get()) is not None:
-            self.spaces.activity.touch(self.name)
+            self.execs.activity.touch(self.name)
             yield data
 
     def touch(self) -> None:
-        self.spaces.activity.touch(self.name)
+        self.execs.activity.touch(self.name)
 
     async def send(self, data: bytes) -> None:
         """Type ``data`` into the shell."""
         self.touch()
         with contextlib.suppress(OSError):
-            await self.spaces.engine.stream(lambda: self.running.sock.sendall(data))
+            await self.execs.engine.stream(lambda: self.running.sock.sendall(data))
 
     async def resize(self, rows: int, cols: int) -> None:
         with contextlib.suppress(EngineError, ClawdError):
-            await self.spaces.engine.exec_resize(
+            await self.execs.engine.exec_resize(
                 self.running.exec_id, min(max(rows, 1), TERMINAL_MAX_ROWS),
                 min(max(cols, 1), TERMINAL_MAX_COLS))
 
@@ -4224,11 +4263,11 @@ class TerminalSession:
             return
         self.closed = True
         if not self.reader.done():
-            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id,
+            await self.execs.kill_exec(self.running.container_id, self.running.exec_id,
                                         signal.SIGHUP)
             self.running.sock.shutdown(socket.SHUT_WR)
             await asyncio.sleep(0.3)
-            await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
+            await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
         for _ in range(1000):  # unblock the reader if it waits on a full queue
             if self.reader.done():
                 break
@@ -4241,30 +4280,31 @@ class TerminalSession:
         self.busy.close()
         exit_code: int | None = None
         with contextlib.suppress(EngineError, ClawdError):
-            exit_code = (await self.spaces.exec_state(self.running.exec_id))[1]
-        await self.spaces.audit.record("terminal.close", self.name, {
+            exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
+        await self.execs.audit.record("terminal.close", self.name, {
             "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
             self.actor)
 
     async def stop(self) -> None:
         """The service is shutting down: end the shell, so the client hears why."""
         self.shutting_down = True
-        await self.spaces.kill_exec(self.running.container_id, self.running.exec_id)
+        await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
 
 
 class Terminals:
     """Terminals of spaces: ``bash -l`` (or ``sh -l`` where the image has no bash) on a TTY,
     started through the one exec entry point."""
 
-    def __init__(self, spaces: Spaces) -> None:
+    def __init__(self, spaces: Spaces, execs: Execs) -> None:
         self.spaces = spaces
+        self.execs = execs
         self.sessions: set[TerminalSession] = set()
         self.shells: dict[str, list[str]] = {}
 
     async def shell(self, info: dict[str, Any]) -> list[str]:
         """``bash -l`` where the image has bash, else ``sh -l``."""
         if info["Id"] not in self.shells:
-            probe = await self.spaces.run_internal(info, ExecRequest(
+            probe = await self.execs.run_internal(info, ExecRequest(
                 argv=["bash", "-c", "exit 0"], env={}, workdir=WORKSPACE, timeout=10), 1024)
             self.shells[info["Id"]] = ["bash", "-l"] if probe["exitCode"] == 0 else ["sh", "-l"]
         return self.shells[info["Id"]]
@@ -4274,7 +4314,7 @@ class Terminals:
         info = await self.spaces.running(name, actor)
         req = exec_request(self.spaces.config, await self.shell(info),
                            {"TERM": "xterm-256color"}, WORKSPACE, tty=True, source="terminal")
-        session = TerminalSession(self.spaces, name, await self.spaces.start_exec(
+        session = TerminalSession(self.execs, name, await self.execs.start_exec(
             name, req, actor), actor)
         self.sessions.add(session)
         await session.resize(rows, cols)
@@ -4775,9 +4815,9 @@ class E2bRun:
     start, output (through a bounded queue) and keepalives, its end, and the stream's
     trailer. The sandbox is in use until the command ends."""
 
-    def __init__(self, spaces: Spaces, sandbox: str, pid: int, running: RunningExec,
+    def __init__(self, execs: Execs, sandbox: str, pid: int, running: RunningExec,
                  timeout: float | None, busy: contextlib.ExitStack) -> None:
-        self.spaces = spaces
+        self.execs = execs
         self.sandbox = sandbox
         self.pid = pid
         self.running = running
@@ -4795,7 +4835,7 @@ class E2bRun:
                     timed_out = True
                     continue
                 yield {"event": event}, False
-            _, code = await self.spaces.exec_state(self.running.exec_id)
+            _, code = await self.execs.exec_state(self.running.exec_id)
             code = -1 if code is None or timed_out else code
             yield {"event": {"end": {
                 "exitCode": code, "exited": not timed_out,
@@ -4813,7 +4853,7 @@ class E2bRun:
         reader = DemuxReader(self.running.sock, 0)
         reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
             queue.put((stream, data)), loop).result()
-        pump = loop.run_in_executor(self.spaces.engine.streams, self._pump, reader, queue,
+        pump = loop.run_in_executor(self.execs.engine.streams, self._pump, reader, queue,
                                     loop)
         deadline = time.monotonic() + self.timeout if self.timeout else None
         try:
@@ -4824,7 +4864,7 @@ class E2bRun:
                     item = await asyncio.wait_for(queue.get(), max(wait, 0.01))
                 except asyncio.TimeoutError:
                     if deadline is not None and time.monotonic() >= deadline:
-                        await self.spaces.kill_exec(self.running.container_id,
+                        await self.execs.kill_exec(self.running.container_id,
                                                     self.running.exec_id)
                         deadline = None
                         yield None
@@ -4832,7 +4872,7 @@ class E2bRun:
                     item = (-1, b"")
                 if item is None:
                     return
-                self.spaces.activity.touch(self.sandbox)
+                self.execs.activity.touch(self.sandbox)
                 stream, data = item
                 yield {"keepalive": {}} if stream < 0 else {"data": {
                     "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
@@ -4860,10 +4900,11 @@ class E2b:
     files API. A sandbox is a space named ``e2b-<hex>``; its metadata and template are labels,
     its timeout a deadline in the data directory (timeouts pause; nothing is deleted)."""
 
-    def __init__(self, config: Config, spaces: Spaces, files: Files, templates: Templates,
-                 nodes: Nodes) -> None:
+    def __init__(self, config: Config, spaces: Spaces, execs: Execs, files: Files,
+                 templates: Templates, nodes: Nodes) -> None:
         self.config = config
         self.spaces = spaces
+        self.execs = execs
         self.files = files
         self.templates = templates
         self.nodes = nodes
@@ -5079,14 +5120,14 @@ class E2b:
         busy = contextlib.ExitStack()
         busy.enter_context(self.activity.busy(sandbox))
         try:
-            running = await self.spaces.start_exec(sandbox, req, actor)
+            running = await self.execs.start_exec(sandbox, req, actor)
         except BaseException:
             busy.close()
             raise
         pid = self._remember(E2bProcess(sandbox, running.container_id, running.exec_id,
                                         {"cmd": cmd, "args": args, "envs": envs,
                                          "cwd": req.workdir}, message.get("tag")))
-        return E2bRun(self.spaces, sandbox, pid, running, limit, busy)
+        return E2bRun(self.execs, sandbox, pid, running, limit, busy)
 
     def _remember(self, process: E2bProcess) -> int:
         self.next_pid += 1
@@ -5101,7 +5142,7 @@ class E2b:
             if process.sandbox != sandbox:
                 continue
             with contextlib.suppress(EngineError):
-                if (await self.spaces.exec_state(process.exec_id))[0]:
+                if (await self.execs.exec_state(process.exec_id))[0]:
                     entry: dict[str, Any] = {"config": process.config, "pid": pid}
                     if process.tag:
                         entry["tag"] = process.tag
@@ -5114,11 +5155,11 @@ class E2b:
         process = self.processes.get(pid)
         if process is None or process.sandbox != sandbox:
             raise NotFound(f"process {pid} not found")
-        running, _ = await self.spaces.exec_state(process.exec_id)
+        running, _ = await self.execs.exec_state(process.exec_id)
         if not running:
             self.processes.pop(pid, None)
             raise NotFound(f"process {pid} not found")
-        await self.spaces.kill_exec(process.container_id, process.exec_id)
+        await self.execs.kill_exec(process.container_id, process.exec_id)
         self.processes.pop(pid, None)  # killed: a second signal finds nothing, as in envd
         return {}
 
@@ -5146,54 +5187,66 @@ class E2b:
 
     async def filesystem(self, method: str, sandbox: str, body: dict[str, Any],
                          actor: Actor) -> dict[str, Any]:
+        """One envd ``filesystem.Filesystem`` call, as the space's user."""
+        calls = {"Stat": self._fs_stat, "ListDir": self._fs_list, "MakeDir": self._fs_mkdir,
+                 "Remove": self._fs_remove, "Move": self._fs_move}
+        if method not in calls:
+            raise NotFound(f"filesystem.Filesystem/{method[:40]} is not supported")
         info = await self.spaces.running(sandbox, actor)
         self.activity.touch(sandbox)
-        if method == "Stat":
-            where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
-            if where.stat is None:
-                raise NotFound(f"{body.get('path')}: no such file or directory")
-            return {"entry": self._stat_entry(where)}
-        if method == "ListDir":
-            listing = await self.files.list_dir(sandbox, self.rel_path(body.get("path")), 10000,
-                                                actor)
-            return {"entries": [self.entry(WORKSPACE + e["path"], e["type"], e["size"],
-                                           e["mtimeMs"] / 1000) for e in listing["entries"]]}
-        if method in ("MakeDir", "Remove"):
-            where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")),
-                                             follow_last=method == "MakeDir")
-            if method == "MakeDir":
-                if where.stat is not None:
-                    raise E2bExists(f"{where.rel} already exists")
-                argv = ["mkdir", "-p", "--", where.real]
-                event: tuple[str, dict[str, Any]] = ("space.file.mkdir", {"path": where.rel})
-            else:
-                if where.rel == "/":
-                    raise BadRequest("the workspace root cannot be removed", "invalid_argument")
-                if where.stat is None:
-                    raise NotFound(f"{where.rel}: no such file or directory")
-                argv = ["rm", "-rf", "--", where.real]
-                event = ("space.file.delete", {"path": where.rel, "recursive": True})
-            async with self.spaces.audit.action(event[0], sandbox,
-                                                {**event[1], "source": "e2b"}, actor):
-                await self._run(info, argv)
-            if method == "Remove":
-                return {}
-            return {"entry": self._stat_entry(await self.files.resolve(info["Id"], where.rel))}
-        if method == "Move":
-            source = await self.files.resolve(info["Id"], self.rel_path(body.get("source")),
-                                              follow_last=False)
-            target = await self.files.resolve(info["Id"],
-                                              self.rel_path(body.get("destination")))
-            if source.stat is None:
-                raise NotFound(f"{source.rel}: no such file or directory")
-            if source.rel == "/":
-                raise BadRequest("the workspace root cannot be moved", "invalid_argument")
-            async with self.spaces.audit.action("space.file.move", sandbox, {
-                    "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
-                await self._run(info, ["mv", "-f", "--", source.real, target.real])
-            return {"entry": self._stat_entry(await self.files.resolve(info["Id"], target.rel,
-                                                                        follow_last=False))}
-        raise NotFound(f"filesystem.Filesystem/{method} is not supported")
+        return await calls[method](sandbox, info, body, actor)
+
+    async def _fs_stat(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                       actor: Actor) -> dict[str, Any]:
+        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+        if where.stat is None:
+            raise NotFound(f"{where.rel}: no such file or directory")
+        return {"entry": self._stat_entry(where)}
+
+    async def _fs_list(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                       actor: Actor) -> dict[str, Any]:
+        listing = await self.files.list_dir(sandbox, self.rel_path(body.get("path")), 10000,
+                                            actor)
+        return {"entries": [self.entry(WORKSPACE + e["path"], e["type"], e["size"],
+                                       e["mtimeMs"] / 1000) for e in listing["entries"]]}
+
+    async def _fs_mkdir(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                        actor: Actor) -> dict[str, Any]:
+        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+        if where.stat is not None:
+            raise E2bExists(f"{where.rel} already exists")
+        async with self.spaces.audit.action("space.file.mkdir", sandbox, {
+                "path": where.rel, "source": "e2b"}, actor):
+            await self._run(info, ["mkdir", "-p", "--", where.real])
+        return {"entry": self._stat_entry(await self.files.resolve(info["Id"], where.rel))}
+
+    async def _fs_remove(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                         actor: Actor) -> dict[str, Any]:
+        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")),
+                                         follow_last=False)
+        if where.rel == "/":
+            raise BadRequest("the workspace root cannot be removed", "invalid_argument")
+        if where.stat is None:
+            raise NotFound(f"{where.rel}: no such file or directory")
+        async with self.spaces.audit.action("space.file.delete", sandbox, {
+                "path": where.rel, "recursive": True, "source": "e2b"}, actor):
+            await self._run(info, ["rm", "-rf", "--", where.real])
+        return {}
+
+    async def _fs_move(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                       actor: Actor) -> dict[str, Any]:
+        source = await self.files.resolve(info["Id"], self.rel_path(body.get("source")),
+                                          follow_last=False)
+        target = await self.files.resolve(info["Id"], self.rel_path(body.get("destination")))
+        if source.stat is None:
+            raise NotFound(f"{source.rel}: no such file or directory")
+        if source.rel == "/":
+            raise BadRequest("the workspace root cannot be moved", "invalid_argument")
+        async with self.spaces.audit.action("space.file.move", sandbox, {
+                "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
+            await self._run(info, ["mv", "-f", "--", source.real, target.real])
+        return {"entry": self._stat_entry(await self.files.resolve(info["Id"], target.rel,
+                                                                    follow_last=False))}
 
     def _stat_entry(self, where: Resolved) -> dict[str, Any]:
         stat = where.stat or {}
@@ -5203,7 +5256,7 @@ class E2b:
                           mtime.replace(tzinfo=dt.timezone.utc).timestamp())
 
     async def _run(self, info: dict[str, Any], argv: list[str]) -> None:
-        result = await self.spaces.run_internal(info, ExecRequest(
+        result = await self.execs.run_internal(info, ExecRequest(
             argv=argv, env={}, workdir=WORKSPACE, timeout=60), 65536)
         if result["exitCode"] != 0:
             raise Conflict(result["stderr"].strip() or f"{argv[0]} failed")
@@ -5230,6 +5283,7 @@ CONFIG_KEY = web.AppKey("config", Config)
 ENGINE_KEY = web.AppKey("engine", Engine)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 SPACES_KEY = web.AppKey("spaces", Spaces)
+EXECS_KEY = web.AppKey("execs", Execs)
 FILES_KEY = web.AppKey("files", Files)
 TERMINALS_KEY = web.AppKey("terminals", Terminals)
 OBSERVER_KEY = web.AppKey("observer", Observer)
@@ -5720,7 +5774,7 @@ async def start_space(request: web.Request) -> web.Response:
 async def exec_space(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     req = parse_exec(await json_body(request), request.app[CONFIG_KEY])
-    return web.json_response(await request.app[SPACES_KEY].exec(name, req, actor(request)))
+    return web.json_response(await request.app[EXECS_KEY].exec(name, req, actor(request)))
 
 
 async def touch_space(request: web.Request) -> web.Response:
@@ -6536,14 +6590,15 @@ def create_app(config: Config) -> web.Application:
     firewall = Firewall(config, engine)
     activity = Activity(os.path.join(config.data_dir, "activity.json"))
     spaces = Spaces(config, engine, audit, firewall, activity)
-    files = Files(spaces)
+    execs = Execs(config, spaces)
+    files = Files(spaces, execs)
     templates = Templates(config.shipped_templates_dir,
                           config.templates_dir or os.path.join(config.data_dir, "templates"),
                           audit)
     nodes = Nodes(config, engine)
-    e2b = E2b(config, spaces, files, templates, nodes)
+    e2b = E2b(config, spaces, execs, files, templates, nodes)
     housekeeper = Housekeeper(config, spaces, files)
-    terminals = Terminals(spaces)
+    terminals = Terminals(spaces, execs)
     app = web.Application(
         middlewares=[unmatched_middleware(config)],
         client_max_size=config.max_body_bytes,
@@ -6558,13 +6613,14 @@ def create_app(config: Config) -> web.Application:
     app[AUDIT_KEY] = audit
     app[FIREWALL_KEY] = firewall
     app[SPACES_KEY] = spaces
+    app[EXECS_KEY] = execs
     app[FILES_KEY] = files
     app[TEMPLATES_KEY] = templates
     app[NODES_KEY] = nodes
     app[E2B_KEY] = e2b
-    app[GIT_KEY] = GitOps(config, spaces, files)
+    app[GIT_KEY] = GitOps(config, spaces, execs, files)
     app[TERMINALS_KEY] = terminals
-    app[OBSERVER_KEY] = Observer(spaces)
+    app[OBSERVER_KEY] = Observer(spaces, execs)
     app[HOUSEKEEPER_KEY] = housekeeper
     app[OPENAPI_KEY] = openapi_document()
     for surface in (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b)):
