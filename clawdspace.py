@@ -542,7 +542,7 @@ def format_bytes(amount: float) -> str:
 # Background work #############################################################
 ###############################################################################
 
-BACKOFF_LIMIT = 300.0  # seconds: the longest a failing loop waits before its next round
+BACKOFF_LIMIT = 60.0  # seconds: the longest a failing loop waits before its next round
 
 
 async def supervise(name: str, work: Callable[[], Awaitable[Any]],
@@ -1224,7 +1224,8 @@ class Engine:
         response = self.api.post(
             self._endpoint(f"/exec/{urllib.parse.quote(exec_id, safe='')}/start"),
             json={"Detach": False, "Tty": tty},
-            headers={"Connection": "Upgrade", "Upgrade": "tcp"}, stream=True)
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"}, stream=True,
+            timeout=self.api.timeout)  # until the upgrade; the stream itself has none
         try:
             response.raise_for_status()
         except requests.exceptions.HTTPError as err:
@@ -2545,7 +2546,8 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
         raise BadRequest("name is required", "invalid_name")
     name = check_space_name(body["name"])
     asked = {a.field: a.parse(body[a.field]) for a in SPACE_ATTRIBUTES
-             if a.parse is not None and body.get(a.field) not in (None, "")}
+             if a.parse is not None and body.get(a.field) not in (None, "")
+             and (a.field != "image" or body[a.field])}  # any false image: the default
     given = {a.field: getattr(template, a.template) for a in SPACE_ATTRIBUTES
              if a.template is not None and getattr(template, a.template) is not None}
     values = {**given, **asked}
@@ -2770,7 +2772,11 @@ class Spaces:
 
     async def _learn_start_times(self, container_ids: list[str]) -> None:
         for container_id in container_ids:
-            info = await self.engine.inspect_container(container_id)
+            try:
+                info = await self.engine.inspect_container(container_id)
+            except (ClawdError, EngineError) as err:
+                log.info("start time of %s: %s", container_id[:12], err)
+                continue
             if info is not None:
                 self.view_inspected(info)
 
@@ -3074,12 +3080,12 @@ class ExecRequest:
     source: str = "api"  # who asked, for the audit record: api, terminal, e2b
 
 
-def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORKSPACE,
+def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
                  timeout: Any = None, root: str = WORKSPACE, tty: bool = False,
                  source: str = "api") -> ExecRequest:
     """The rules of a client's command, whoever asks: argv a list of strings without NUL,
     a valid environment, a working directory normalised (inside ``root``, where there is
-    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (default CLAWDSPACE_EXEC_TIMEOUT)."""
+    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (none for a terminal)."""
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise BadRequest("command required: a string (run by sh -c) or a list of strings",
                          "invalid_command")
@@ -3090,7 +3096,7 @@ def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORK
     if tty:
         limit = 0.0
     else:
-        limit = config.exec_timeout if timeout is None else timeout
+        limit = timeout
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
             raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
         if not 0 < limit <= config.exec_max_timeout:
@@ -3103,7 +3109,7 @@ def exec_request(config: Config, argv: Any, env: Any = None, workdir: Any = WORK
     else:
         raise BadRequest("cwd must be an absolute path outside /proc, /sys and /dev",
                          "invalid_argument")
-    return ExecRequest(argv=list(argv), env=check_env({} if env is None else env),
+    return ExecRequest(argv=list(argv), env=check_env(env),
                        workdir=where, timeout=float(limit), root=root, tty=tty, source=source)
 
 
@@ -3116,7 +3122,7 @@ def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
             raise BadRequest("command required", "invalid_command")
         command = ["sh", "-c", command]
     return exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
-                        body.get("timeout"))
+                        body.get("timeout", config.exec_timeout))
 
 
 def exec_event(req: ExecRequest) -> tuple[str, dict[str, Any]]:
@@ -4235,8 +4241,8 @@ class TerminalSession:
             return  # the loop is gone (shutdown)
 
     async def output(self) -> AsyncIterator[bytes]:
-        """What the shell prints, until it exits."""
-        while (data := await self.queue.get()) is not None:
+        """What the shell prints, until it exits (or the service shuts down)."""
+        while not self.shutting_down and (data := await self.queue.get()) is not None:
             self.execs.activity.touch(self.name)
             yield data
 
@@ -4258,16 +4264,32 @@ class TerminalSession:
     async def close(self) -> None:
         """End the shell if it still runs (a dropped ssh session's hangup: SIGHUP, which bash
         passes on to its jobs, nohup'd ones live on; then SIGKILL for what is left of its
-        group), release the engine connection and audit the close. Once only."""
+        group), release the engine connection and the space, and audit the close. Once only;
+        what cannot be ended is logged, and the space is released all the same."""
         if self.closed:
             return
         self.closed = True
-        if not self.reader.done():
-            await self.execs.kill_exec(self.running.container_id, self.running.exec_id,
-                                        signal.SIGHUP)
-            self.running.sock.shutdown(socket.SHUT_WR)
-            await asyncio.sleep(0.3)
-            await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
+        try:
+            if not self.reader.done():
+                await self.execs.kill_exec(self.running.container_id, self.running.exec_id,
+                                           signal.SIGHUP)
+                self.running.sock.shutdown(socket.SHUT_WR)
+                await asyncio.sleep(0.3)
+                await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
+        except (EngineError, ClawdError) as err:
+            log.error("terminal of %s: its shell could not be ended: %s", self.name, err)
+        finally:
+            await self._release()
+        exit_code: int | None = None
+        with contextlib.suppress(EngineError, ClawdError):
+            exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
+        await self.execs.audit.record("terminal.close", self.name, {
+            "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
+            self.actor)
+
+    async def _release(self) -> None:
+        """Close the engine connection (which ends the reader) and stop counting as use."""
+        self.running.sock.shutdown(socket.SHUT_RDWR)
         for _ in range(1000):  # unblock the reader if it waits on a full queue
             if self.reader.done():
                 break
@@ -4278,17 +4300,13 @@ class TerminalSession:
             self.queue.put_nowait(None)  # the output's reader, if any, hears the end
         self.running.sock.close()
         self.busy.close()
-        exit_code: int | None = None
-        with contextlib.suppress(EngineError, ClawdError):
-            exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
-        await self.execs.audit.record("terminal.close", self.name, {
-            "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
-            self.actor)
 
-    async def stop(self) -> None:
-        """The service is shutting down: end the shell, so the client hears why."""
+    def stop(self) -> None:
+        """The service is shutting down: end the output, so the client hears why (the
+        caller then closes the session, which hangs up the shell)."""
         self.shutting_down = True
-        await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
 
 
 class Terminals:
@@ -4317,7 +4335,11 @@ class Terminals:
         session = TerminalSession(self.execs, name, await self.execs.start_exec(
             name, req, actor), actor)
         self.sessions.add(session)
-        await session.resize(rows, cols)
+        try:
+            await session.resize(rows, cols)
+        except BaseException:
+            await asyncio.shield(self.close(session))
+            raise
         return session
 
     async def close(self, session: TerminalSession) -> None:
@@ -4325,9 +4347,15 @@ class Terminals:
         await session.close()
 
     async def shutdown(self) -> None:
+        """Tell every open terminal the service is going, and give them a moment to hang up
+        their shells and audit their close while the audit log is still open."""
         for session in list(self.sessions):
-            with contextlib.suppress(EngineError, ClawdError):
-                await session.stop()
+            session.stop()
+        for _ in range(200):
+            if not self.sessions:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("%d terminals were still closing at shutdown", len(self.sessions))
 
 
 ###############################################################################
@@ -4397,6 +4425,7 @@ class Housekeeper:
         self.cursors: dict[str, dict[str, Any]] = {}
         self.history_turn = 0  # where the next tick's round of the spaces starts
         self.tasks = Tasks()
+        self.job_lock = asyncio.Lock()
 
     async def startup(self) -> None:
         """Load what the last run saved and start the loops."""
@@ -4404,14 +4433,20 @@ class Housekeeper:
         cursors = read_json_file(self.cursor_path)
         if isinstance(cursors, dict):
             self.cursors = {str(k): v for k, v in cursors.items() if isinstance(v, dict)}
-        # Looked up at each round (not bound now), so a test can replace a round.
-        self.tasks.spawn("auto-sleep", lambda: self.sleep_idle(),
+        # One job at a time (auto-sleep never pauses a space under a history read), each
+        # looked up at its round, so a test can replace one.
+        self.tasks.spawn("auto-sleep", lambda: self.one_at_a_time(self.sleep_idle),
                          every=min(30.0, max(0.5, (self.config.idle_timeout or 120) / 4)))
         if self.config.history_interval > 0:
-            self.tasks.spawn("shell history", lambda: self.ingest_history(),
+            self.tasks.spawn("shell history", lambda: self.one_at_a_time(self.ingest_history),
                              every=float(self.config.history_interval))
-        self.tasks.spawn("firewall check", self.spaces.firewall.check, every=60.0, delay=60.0)
+        self.tasks.spawn("firewall check", lambda: self.one_at_a_time(
+            self.spaces.firewall.check), every=60.0, delay=60.0)
         self.tasks.spawn("saving activity", self.activity.save, every=2.0)
+
+    async def one_at_a_time(self, job: Callable[[], Awaitable[Any]]) -> None:
+        async with self.job_lock:
+            await job()
 
     async def shutdown(self) -> None:
         await self.tasks.close()
@@ -4844,6 +4879,7 @@ class E2bRun:
                               "message": "the command ran past its timeout"}}
                    if timed_out else {}), True
         finally:
+            self.running.sock.close()
             self.busy.close()
 
     async def _output(self, ping_every: float) -> AsyncIterator[dict[str, Any] | None]:
@@ -4989,7 +5025,8 @@ class E2b:
                     status, _ = await asyncio.wait_for(self.nodes.get_json(
                         f"{node['url']}/sandboxes/{sandbox_id}", self.config.api_key),
                         NODE_PROBE_TIMEOUT)
-                except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError) as err:
+                except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError,
+                        RuntimeError) as err:
                     log.info("sandbox %s: node %s did not answer: %s", sandbox_id,
                              node["name"], err or type(err).__name__)
                     continue
@@ -5343,6 +5380,9 @@ class Surface:
     error_shape: ErrorShapeOf
     credentials: dict[str, Credentials]  # route auth kind -> check (raises Unauthorized)
     forward: ForwardRule  # a response when the request is served elsewhere, else None
+    # Whether a request no route matches is one of this surface's (its 404/405 then has the
+    # surface's error shape).
+    claims: Callable[[web.Request], bool] = lambda request: False
 
 
 def json_error(status: int, message: str, code: str,
@@ -5431,9 +5471,10 @@ def surface_handler(surface: Surface, route: Route) -> Handler:
     return serve
 
 
-def unmatched_middleware(config: Config) -> Any:
+def unmatched_middleware(config: Config, surfaces: tuple[Surface, ...]) -> Any:
     """A request no route matches: the key first (so the router's answers reveal nothing to
-    a stranger), then the 404 or 405 in the service's error shape."""
+    a stranger), then the 404 or 405, in the error shape of the surface that claims the
+    request (the service's own by default)."""
     check = key_credentials(config)[NODE_KEY]
 
     async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -5444,8 +5485,9 @@ def unmatched_middleware(config: Config) -> Any:
     async def unmatched(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.match_info.http_exception is None:
             return await handler(request)
-        return await answer_errors(request, functools.partial(refuse, handler=handler),
-                                   json_error)
+        owner = next((s for s in surfaces if s.claims(request)), None)
+        shape = json_error if owner is None else owner.error_shape(request)
+        return await answer_errors(request, functools.partial(refuse, handler=handler), shape)
 
     return unmatched
 
@@ -6149,10 +6191,11 @@ def api_surface(config: Config, nodes: Nodes) -> Surface:
 E2B_ID_HEADER = "E2b-Sandbox-Id"
 E2B_ENVD_PORT = "49983"
 CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
-                 404: "not_found", 409: "failed_precondition", 411: "invalid_argument",
-                 413: "resource_exhausted", 502: "unavailable", 503: "unavailable",
-                 504: "deadline_exceeded", 507: "resource_exhausted"}
+                 404: "not_found", 405: "unimplemented", 409: "failed_precondition",
+                 411: "invalid_argument", 413: "resource_exhausted", 502: "unavailable",
+                 503: "unavailable", 504: "deadline_exceeded", 507: "resource_exhausted"}
 ENVD_INCARNATION_KEY = web.RequestKey("envd_incarnation", str)
+ENVD_RPC_PATHS = ("/process.Process/", "/filesystem.Filesystem/")
 
 
 def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
@@ -6393,9 +6436,12 @@ def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b) -> tuple[Surface, Surfa
     """E2B's control plane (the node's key) and the sandboxes' daemon (their tokens)."""
     rest = Surface("e2b", E2B_REST_ROUTES, lambda _: e2b_rest_error,
                    {NODE_KEY: key_credentials(config)[NODE_KEY]},
-                   forward_to_owner(nodes, e2b, lambda r: r.match_info.get("id")))
+                   forward_to_owner(nodes, e2b, lambda r: r.match_info.get("id")),
+                   lambda r: r.path.startswith(("/sandboxes", "/v2/sandboxes")))
     envd = Surface("envd", ENVD_ROUTES, envd_error_shape, envd_credentials(config),
-                   forward_to_owner(nodes, e2b, lambda r: r.headers.get(E2B_ID_HEADER)))
+                   forward_to_owner(nodes, e2b, lambda r: r.headers.get(E2B_ID_HEADER)),
+                   lambda r: E2B_ID_HEADER in r.headers and (
+                       r.path in ("/health", "/files") or r.path.startswith(ENVD_RPC_PATHS)))
     return rest, envd
 
 
@@ -6599,8 +6645,9 @@ def create_app(config: Config) -> web.Application:
     e2b = E2b(config, spaces, execs, files, templates, nodes)
     housekeeper = Housekeeper(config, spaces, files)
     terminals = Terminals(spaces, execs)
+    surfaces = (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b))
     app = web.Application(
-        middlewares=[unmatched_middleware(config)],
+        middlewares=[unmatched_middleware(config, surfaces)],
         client_max_size=config.max_body_bytes,
         # Long header lines (up to 128 KiB) get to the handlers (and a JSON 401/400), not
         # aiohttp's 8 KiB plain-text refusal; bounded in size and count, so what a client
@@ -6623,7 +6670,7 @@ def create_app(config: Config) -> web.Application:
     app[OBSERVER_KEY] = Observer(spaces, execs)
     app[HOUSEKEEPER_KEY] = housekeeper
     app[OPENAPI_KEY] = openapi_document()
-    for surface in (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b)):
+    for surface in surfaces:
         add_surface(app, surface)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -120,3 +120,32 @@ async def test_daemon_calls_are_audited_as_the_sandbox(client: Api) -> None:
         assert created and created[0].get("keyId", "").startswith("k-")
     finally:
         assert (await client.delete(f"/sandboxes/{sandbox['sandboxID']}")).status == 204
+
+
+async def test_unmatched_requests_answer_in_their_surfaces_shape(client: Api) -> None:
+    """A request no route serves still needs the key first, and answers in the error shape
+    of the protocol it speaks: E2B's control plane, E2B's daemon (Connect), or ours."""
+    sandbox = {"E2b-Sandbox-Id": "e2b-0123456789abcdef"}
+    cases: list[tuple[str, str, dict[str, str], str | None, int, dict[str, Any]]] = [
+        ("GET", "/sandboxes/e2b-x/metrics", {}, "", 404, {"code": 404}),
+        ("PUT", "/sandboxes", {}, None, 401, {"code": 401}),
+        ("GET", "/v2/sandboxes/e2b-x/connect", {}, "", 405, {"code": 405}),
+        ("GET", "/process.Process/Start", sandbox, None, 401, {"code": "unauthenticated"}),
+        ("POST", "/health", sandbox, None, 401, {"code": "unauthenticated"}),
+        ("GET", "/process.Process/Start", sandbox, "", 405, {"code": "unimplemented"}),
+        ("GET", "/api/nothing", {}, None, 401, {"code": "unauthorized"}),
+        ("GET", "/api/nothing", {}, "", 404, {"code": "not_found"}),
+        ("GET", "/process.Process/Start", {}, "", 405, {"code": "method_not_allowed"}),
+    ]
+    for method, path, headers, key, status, shape in cases:
+        reply = await client.call(method, path, key=key, headers=headers)
+        assert reply.status == status, (method, path, reply.status, reply.body)
+        assert isinstance(reply.body, dict), (method, path, reply.body)
+        assert shape.items() <= reply.body.items(), (method, path, reply.body)
+        if path.startswith(("/sandboxes", "/v2/sandboxes")):
+            assert set(reply.body) == {"code", "message"}, reply.body
+            assert reply.headers.get("Should-Retry") == "false"
+        elif "E2b-Sandbox-Id" in headers:
+            assert set(reply.body) == {"code", "message"}, reply.body
+        else:
+            assert reply.error_code() == shape["code"]

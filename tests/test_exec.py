@@ -57,7 +57,8 @@ async def test_env_is_passed_and_validated(client: Api, shared_space: str) -> No
     result = await client.exec(shared_space, ["sh", "-c", 'printf %s "$GREETING:$_X1"'],
                                env={"GREETING": "hello world", "_X1": "ünï"})
     assert result["stdout"] == "hello world:ünï"
-    for env in ({"1BAD": "x"}, {"A-B": "x"}, {"": "x"}, {"OK": 5}, {"OK": "a\x00b"}, ["A=1"]):
+    for env in ({"1BAD": "x"}, {"A-B": "x"}, {"": "x"}, {"OK": 5}, {"OK": "a\x00b"}, ["A=1"],
+                None):
         reply = await client.post(f"/api/spaces/{shared_space}/exec",
                                   {"command": "true", "env": env})
         assert reply.status == 400, (env, reply.body)
@@ -103,6 +104,7 @@ async def test_bad_command_is_400(client: Api, shared_space: str, body: dict[str
     {"command": "true", "timeout": 0}, {"command": "true", "timeout": -1},
     {"command": "true", "timeout": "5"}, {"command": "true", "timeout": True},
     {"command": "true", "timeout": 10**9}, {"command": "true", "user": "root"},
+    {"command": "true", "timeout": None},
 ])
 async def test_bad_exec_fields_are_400(client: Api, shared_space: str,
                                        body: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import struct
@@ -26,10 +27,13 @@ from conftest import (
     in_container,
     leak_watch,
     poll,
+    remove_everything,
     serve,
     served_terminal,
     unique_name,
 )
+
+import clawdspace
 
 
 def auth(api: Api) -> dict[str, str]:
@@ -424,3 +428,58 @@ async def test_client_that_never_reads(served: Served, own_space: str,
     async with aiohttp.ClientSession() as session, session.get(
             f"{served.url}/api/health") as resp:
         assert resp.status == 200
+
+
+async def test_service_shutdown_hangs_up_terminals_and_audits_them(
+        tmp_path: Path, prefix: str, docker_api: docker.APIClient) -> None:
+    """A service that stops (SIGTERM) tells each terminal why (1001), hangs up its shell like
+    a dropped session (its jobs end, nohup'd ones live on) and audits the close before its
+    audit log closes."""
+    instance, name = f"{prefix}stop-", unique_name("bye")
+    container = f"{instance}{name}"
+    try:
+        with serve(tmp_path, SESSION_KEY, instance) as served:
+            status, reply = served.request("POST", "/api/spaces", {
+                "name": name, "memory": "64m", "network": "none"})
+            assert status == 201, reply
+            async with served_terminal(served, name) as term:
+                await term.type("sleep 3604 & nohup sleep 3605 >/dev/null 2>&1 & "
+                                "echo started-$((1+1))\n")
+                await term.expect("started-2")
+                served.process.terminate()
+                assert await term.closed() == 1001
+                assert term.close_reason == "server shutting down"
+            assert served.process.wait(30) == 0
+        await wait_until_gone(docker_api, container, "sleep 3604")  # hung up
+        assert any("sleep 3605" in p for p in shells(docker_api, container))
+        events = [json.loads(line) for line in
+                  (served.data_dir / "audit.jsonl").read_text().splitlines()]
+        kinds = [e["type"] for e in events if e.get("space") == name]
+        assert kinds == ["space.create", "terminal.open", "terminal.close"], kinds
+    finally:
+        remove_everything(docker_api, instance)
+
+
+async def test_a_terminal_whose_shell_cannot_be_ended_still_releases_its_space(
+        client: Api, space: SpaceMaker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the engine fails while a closed terminal's shell is being ended, the failure is
+    logged and the space is released and the close audited all the same (else auto-sleep
+    would never pause it again)."""
+    name = (await space(memory="64m", network="none"))["name"]
+    activity = client.app[clawdspace.SPACES_KEY].activity
+    ws = await client.client.ws_connect(f"/api/spaces/{name}/terminal", headers=auth(client))
+    term = Terminal(ws)
+    await term.type("echo up-$((1+1))\n")
+    await term.expect("up-2")
+    assert activity.is_busy(name)
+
+    async def engine_down(*args: Any, **kwargs: Any) -> None:
+        raise clawdspace.Unavailable("injected: the engine does not answer")
+
+    monkeypatch.setattr(client.app[clawdspace.EXECS_KEY], "kill_exec", engine_down)
+    await ws.close()
+
+    async def released() -> bool:
+        return not activity.is_busy(name) and bool(events_of(client, name, "terminal.close"))
+
+    await poll(released, timeout=60, what="the space released and the close audited")
