@@ -48,6 +48,11 @@ CLAWDSPACE_TAILSCALE_TAG    Only peers carrying this ACL tag (e.g. ``tag:clawdsp
 CLAWDSPACE_EXEC_TIMEOUT     Default exec timeout in seconds. Default ``600``.
 CLAWDSPACE_EXEC_MAX_TIMEOUT Largest exec timeout a client may ask for. Default ``86400``.
 CLAWDSPACE_EXEC_OUTPUT_LIMIT  Bytes kept per exec stream (stdout, stderr). Default ``1048576``.
+CLAWDSPACE_MAX_PROCESSES    Client processes (execs, terminals, E2B commands) one space may run
+                            at once; more are refused with 429. Default ``64``.
+CLAWDSPACE_PROCESS_RETENTION  Seconds a finished process stays listed. Default ``600``.
+CLAWDSPACE_PROCESS_OUTPUT_BYTES  Output kept per background or streamed process for readers that
+                            come later (a ring on disk, in the data directory). Default ``1048576``.
 CLAWDSPACE_MAX_BODY_BYTES   Largest request body accepted. Default ``8388608``.
 CLAWDSPACE_BODY_TIMEOUT     Seconds a request body may go without sending a byte before the
                             request is dropped with 408. Default ``60``.
@@ -95,6 +100,7 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -109,6 +115,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -188,6 +195,12 @@ class NoGpu(Conflict):
     """A GPU was asked of a node that has none (409)."""
 
     code = "no_gpu"
+
+
+class TooManyProcesses(ClawdError):
+    """A space already runs as many client processes as it may (429)."""
+
+    status, code = 429, "too_many_processes"
 
 
 class InsufficientStorage(ClawdError):
@@ -313,6 +326,9 @@ class Config:
     exec_timeout: int = 600
     exec_max_timeout: int = 86400
     exec_output_limit: int = 1 << 20
+    max_processes: int = 64
+    process_retention: int = 600
+    process_output_bytes: int = 1 << 20
     max_body_bytes: int = 8 << 20
     body_timeout: int = 60
     pids_limit: int = 1024
@@ -358,6 +374,11 @@ class Config:
                 "CLAWDSPACE_EXEC_MAX_TIMEOUT", cls.exec_max_timeout, minimum=1),
             exec_output_limit=env_int(
                 "CLAWDSPACE_EXEC_OUTPUT_LIMIT", cls.exec_output_limit, minimum=1024),
+            max_processes=env_int("CLAWDSPACE_MAX_PROCESSES", cls.max_processes, minimum=1),
+            process_retention=env_int(
+                "CLAWDSPACE_PROCESS_RETENTION", cls.process_retention, minimum=0),
+            process_output_bytes=env_int(
+                "CLAWDSPACE_PROCESS_OUTPUT_BYTES", cls.process_output_bytes, minimum=65536),
             max_body_bytes=env_int("CLAWDSPACE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
             body_timeout=env_int("CLAWDSPACE_BODY_TIMEOUT", cls.body_timeout, minimum=1),
             pids_limit=env_int("CLAWDSPACE_PIDS_LIMIT", cls.pids_limit, minimum=16),
@@ -1313,11 +1334,14 @@ class DemuxReader:
         self.limit = limit
         self.out = {1: bytearray(), 2: bytearray()}
         self.truncated = {1: False, 2: False}
+        self.counted = {1: 0, 2: 0}  # every byte of each stream, kept or not
         # When set, frames go here (streaming) instead of being collected.
         self.sink: Callable[[int, bytes], Any] | None = None
 
     def run(self) -> None:
         for stream, data in demux_frames(self.sock):
+            if stream in self.counted:
+                self.counted[stream] += len(data)
             self._keep(stream, data)
 
     def _keep(self, stream: int, data: bytes) -> None:
@@ -1405,6 +1429,20 @@ def oom_kill_count(container_id: str) -> int | None:
     return None
 
 
+def container_pid_of(host_pid: int, container_id: str) -> int | None:
+    """The pid inside its container of a host process of that container (None: not one of
+    its processes, or this host cannot see it)."""
+    try:
+        with open(f"/proc/{host_pid}/cgroup", encoding="ascii", errors="replace") as cgroup:
+            if container_id not in cgroup.read():
+                return None
+        with open(f"/proc/{host_pid}/status", encoding="ascii", errors="replace") as status:
+            ns_pids = [line.split()[1:] for line in status if line.startswith("NSpid:")]
+    except OSError:
+        return None
+    return int(ns_pids[0][-1]) if ns_pids and ns_pids[0] else None
+
+
 def kill_exec_group(host_pid: int, container_id: str,
                     sig: signal.Signals = signal.SIGKILL) -> int | None:
     """Signal an exec's process group from the host; return its pid inside the container.
@@ -1415,15 +1453,9 @@ def kill_exec_group(host_pid: int, container_id: str,
     must be the container's (its cgroup names the container): where the engine's pids are
     not this host's (a remote engine), nothing is killed here.
     """
-    try:
-        with open(f"/proc/{host_pid}/cgroup", encoding="ascii", errors="replace") as cgroup:
-            if container_id not in cgroup.read():
-                return None
-        with open(f"/proc/{host_pid}/status", encoding="ascii", errors="replace") as status:
-            ns_pids = [line.split()[1:] for line in status if line.startswith("NSpid:")]
-    except OSError:
+    container_pid = container_pid_of(host_pid, container_id)
+    if container_pid is None:
         return None
-    container_pid = int(ns_pids[0][-1]) if ns_pids and ns_pids[0] else None
     try:
         os.killpg(host_pid, sig)
         return None
@@ -3078,14 +3110,16 @@ class ExecRequest:
     root: str = WORKSPACE
     tty: bool = False  # a terminal: stdin open, output as one stream
     source: str = "api"  # who asked, for the audit record: api, terminal, e2b
+    stdin: bool = False  # stdin stays open for the client's writes
 
 
 def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
                  timeout: Any = None, root: str = WORKSPACE, tty: bool = False,
-                 source: str = "api") -> ExecRequest:
+                 source: str = "api", unlimited: bool = False) -> ExecRequest:
     """The rules of a client's command, whoever asks: argv a list of strings without NUL,
     a valid environment, a working directory normalised (inside ``root``, where there is
-    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (none for a terminal)."""
+    one) and a timeout within CLAWDSPACE_EXEC_MAX_TIMEOUT (none for a terminal; 0 for none
+    where ``unlimited``: a command whose output streams)."""
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise BadRequest("command required: a string (run by sh -c) or a list of strings",
                          "invalid_command")
@@ -3099,9 +3133,9 @@ def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
         limit = timeout
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
             raise BadRequest("timeout must be a number of seconds", "invalid_timeout")
-        if not 0 < limit <= config.exec_max_timeout:
+        if not (0 < limit <= config.exec_max_timeout or (unlimited and limit == 0)):
             raise BadRequest(f"timeout must be between 0 and {config.exec_max_timeout} "
-                             "seconds", "invalid_timeout")
+                             f"seconds{' (0: none)' if unlimited else ''}", "invalid_timeout")
     if root:
         where = check_workdir(workdir)
     elif isinstance(workdir, str) and workdir.startswith("/") and "\x00" not in workdir:
@@ -3113,25 +3147,42 @@ def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
                        workdir=where, timeout=float(limit), root=root, tty=tty, source=source)
 
 
-def parse_exec(body: dict[str, Any], config: Config) -> ExecRequest:
-    """A ``POST /api/spaces/:name/exec`` body."""
-    check_fields(body, {"command", "env", "workdir", "timeout"})
+def parse_exec(body: dict[str, Any], config: Config) -> tuple[ExecRequest, str]:
+    """A ``POST /api/spaces/:name/exec`` body: the command, and how it is answered: ``wait``
+    (the result when it ends), ``stream`` (events as output arrives) or ``background`` (the
+    process at once)."""
+    check_fields(body, {"command", "env", "workdir", "timeout", "stream", "background",
+                        "stdin"})
+    stream = check_bool("stream", body.get("stream", False))
+    background = check_bool("background", body.get("background", False))
+    stdin = check_bool("stdin", body.get("stdin", False))
+    if stdin and not (stream or background):
+        raise BadRequest("stdin needs stream or background (a command that waits for its "
+                         "end cannot be written to)", "invalid_stdin")
     command = body.get("command")
     if isinstance(command, str):
         if not command.strip():
             raise BadRequest("command required", "invalid_command")
         command = ["sh", "-c", command]
-    return exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
-                        body.get("timeout", config.exec_timeout))
+    req = exec_request(config, command, body.get("env", {}), body.get("workdir", WORKSPACE),
+                       body.get("timeout", config.exec_timeout),
+                       unlimited=stream or background)
+    mode = "background" if background else "stream" if stream else "wait"
+    return dataclasses.replace(req, stdin=stdin), mode
 
 
-def exec_event(req: ExecRequest) -> tuple[str, dict[str, Any]]:
+def command_of(argv: list[str]) -> Any:
+    """A command as the audit log and listings show it: ``sh -c`` text, else the argv."""
+    return argv[2] if argv[:2] == ["sh", "-c"] and len(argv) > 2 else argv
+
+
+def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
     """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
-    not the API's own exec), or ``terminal.open`` for a terminal's shell."""
+    not the API's own exec), or ``terminal.open`` for a terminal's shell; with the id of the
+    process it becomes."""
     if req.tty:
         return "terminal.open", {"shell": req.argv[0]}
-    meta: dict[str, Any] = {
-        "command": req.argv[2] if req.argv[:2] == ["sh", "-c"] else req.argv,
+    meta: dict[str, Any] = {"process": process, "command": command_of(req.argv),
         "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
     if req.source != "api":
         meta["source"] = req.source
@@ -3185,13 +3236,152 @@ def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
                       f"{req.root or 'the allowed directories'}", "invalid_workdir")
 
 
+PROCESS_STATUSES = ("running", "paused", "exited", "killed", "timed-out")
+PROCESS_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
+PROCESSES_KEPT = 64  # finished processes listed per space, at most
+STREAM_QUIET = 15.0  # seconds of quiet before a stream says it is alive
+
+
+@dataclasses.dataclass
+class Process:
+    """A client's command while it runs, and for a while after: what /processes shows."""
+
+    id: str
+    space: str
+    container_id: str
+    exec_id: str
+    argv: list[str]
+    cwd: str
+    user: str
+    env_keys: list[str]
+    source: str
+    started_at: float
+    pty: dict[str, int] | None = None
+    status: str = "running"
+    exit_code: int | None = None
+    signal: str | None = None  # the last signal a client sent it
+    ended_at: float | None = None
+    pid: int | None = None  # inside the space
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    spool: OutputSpool | None = None  # its output, for readers that come later
+    stdin: ExecSocket | None = None  # while the client may still write to it
+    result: dict[str, Any] | None = None  # how it ended, as the exit event says
+
+    def view(self, paused: bool = False) -> dict[str, Any]:
+        return {
+            "id": self.id, "pid": self.pid, "argv": self.argv,
+            "command": command if isinstance(command := command_of(self.argv), str)
+            else shlex.join(command),
+            "cwd": self.cwd, "user": self.user, "envKeys": self.env_keys, "pty": self.pty,
+            "source": self.source,
+            "status": "paused" if paused and self.status == "running" else self.status,
+            "exitCode": self.exit_code, "signal": self.signal,
+            "startedAt": epoch_to_iso(self.started_at),
+            "endedAt": epoch_to_iso(self.ended_at) if self.ended_at else None,
+            "stdoutBytes": self.stdout_bytes, "stderrBytes": self.stderr_bytes,
+            "stdin": self.stdin is not None, "result": self.result,
+            "output": None if self.spool is None else {
+                "oldest": self.spool.oldest(), "next": self.spool.end},
+        }
+
+
+class OutputSpool:
+    """A process's output for readers that come later: a ring file of ``capacity`` bytes in
+    the data directory (so a hundred chatty processes cost disk, not memory), offsets counting
+    every byte the process printed, and which stream each range came from. Readers wait on
+    ``changed``; what the ring no longer holds is reported as the oldest offset."""
+
+    def __init__(self, path: str, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.end = 0
+        self.ranges: collections.deque[list[int]] = collections.deque()  # [start, end, stream]
+        self.ended = False
+        self.changed = asyncio.Condition()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        self.fd: int | None = fd
+
+    def oldest(self) -> int:
+        return max(0, self.end - self.capacity)
+
+    def _write(self, data: bytes) -> None:
+        """Write at the ring position of ``self.end`` (blocking, small)."""
+        if self.fd is None:
+            return
+        view = memoryview(data)[-self.capacity:]
+        position = (self.end + len(data) - len(view)) % self.capacity
+        while view:
+            room = self.capacity - position
+            os.pwrite(self.fd, view[:room], position)
+            view, position = view[room:], 0
+
+    async def append(self, stream: int, data: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._write, data)
+        if self.ranges and self.ranges[-1][2] == stream and self.ranges[-1][1] == self.end:
+            self.ranges[-1][1] += len(data)
+        else:
+            self.ranges.append([self.end, self.end + len(data), stream])
+        self.end += len(data)
+        while self.ranges and (self.ranges[0][1] <= self.oldest() or len(self.ranges) > 4096):
+            self.ranges.popleft()
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def finish(self) -> None:
+        self.ended = True
+        async with self.changed:
+            self.changed.notify_all()
+
+    def _read(self, offset: int, size: int) -> bytes:
+        if self.fd is None:
+            return b""
+        parts, position, left = [], offset % self.capacity, size
+        while left > 0:
+            piece = os.pread(self.fd, min(left, self.capacity - position), position)
+            if not piece:
+                break
+            parts.append(piece)
+            left -= len(piece)
+            position = 0
+        return b"".join(parts)
+
+    async def read(self, offset: int, limit: int = 65536) -> list[tuple[int, int, bytes]]:
+        """(offset, stream, bytes) pieces from ``offset`` (at least the oldest kept)."""
+        pieces: list[tuple[int, int, bytes]] = []
+        for start, end, stream in list(self.ranges):
+            if end <= offset or limit <= 0:
+                continue
+            begin = max(start, offset, self.oldest())
+            size = min(end - begin, limit)
+            if size <= 0:
+                continue
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, self._read, begin, size)
+            if begin < self.oldest():  # overwritten while it was read: the reader retries
+                break
+            pieces.append((begin, stream, data))
+            limit -= size
+            offset = begin + size
+        return pieces
+
+    def remove(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 @dataclasses.dataclass
 class RunningExec:
-    """A started client command: the exec and its hijacked connection."""
+    """A started client command: the exec, its hijacked connection, its process."""
 
     container_id: str
     exec_id: str
     sock: ExecSocket
+    process: Process | None = None  # None for the service's own commands
 
 
 class Execs:
@@ -3205,20 +3395,132 @@ class Execs:
         self.engine = spaces.engine
         self.audit = spaces.audit
         self.activity = spaces.activity
+        self.processes: dict[str, Process] = {}  # id -> process, oldest first
+        self.relays: set[asyncio.Future[Any]] = set()  # streams whose client may be gone
+        self.spool_dir = os.path.join(config.data_dir, "processes")
+
+    async def startup(self) -> None:
+        """Processes are not followed across restarts: their spools from a last run go."""
+        def reset() -> None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+
+        await asyncio.get_running_loop().run_in_executor(None, reset)
+
+    async def outlive_client(self, relay: Awaitable[T]) -> T:
+        """Run ``relay`` (a stream to a client) to its end even if the request is cancelled
+        (the client went away): the command goes on and its output is drained."""
+        task = asyncio.ensure_future(relay)
+        self.relays.add(task)
+        task.add_done_callback(self.relays.discard)
+        return await asyncio.shield(task)
+
+    async def background(self, name: str, req: ExecRequest, actor: Actor) -> Process:
+        """Start a command that runs on its own: its output goes to a spool that any number of
+        readers follow (``follow``), its stdin (if asked) takes ``write_stdin``."""
+        stream = await self.stream(name, req, actor)
+        process = stream.process
+        try:
+            process.spool = OutputSpool(os.path.join(self.spool_dir, f"{process.id}.out"),
+                                        self.config.process_output_bytes)
+        except OSError as err:
+            await stream.close()
+            raise Unavailable(f"the process spool cannot be written: {err.strerror or err}",
+                              "disk_unavailable") from None
+        if req.stdin:
+            process.stdin = stream.running.sock
+        self.keep(self._drain(stream, process.spool))
+        return process
+
+    async def _drain(self, stream: ExecStream, spool: OutputSpool) -> None:
+        try:
+            async for piece, data in stream.output(STREAM_QUIET):
+                if piece:
+                    await spool.append(piece, data)
+        finally:
+            stream.process.stdin = None
+            stream.process.result = stream.result()
+            await spool.finish()
+
+    def keep(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self.relays.add(task)
+        task.add_done_callback(self.relays.discard)
+
+    async def follow(self, name: str, process_id: str, offset: int,
+                     wait: bool) -> AsyncIterator[tuple[int, int, bytes] | None]:
+        """A process's output from ``offset`` (the oldest kept, if that is gone): (offset,
+        stream, bytes) pieces, then, with ``wait``, live output until the process ends; None
+        after STREAM_QUIET seconds of quiet."""
+        process = self._process(name, process_id)
+        spool = process.spool
+        if spool is None:
+            raise Conflict(f"process {process_id} keeps no output (start it with background "
+                           "or stream)", "no_output")
+        while True:
+            pieces = await spool.read(max(offset, spool.oldest()))
+            for piece in pieces:
+                yield piece
+                offset = piece[0] + len(piece[2])
+            if pieces:
+                continue
+            if spool.ended or not wait:
+                return
+            async with spool.changed:
+                if spool.end <= offset and not spool.ended:
+                    try:
+                        await asyncio.wait_for(spool.changed.wait(), STREAM_QUIET)
+                    except asyncio.TimeoutError:
+                        yield None
+
+    async def write_stdin(self, name: str, process_id: str, data: bytes, eof: bool,
+                          actor: Actor) -> dict[str, Any]:
+        """Type ``data`` into a process's stdin; ``eof`` closes it."""
+        process = self._process(name, process_id)
+        sock = process.stdin
+        if sock is None:
+            raise Conflict(f"process {process_id} takes no input (started without stdin, "
+                           "its stdin closed, or it ended)", "no_stdin")
+        async with self.audit.action("process.stdin", name, {
+                "process": process_id, "bytes": len(data), "eof": eof}, actor):
+            try:
+                if data:
+                    await self.engine.stream(lambda: sock.sendall(data))
+            except OSError as err:
+                raise Conflict(f"process {process_id} stopped reading: {err}",
+                               "no_stdin") from None
+            if eof:
+                process.stdin = None
+                sock.shutdown(socket.SHUT_WR)
+        return process.view()
+
+    async def shutdown(self) -> None:
+        """The service stops: streams still relaying to clients (or draining) end here."""
+        relays = list(self.relays)
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     async def start_exec(self, name: str, req: ExecRequest, actor: Actor) -> RunningExec:
         """The one way a client's command starts (an API exec, a terminal, an E2B process):
         on the known container (inspecting only when that fails; a paused space is resumed,
         a stopped one refused), through COMMAND_SCRIPT, audited once between its creation
-        and its start, so nothing runs that was not audited."""
-        event, meta = exec_event(req)
+        and its start, so nothing runs that was not audited. It is listed as a process of the
+        space until a while after it ends (``finish``)."""
+        self.sweep()
+        if sum(p.space == name and p.ended_at is None for p in self.processes.values()) >= \
+                self.config.max_processes:
+            raise TooManyProcesses(f"space {name} already runs {self.config.max_processes} "
+                                   "processes (CLAWDSPACE_MAX_PROCESSES); end one first")
+        process_id = f"p-{os.urandom(6).hex()}"
+        event, meta = exec_event(req, process_id)
         confined_req = confined(req)
         for _ in range(3):
             container_id, user = await self.spaces.exec_target(name, actor)
             try:
                 exec_id = await self.engine.exec_create(
-                    container_id, confined_req.argv, user, req.env, "/", stdin=req.tty,
-                    tty=req.tty)
+                    container_id, confined_req.argv, user, req.env, "/",
+                    stdin=req.tty or req.stdin, tty=req.tty)
             except EngineError as err:
                 if err.status == 404:
                     self.spaces.forget(name)  # re-created or gone: look again
@@ -3237,8 +3539,109 @@ class Execs:
                 except EngineError as err:
                     raise Conflict(f"exec could not start: {err.message}",
                                    "exec_failed") from None
-            return RunningExec(container_id, exec_id, sock)
+            process = Process(process_id, name, container_id, exec_id, req.argv, req.workdir,
+                              user, sorted(req.env), req.source, self.activity.clock())
+            self.processes[process_id] = process
+            return RunningExec(container_id, exec_id, sock, process)
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
+
+    # -- processes ------------------------------------------------------------------------
+
+    def finish(self, running: RunningExec, exit_code: int | None, timed_out: bool = False,
+               counted: dict[int, int] | None = None) -> None:
+        """A client's command has ended: how, and how much it printed."""
+        process = running.process
+        if process is None or process.ended_at is not None:
+            return
+        process.ended_at = self.activity.clock()
+        process.exit_code = exit_code
+        process.status = "timed-out" if timed_out else "killed" if process.signal in (
+            "KILL", "TERM", "INT", "HUP", "QUIT") and exit_code is not None and (
+            exit_code > 128 or exit_code < 0) else "exited"
+        if counted:
+            process.stdout_bytes, process.stderr_bytes = counted.get(1, 0), counted.get(2, 0)
+
+    def sweep(self) -> None:
+        """Forget finished processes past CLAWDSPACE_PROCESS_RETENTION (and beyond the last
+        PROCESSES_KEPT of a space)."""
+        horizon = self.activity.clock() - self.config.process_retention
+        kept: dict[str, int] = {}
+        for process in reversed(list(self.processes.values())):
+            if process.ended_at is None:
+                continue
+            kept[process.space] = kept.get(process.space, 0) + 1
+            if process.ended_at < horizon or kept[process.space] > PROCESSES_KEPT:
+                del self.processes[process.id]
+                if process.spool is not None:
+                    process.spool.remove()
+
+    async def process_pid(self, process: Process) -> int | None:
+        """The process's pid inside its space (learnt once, from the engine's host pid)."""
+        if process.pid is None and process.ended_at is None:
+            with contextlib.suppress(EngineError, ClawdError):
+                host_pid = await self._host_pid(process.exec_id)
+                if host_pid > 0:
+                    process.pid = await asyncio.get_running_loop().run_in_executor(
+                        None, container_pid_of, host_pid, process.container_id)
+        return process.pid
+
+    async def list_processes(self, name: str) -> list[dict[str, Any]]:
+        """The space's processes, running and recently ended, oldest first."""
+        info = await self.spaces.inspect(name)
+        self.sweep()
+        paused = bool((info.get("State") or {}).get("Paused"))
+        found = [p for p in self.processes.values() if p.space == name]
+        for process in found:
+            await self.process_pid(process)
+        return [p.view(paused) for p in found]
+
+    async def get_process(self, name: str, process_id: str) -> dict[str, Any]:
+        process = self._process(name, process_id)
+        info = await self.spaces.inspect(name)
+        await self.process_pid(process)
+        return process.view(bool((info.get("State") or {}).get("Paused")))
+
+    def _process(self, name: str, process_id: str) -> Process:
+        check_space_name(name)
+        self.sweep()
+        process = self.processes.get(process_id)
+        if process is None or process.space != name:
+            raise NotFound(f"process {process_id[:40]} not found in space {name}",
+                           "process_not_found")
+        return process
+
+    async def signal_process(self, name: str, process_id: str, signal_name: Any,
+                             actor: Actor) -> dict[str, Any]:
+        """Signal a running process's whole group (a command's children too)."""
+        if not isinstance(signal_name, str) or signal_name.upper().removeprefix(
+                "SIG") not in PROCESS_SIGNALS:
+            raise BadRequest(f"signal must be one of {', '.join(PROCESS_SIGNALS)}",
+                             "invalid_signal")
+        word = signal_name.upper().removeprefix("SIG")
+        process = self._process(name, process_id)
+        if process.ended_at is not None:
+            raise Conflict(f"process {process_id} has ended ({process.status})",
+                           "process_ended")
+        async with self.audit.action("process.signal", name,
+                                     {"process": process_id, "signal": word}, actor):
+            process.signal = word
+            await self.kill_exec(process.container_id, process.exec_id,
+                                 signal.Signals[f"SIG{word}"])
+        return process.view()
+
+    async def stream(self, name: str, req: ExecRequest, actor: Actor) -> ExecStream:
+        """Start a command whose output is read as it comes (the caller iterates it)."""
+        check_space_name(name)
+        busy = contextlib.ExitStack()
+        busy.enter_context(self.activity.busy(name))
+        try:
+            running = await self.start_exec(name, req, actor)
+            ooms = await asyncio.get_running_loop().run_in_executor(
+                None, oom_kill_count, running.container_id)
+        except BaseException:
+            busy.close()
+            raise
+        return ExecStream(self, running, req.timeout or None, busy, ooms)
 
     async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
         """Run a command to its end; its output is collected (capped)."""
@@ -3256,7 +3659,7 @@ class Execs:
                 result["oomKilled"] = after is not None and after > ooms
                 if result["oomKilled"]:
                     await self.audit.record("space.exec.oom", name,
-                                            {"command": exec_event(req)[1]["command"]}, actor)
+                                            {"command": command_of(req.argv)}, actor)
         refusal = workdir_refusal(req, result)
         if refusal is not None:
             raise refusal
@@ -3331,7 +3734,11 @@ class Execs:
             if not task.done():
                 reader.abort()
             running.sock.close()
-        exit_code = (await self.engine.exec_inspect(running.exec_id)).get("ExitCode")
+        exit_code = None
+        try:
+            exit_code = (await self.engine.exec_inspect(running.exec_id)).get("ExitCode")
+        finally:
+            self.finish(running, exit_code, timed_out, reader.counted)
         if exit_code is None:
             exit_code = 137 if timed_out else -1
         return {
@@ -3345,6 +3752,17 @@ class Execs:
             "stderrTruncated": reader.truncated[2],
         }
 
+    async def _host_pid(self, exec_id: str) -> int:
+        """The host pid of a running exec; 0 once it has ended."""
+        for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
+            details = await self.engine.exec_inspect(exec_id)
+            if not details.get("Running"):
+                return 0
+            if int(details.get("Pid") or 0) > 0:
+                return int(details["Pid"])
+            await asyncio.sleep(0.05)
+        return 0
+
     async def exec_state(self, exec_id: str) -> tuple[bool, int | None]:
         """(still running?, exit code) of an exec."""
         details = await self.engine.exec_inspect(exec_id)
@@ -3354,13 +3772,8 @@ class Execs:
     async def kill_exec(self, container_id: str, exec_id: str,
                         sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal an exec's whole process group (a timeout, a closed terminal)."""
-        for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
-            details = await self.engine.exec_inspect(exec_id)
-            host_pid = details.get("Pid") or 0
-            if not details.get("Running") or host_pid > 0:
-                break
-            await asyncio.sleep(0.05)
-        if not details.get("Running") or host_pid <= 0:
+        host_pid = await self._host_pid(exec_id)
+        if host_pid <= 0:
             return
         container_pid = kill_exec_group(host_pid, container_id, sig)
         if container_pid is None:
@@ -3372,6 +3785,101 @@ class Execs:
             await self.engine.exec_run(
                 container_id,
                 ["sh", "-c", f"kill -s {sig.name[3:]} -- -{int(container_pid)}"], user)
+
+
+class ExecStream:
+    """A client's command whose output is read as it comes: (stream, bytes) pieces through a
+    bounded queue (a consumer that stops reading stalls the command's output, never the
+    service's memory), keepalive ticks while it is quiet, then how it ended. Its timeout is
+    kept by a timer of its own, whether or not anyone reads. The space is in use until the
+    command ends; a consumer that stops early must ``close`` it."""
+
+    def __init__(self, execs: Execs, running: RunningExec, timeout: float | None,
+                 busy: contextlib.ExitStack, ooms: int | None) -> None:
+        self.execs = execs
+        self.running = running
+        self.process: Process = running.process  # type: ignore[assignment]
+        self.busy = busy
+        self.ooms = ooms
+        self.started = time.monotonic()
+        self.timed_out = False
+        self.exit_code: int | None = None
+        self.oom_killed = False
+        self.reader = DemuxReader(running.sock, 0)
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
+        self.reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
+            self.queue.put((stream, data)), loop).result()
+        self.pump = loop.run_in_executor(execs.engine.streams, self._pump, loop)
+        self.timer = None if not timeout else loop.call_later(timeout, self._time_out)
+        self.killing: asyncio.Future[None] | None = None
+
+    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self.reader.run()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(self.queue.put(None), loop).result()
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.killing = asyncio.ensure_future(self.execs.kill_exec(
+            self.running.container_id, self.running.exec_id))
+
+    async def output(self, ping_every: float) -> AsyncIterator[tuple[int, bytes]]:
+        """(1 or 2, bytes) as the command prints them, and (0, b"") after ``ping_every``
+        seconds of quiet; ends when the command's output does, and then it is finished."""
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), ping_every)
+                except asyncio.TimeoutError:
+                    yield 0, b""
+                    continue
+                if item is None:
+                    break
+                self.execs.activity.touch(self.process.space)
+                yield item
+            await self._ended()
+        finally:
+            await self.close()
+
+    async def _ended(self) -> None:
+        if self.killing is not None:
+            await self.killing
+        running, code = await self.execs.exec_state(self.running.exec_id)
+        self.exit_code = code
+        if code == 137 and self.ooms is not None and not self.timed_out:
+            after = await asyncio.get_running_loop().run_in_executor(
+                None, oom_kill_count, self.running.container_id)
+            self.oom_killed = after is not None and after > self.ooms
+        self.execs.finish(self.running, code, self.timed_out, self.reader.counted)
+
+    def result(self) -> dict[str, Any]:
+        """How the command ended (after ``output`` has ended)."""
+        return {"exitCode": -1 if self.exit_code is None else self.exit_code,
+                "timedOut": self.timed_out, "oomKilled": self.oom_killed,
+                "durationMs": int((time.monotonic() - self.started) * 1000)}
+
+    async def close(self) -> None:
+        """Stop reading and release the space; a command whose output is still coming is
+        ended (its output has nowhere to go)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.pump.done():
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
+            self.reader.abort()
+        try:
+            await self.pump
+        except Exception:  # noqa: BLE001 - the reader's failure is only worth a line
+            log.exception("process %s: its output reader failed", self.process.id)
+        self.running.sock.close()
+        if self.exit_code is None and self.process.ended_at is None:
+            with contextlib.suppress(EngineError, ClawdError):
+                self.exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
+        self.execs.finish(self.running, self.exit_code, self.timed_out, self.reader.counted)
+        self.busy.close()
 
 
 ###############################################################################
@@ -4221,6 +4729,7 @@ class TerminalSession:
         self.opened = time.monotonic()
         self.shutting_down = False  # ended by the service's shutdown, not the shell
         self.closed = False
+        self.printed = 0
         self.busy = contextlib.ExitStack()
         self.busy.enter_context(execs.activity.busy(name))
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(TERMINAL_QUEUE_CHUNKS)
@@ -4244,6 +4753,7 @@ class TerminalSession:
         """What the shell prints, until it exits (or the service shuts down)."""
         while not self.shutting_down and (data := await self.queue.get()) is not None:
             self.execs.activity.touch(self.name)
+            self.printed += len(data)
             yield data
 
     def touch(self) -> None:
@@ -4256,10 +4766,11 @@ class TerminalSession:
             await self.execs.engine.stream(lambda: self.running.sock.sendall(data))
 
     async def resize(self, rows: int, cols: int) -> None:
+        rows, cols = min(max(rows, 1), TERMINAL_MAX_ROWS), min(max(cols, 1), TERMINAL_MAX_COLS)
         with contextlib.suppress(EngineError, ClawdError):
-            await self.execs.engine.exec_resize(
-                self.running.exec_id, min(max(rows, 1), TERMINAL_MAX_ROWS),
-                min(max(cols, 1), TERMINAL_MAX_COLS))
+            await self.execs.engine.exec_resize(self.running.exec_id, rows, cols)
+            if self.running.process is not None:
+                self.running.process.pty = {"cols": cols, "rows": rows}
 
     async def close(self) -> None:
         """End the shell if it still runs (a dropped ssh session's hangup: SIGHUP, which bash
@@ -4283,6 +4794,7 @@ class TerminalSession:
         exit_code: int | None = None
         with contextlib.suppress(EngineError, ClawdError):
             exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
+        self.execs.finish(self.running, exit_code, counted={1: self.printed})
         await self.execs.audit.record("terminal.close", self.name, {
             "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
             self.actor)
@@ -4847,31 +5359,23 @@ class E2bProcess:
 
 class E2bRun:
     """A command started through envd's Process/Start, as the events the SDK reads: its
-    start, output (through a bounded queue) and keepalives, its end, and the stream's
-    trailer. The sandbox is in use until the command ends."""
+    start, output and keepalives, its end, and the stream's trailer."""
 
-    def __init__(self, execs: Execs, sandbox: str, pid: int, running: RunningExec,
-                 timeout: float | None, busy: contextlib.ExitStack) -> None:
-        self.execs = execs
-        self.sandbox = sandbox
+    def __init__(self, stream: ExecStream, pid: int) -> None:
+        self.stream = stream
         self.pid = pid
-        self.running = running
-        self.timeout = timeout
-        self.busy = busy
 
     async def events(self, ping_every: float) -> AsyncIterator[tuple[dict[str, Any], bool]]:
         """(message, is the trailer) pairs, to the end; a consumer that stops writing them
         must still drain them (envd leaves a process running when its client goes)."""
         try:
             yield {"event": {"start": {"pid": self.pid}}}, False
-            timed_out = False
-            async for event in self._output(ping_every):
-                if event is None:
-                    timed_out = True
-                    continue
-                yield {"event": event}, False
-            _, code = await self.execs.exec_state(self.running.exec_id)
-            code = -1 if code is None or timed_out else code
+            async for stream, data in self.stream.output(ping_every):
+                yield {"event": {"keepalive": {}} if not stream else {"data": {
+                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
+                }, False
+            timed_out, code = self.stream.timed_out, self.stream.result()["exitCode"]
+            code = -1 if timed_out else code
             yield {"event": {"end": {
                 "exitCode": code, "exited": not timed_out,
                 "status": "signal: killed" if timed_out else f"exit status {code}"}}}, False
@@ -4879,56 +5383,7 @@ class E2bRun:
                               "message": "the command ran past its timeout"}}
                    if timed_out else {}), True
         finally:
-            self.running.sock.close()
-            self.busy.close()
-
-    async def _output(self, ping_every: float) -> AsyncIterator[dict[str, Any] | None]:
-        """Output and keepalive events; None once, when the timeout kills the command."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
-        reader = DemuxReader(self.running.sock, 0)
-        reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
-            queue.put((stream, data)), loop).result()
-        pump = loop.run_in_executor(self.execs.engine.streams, self._pump, reader, queue,
-                                    loop)
-        deadline = time.monotonic() + self.timeout if self.timeout else None
-        try:
-            while True:
-                wait = ping_every if deadline is None else min(ping_every,
-                                                               deadline - time.monotonic())
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(wait, 0.01))
-                except asyncio.TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        await self.execs.kill_exec(self.running.container_id,
-                                                    self.running.exec_id)
-                        deadline = None
-                        yield None
-                        continue
-                    item = (-1, b"")
-                if item is None:
-                    return
-                self.execs.activity.touch(self.sandbox)
-                stream, data = item
-                yield {"keepalive": {}} if stream < 0 else {"data": {
-                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
-        finally:
-            if not pump.done():
-                reader.abort()
-            try:
-                await pump
-            except Exception:  # noqa: BLE001 - the reader's failure is only worth a line
-                log.exception("e2b process %d: its output reader failed", self.pid)
-            self.running.sock.close()
-
-    @staticmethod
-    def _pump(reader: DemuxReader, queue: asyncio.Queue[tuple[int, bytes] | None],
-              loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            reader.run()
-        finally:
-            with contextlib.suppress(RuntimeError):
-                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+            await self.stream.close()
 
 
 class E2b:
@@ -5154,17 +5609,12 @@ class E2b:
         limit = min(timeout, float(self.config.exec_max_timeout)) if timeout else None
         req = exec_request(self.config, [cmd, *args], envs, cwd,
                            limit or self.config.exec_max_timeout, root="", source="e2b")
-        busy = contextlib.ExitStack()
-        busy.enter_context(self.activity.busy(sandbox))
-        try:
-            running = await self.execs.start_exec(sandbox, req, actor)
-        except BaseException:
-            busy.close()
-            raise
+        stream = await self.execs.stream(sandbox, req, actor)
+        running = stream.running
         pid = self._remember(E2bProcess(sandbox, running.container_id, running.exec_id,
                                         {"cmd": cmd, "args": args, "envs": envs,
                                          "cwd": req.workdir}, message.get("tag")))
-        return E2bRun(self.execs, sandbox, pid, running, limit, busy)
+        return E2bRun(stream, pid)
 
     def _remember(self, process: E2bProcess) -> int:
         self.next_pid += 1
@@ -5713,6 +6163,8 @@ def json_content(schema: dict[str, Any], description: str) -> dict[str, Any]:
 NAME_PARAM = {"name": "name", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63}}
 TEMPLATE_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+PROCESS_PARAM = {"name": "id", "in": "path", "required": True,
+                 "schema": {"type": "string", "examples": ["p-0123456789ab"]}}
 PATH_PARAM = {"name": "path", "in": "query", "required": True,
               "description": "Path relative to /workspace, e.g. /src/main.py",
               "schema": {"type": "string", "maxLength": 4096}}
@@ -5721,6 +6173,8 @@ MESSAGE = {"type": "object", "required": ["message"],
 SPACE_RESPONSE = json_content({"type": "object", "required": ["space"],
                                "properties": {"space": ref("Space")}}, "The space")
 BINARY = {"type": "string", "format": "binary"}
+PROCESS_RESPONSE = json_content({"type": "object", "required": ["process"],
+                                 "properties": {"process": ref("Process")}}, "The process")
 
 
 def query_param(name: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -5813,10 +6267,115 @@ async def start_space(request: web.Request) -> web.Response:
     return web.json_response({"message": "Space started"})
 
 
-async def exec_space(request: web.Request) -> web.Response:
+async def exec_space(request: web.Request) -> web.StreamResponse:
     name = check_space_name(request.match_info["name"])
-    req = parse_exec(await json_body(request), request.app[CONFIG_KEY])
-    return web.json_response(await request.app[EXECS_KEY].exec(name, req, actor(request)))
+    req, mode = parse_exec(await json_body(request), request.app[CONFIG_KEY])
+    execs = request.app[EXECS_KEY]
+    if mode == "wait":
+        return web.json_response(await execs.exec(name, req, actor(request)))
+    process = await execs.background(name, req, actor(request))
+    if mode == "background":
+        return web.json_response({"process": process.view()}, status=202)
+    return await send_output(request, execs, name, process.id, 0, True)
+
+
+class OutputEvents:
+    """A command's output as NDJSON events: UTF-8 text in ``data`` (a character split across
+    pieces waits for its end), and ``b64`` for bytes that are no text."""
+
+    def __init__(self) -> None:
+        self.decoders = {stream: codecs.getincrementaldecoder("utf-8")() for stream in (1, 2)}
+        self.pending = {1: b"", 2: b""}
+
+    def events(self, stream: int, data: bytes, final: bool = False) -> list[dict[str, Any]]:
+        kind = "stdout" if stream == 1 else "stderr"
+        try:
+            text = self.decoders[stream].decode(data, final)
+        except UnicodeDecodeError:
+            raw, self.pending[stream] = self.pending[stream] + data, b""
+            self.decoders[stream].reset()
+            return [{"type": kind, "b64": base64.b64encode(raw).decode()}]
+        self.pending[stream] = self.decoders[stream].getstate()[0]
+        return [{"type": kind, "data": text}] if text else []
+
+    def held(self, stream: int) -> int:
+        """Bytes of a character cut across pieces, waiting for the rest of it."""
+        return len(self.pending[stream])
+
+    def flush(self) -> list[dict[str, Any]]:
+        """What is left at the end: a cut character, as bytes."""
+        return [event for stream in (1, 2) if self.pending[stream]
+                for event in self.events(stream, b"", final=True)]
+
+
+async def send_output(request: web.Request, execs: Execs, name: str, process_id: str,
+                      offset: int, wait: bool) -> web.StreamResponse:
+    """A process's output as NDJSON, one event per line, flushed as it arrives: ``start``
+    (with the offset it starts at and the oldest kept), ``stdout``/``stderr`` (``next`` is
+    the offset to resume from), ``keepalive``, then ``exit`` once the process has ended (or
+    ``more`` when not waiting for it). A client that goes away stops only its own reading."""
+    process = await execs.get_process(name, process_id)
+    answer = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                         "Cache-Control": "no-store"})
+    await answer.prepare(request)
+
+    async def send(event: dict[str, Any]) -> None:
+        await answer.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    oldest = (process["output"] or {}).get("oldest", 0)
+    await send({"type": "start", "id": process_id, "pid": process["pid"],
+                "offset": max(offset, oldest), "oldest": oldest})
+    text = OutputEvents()
+    position = max(offset, oldest)
+    try:
+        async for piece in execs.follow(name, process_id, offset, wait):
+            if piece is None:
+                await send({"type": "keepalive"})
+                continue
+            start, stream, data = piece
+            position = start + len(data)
+            for event in text.events(stream, data):
+                await send({**event, "next": position - text.held(stream)})
+        for event in text.flush():
+            await send({**event, "next": position})
+        ended = await execs.get_process(name, process_id)
+        if ended["result"] is not None:
+            await send({"type": "exit", **ended["result"]})
+        else:
+            await send({"type": "more", "next": position})
+        await answer.write_eof()
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client went away; the process goes on
+    return answer
+
+
+async def process_output(request: web.Request) -> web.StreamResponse:
+    name = check_space_name(request.match_info["name"])
+    offset = query_int(request, "offset", 0, 0, 1 << 62)
+    return await send_output(request, request.app[EXECS_KEY], name, request.match_info["id"],
+                             offset, query_bool(request, "follow"))
+
+
+async def process_stdin(request: web.Request) -> web.Response:
+    name = check_space_name(request.match_info["name"])
+    eof = False
+    if request.content_type == "application/octet-stream":
+        data = await read_body(request)
+    else:
+        body = await json_body(request)
+        check_fields(body, {"data", "b64", "eof"})
+        eof = check_bool("eof", body.get("eof", False))
+        text, encoded = body.get("data"), body.get("b64")
+        if text is not None and not isinstance(text, str) or encoded is not None and (
+                not isinstance(encoded, str) or text is not None):
+            raise BadRequest("give data (text) or b64 (bytes), not both", "invalid_stdin")
+        try:
+            data = base64.b64decode(encoded, validate=True) if encoded is not None \
+                else (text or "").encode()
+        except ValueError:
+            raise BadRequest("b64 is not valid base64", "invalid_stdin") from None
+    return web.json_response({"process": await request.app[EXECS_KEY].write_stdin(
+        name, request.match_info["id"], data, eof, actor(request))})
 
 
 async def touch_space(request: web.Request) -> web.Response:
@@ -5826,6 +6385,29 @@ async def touch_space(request: web.Request) -> web.Response:
     spaces.activity.touch(name)
     return web.json_response({"message": "OK", "lastActivity": epoch_to_iso(
         spaces.activity.last(name) or spaces.activity.clock())})
+
+
+async def list_processes(request: web.Request) -> web.Response:
+    processes = await request.app[EXECS_KEY].list_processes(request.match_info["name"])
+    return web.json_response({"processes": processes})
+
+
+async def get_process(request: web.Request) -> web.Response:
+    return web.json_response({"process": await request.app[EXECS_KEY].get_process(
+        request.match_info["name"], request.match_info["id"])})
+
+
+async def signal_process(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    check_fields(body, {"signal"})
+    return web.json_response({"process": await request.app[EXECS_KEY].signal_process(
+        request.match_info["name"], request.match_info["id"], body.get("signal"),
+        actor(request))})
+
+
+async def kill_process(request: web.Request) -> web.Response:
+    return web.json_response({"process": await request.app[EXECS_KEY].signal_process(
+        request.match_info["name"], request.match_info["id"], "KILL", actor(request))})
 
 
 async def space_stats(request: web.Request) -> web.Response:
@@ -6095,14 +6677,47 @@ API_ROUTES: tuple[Route, ...] = (
           json_content(MESSAGE, "Paused"), (400, 404, 409)),
     Route("POST", "/api/spaces/{name}/start", start_space, NODE_KEY,
           "Resume or start a space", json_content(MESSAGE, "Started"), (400, 404, 409)),
-    Route("POST", "/api/spaces/{name}/exec", exec_space, NODE_KEY, "Run a command",
-          json_content(ref("ExecResult"), "Finished"), (404, 409), body=ref("Exec")),
+    Route("POST", "/api/spaces/{name}/exec", exec_space, NODE_KEY,
+          "Run a command (stream=true: NDJSON events as output arrives)",
+          {**json_content(ref("ExecResult"), "Finished"), "content": {
+              "application/json": {"schema": ref("ExecResult")},
+              "application/x-ndjson": {"schema": ref("ExecEvent")}}},
+          (404, 409, 429), body=ref("Exec")),
     Route("POST", "/api/spaces/{name}/touch", touch_space, NODE_KEY,
           "Mark a space active (resumes a paused one)", json_content(
               {"type": "object", "required": ["message", "lastActivity"],
                "properties": {"message": {"type": "string"},
                               "lastActivity": {"type": "string"}}}, "Touched"),
           (400, 404, 409)),
+    Route("GET", "/api/spaces/{name}/processes", list_processes, NODE_KEY,
+          "Processes of the space: running commands and shells, and recently ended ones",
+          json_content({"type": "object", "required": ["processes"], "properties": {
+              "processes": {"type": "array", "items": ref("Process")}}}, "Processes"),
+          (400, 404)),
+    Route("GET", "/api/spaces/{name}/processes/{id}", get_process, NODE_KEY, "One process",
+          PROCESS_RESPONSE, (400, 404)),
+    Route("POST", "/api/spaces/{name}/processes/{id}/signal", signal_process, NODE_KEY,
+          "Signal a running process's group", PROCESS_RESPONSE, (404, 409),
+          body={"type": "object", "required": ["signal"], "additionalProperties": False,
+                "properties": {"signal": {"enum": list(PROCESS_SIGNALS)}}}),
+    Route("GET", "/api/spaces/{name}/processes/{id}/output", process_output, NODE_KEY,
+          "A background process's output from an offset (follow=true: then live, to its "
+          "end), as NDJSON events", {"description": "Events", "content": {
+              "application/x-ndjson": {"schema": ref("ExecEvent")}}}, (400, 404, 409),
+          params=(query_param("offset", {"type": "integer", "minimum": 0}),
+                  query_param("follow", {"type": "boolean"}))),
+    Route("POST", "/api/spaces/{name}/processes/{id}/stdin", process_stdin, NODE_KEY,
+          "Write to a process's stdin (raw bytes, or JSON data/b64; eof closes it)",
+          PROCESS_RESPONSE, (400, 404, 409, 413), doc={"requestBody": {
+              "required": True, "content": {
+                  "application/json": {"schema": {
+                      "type": "object", "additionalProperties": False, "properties": {
+                          "data": {"type": "string"},
+                          "b64": {"type": "string", "contentEncoding": "base64"},
+                          "eof": {"type": "boolean"}}}},
+                  "application/octet-stream": {"schema": BINARY}}}}),
+    Route("DELETE", "/api/spaces/{name}/processes/{id}", kill_process, NODE_KEY,
+          "Kill a running process's group (SIGKILL)", PROCESS_RESPONSE, (400, 404, 409)),
     Route("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY, "Resource usage now",
           json_content({"type": "object", "required": ["stats"],
                         "properties": {"stats": ref("Stats")}}, "Stats"), (400, 404)),
@@ -6389,19 +7004,23 @@ async def envd_start(request: web.Request, e2b: E2b, sandbox: str) -> web.Stream
         keepalive) > 0 else 50.0
     run = await e2b.start_process(sandbox, message, timeout, actor(request))
     answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
-    client_gone = False
-    async for event, last in run.events(ping_every):
-        if client_gone:
-            continue  # keep draining: envd leaves a process running when a client goes
-        try:
-            if not answer.prepared:
-                await answer.prepare(request)
-            await answer.write(connect_envelope(event, end=last))
-            if last:
-                await answer.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            client_gone = True
-    return answer
+
+    async def relay() -> web.StreamResponse:
+        client_gone = False
+        async for event, last in run.events(ping_every):
+            if client_gone:
+                continue  # keep draining: envd leaves a process running when a client goes
+            try:
+                if not answer.prepared:
+                    await answer.prepare(request)
+                await answer.write(connect_envelope(event, end=last))
+                if last:
+                    await answer.write_eof()
+            except (ConnectionResetError, RuntimeError):
+                client_gone = True
+        return answer
+
+    return await run.stream.execs.outlive_client(relay())
 
 
 async def envd_filesystem(request: web.Request) -> web.Response:
@@ -6452,7 +7071,8 @@ def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b) -> tuple[Surface, Surfa
 ERROR_WORDS = {400: "Invalid input", 401: "Missing or wrong API key",
                403: "Outside /workspace, or a foreign Origin", 404: "Not found",
                409: "Conflict with the space's state", 411: "Content-Length required",
-               413: "Body too large", 507: "The space's disk is full",
+               413: "Body too large", 429: "Too many processes in the space",
+               507: "The space's disk is full",
                503: "The Docker engine or the audit log is unavailable"}
 
 
@@ -6509,7 +7129,44 @@ def component_schemas() -> dict[str, Any]:
                                        "items": {"type": "string"}}]},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "workdir": {"type": "string"},
-                "timeout": {"type": "number", "exclusiveMinimum": 0},
+                "timeout": {"type": "number", "minimum": 0,
+                            "description": "seconds; 0 (none) only with stream"},
+                "stream": {"type": "boolean"}, "background": {"type": "boolean"},
+                "stdin": {"type": "boolean"},
+            },
+        },
+        "ExecEvent": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["start", "stdout", "stderr", "keepalive", "exit",
+                                             "more"]},
+                           "id": {"type": "string"}, "pid": {"type": ["integer", "null"]},
+                           "offset": {"type": "integer"}, "oldest": {"type": "integer"},
+                           "next": {"type": "integer"},
+                           "data": {"type": "string"}, "b64": {"type": "string"},
+                           "exitCode": {"type": "integer"}, "timedOut": {"type": "boolean"},
+                           "oomKilled": {"type": "boolean"},
+                           "durationMs": {"type": "integer"}},
+        },
+        "Process": {
+            "type": "object",
+            "required": ["id", "pid", "argv", "command", "cwd", "user", "envKeys", "pty",
+                         "source", "status", "exitCode", "signal", "startedAt", "endedAt",
+                         "stdoutBytes", "stderrBytes", "stdin", "result", "output"],
+            "properties": {
+                "id": {"type": "string"}, "pid": {"type": ["integer", "null"]},
+                "argv": {"type": "array", "items": {"type": "string"}},
+                "command": {"type": "string"}, "cwd": {"type": "string"},
+                "user": {"type": "string"},
+                "envKeys": {"type": "array", "items": {"type": "string"}},
+                "pty": {"type": ["object", "null"]},
+                "source": {"enum": ["api", "terminal", "e2b"]},
+                "status": {"enum": list(PROCESS_STATUSES)},
+                "exitCode": {"type": ["integer", "null"]},
+                "signal": {"type": ["string", "null"]},
+                "startedAt": {"type": "string"}, "endedAt": {"type": ["string", "null"]},
+                "stdoutBytes": {"type": "integer"}, "stderrBytes": {"type": "integer"},
+                "stdin": {"type": "boolean"}, "result": {"type": ["object", "null"]},
+                "output": {"type": ["object", "null"]},
             },
         },
         "ExecResult": {
@@ -6597,6 +7254,8 @@ def openapi_document(routes: tuple[Route, ...] = API_ROUTES) -> dict[str, Any]:
         if "{name}" in route.path and "parameters" not in item:
             item["parameters"] = [NAME_PARAM if route.path.startswith("/api/spaces/")
                                   else TEMPLATE_PARAM]
+            if "{id}" in route.path:
+                item["parameters"].append(PROCESS_PARAM)
         item[route.method.lower()] = operation(route)
     return {
         "openapi": "3.1.0",
@@ -6680,6 +7339,7 @@ def create_app(config: Config) -> web.Application:
             if remove_temp_files(directory):
                 log.info("removed temporary files of interrupted writes in %s", directory)
         await spaces.startup()
+        await execs.startup()
         if not await firewall.check():
             log.warning("egress firewall inactive: %s", firewall.error)
         await nodes.startup()
@@ -6687,6 +7347,7 @@ def create_app(config: Config) -> web.Application:
         await housekeeper.startup()
         yield
         await housekeeper.shutdown()
+        await execs.shutdown()
         await e2b.shutdown()
         await nodes.shutdown()
         await spaces.shutdown()

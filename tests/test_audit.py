@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ async def test_lifecycle_events(client: Api, space: SpaceMaker) -> None:
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
     create, execute, _, _, destroy = events
     assert create["meta"]["memory"] == 64 << 20 and create["meta"]["image"] == TEST_IMAGE
-    assert execute["meta"] == {"command": "echo hi", "envKeys": ["A"],
-                               "workdir": "/workspace", "timeout": 30.0}
+    assert re.fullmatch(r"p-[0-9a-f]{12}", execute["meta"]["process"])  # what it became
+    assert {k: v for k, v in execute["meta"].items() if k != "process"} == {
+        "command": "echo hi", "envKeys": ["A"], "workdir": "/workspace", "timeout": 30.0}
     assert destroy["meta"] == {"removeVolume": False}
 
     reply = await client.get("/api/audit", params={"space": name})

@@ -1,0 +1,345 @@
+"""Client commands as processes of a space: streaming exec (NDJSON as output arrives), the
+process list, signals and kills, the per-space cap, terminals' shells listed. Waits are on
+files the test creates, never on time."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import docker
+import pytest
+from conftest import (
+    Api,
+    MakeClient,
+    SpaceMaker,
+    Terminal,
+    in_container,
+    poll,
+    unique_name,
+)
+
+
+def auth(api: Api) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api.key}"}
+
+
+class Events:
+    """A streaming exec's NDJSON answer, read one event at a time."""
+
+    def __init__(self, lines: AsyncIterator[bytes]) -> None:
+        self.lines = lines
+        self.seen: list[dict[str, Any]] = []
+
+    async def next(self) -> dict[str, Any]:
+        line = await anext(self.lines)
+        event: dict[str, Any] = json.loads(line)
+        self.seen.append(event)
+        return event
+
+    async def until(self, kind: str) -> dict[str, Any]:
+        while (event := await self.next())["type"] != kind:
+            pass
+        return event
+
+    def text(self, kind: str = "stdout") -> str:
+        return "".join(e.get("data", "") for e in self.seen if e["type"] == kind)
+
+
+@contextlib.asynccontextmanager
+async def stream(api: Api, name: str, command: str, **fields: Any) -> AsyncIterator[Events]:
+    async with api.client.post(f"/api/spaces/{name}/exec", headers=auth(api),
+                               json={"command": command, "stream": True, **fields}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "application/x-ndjson"
+        yield Events(aiter(resp.content))
+
+
+def gate(tag: str) -> str:
+    """Shell that waits until the test creates /workspace/<tag> (no timing assumptions)."""
+    return f"while [ ! -e /workspace/{tag} ]; do sleep 0.05; done"
+
+
+async def processes(api: Api, name: str) -> list[dict[str, Any]]:
+    reply = await api.get(f"/api/spaces/{name}/processes")
+    assert reply.status == 200, reply.body
+    return reply.body["processes"]  # type: ignore[no-any-return]
+
+
+async def test_stream_sends_output_as_it_comes_and_the_process_is_listed(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient) -> None:
+    name = (await space(memory="64m", network="none"))["name"]
+    container = f"{client.config.prefix}{name}"
+    async with stream(client, name, f"echo first; {gate('go')}; echo second >&2; "
+                               "exit 3", env={"SECRET_TOKEN": "v-123"}) as events:
+        start = await events.next()
+        assert start["type"] == "start" and start["id"].startswith("p-")
+        assert isinstance(start["pid"], int) and start["pid"] > 1
+        first = await events.next()
+        assert first["type"] == "stdout" and first["data"] == "first\n"
+        assert first["next"] == len("first\n")
+        # The command has not ended: it waits on a file that does not exist yet.
+        [listed] = [p for p in await processes(client, name) if p["id"] == start["id"]]
+        assert listed["status"] == "running" and listed["pid"] == start["pid"]
+        assert listed["envKeys"] == ["SECRET_TOKEN"] and "v-123" not in json.dumps(listed)
+        assert listed["source"] == "api" and listed["cwd"] == "/workspace"
+        assert in_container(docker_api, container, "touch /workspace/go")[0] == 0
+        exit_event = await events.until("exit")
+        assert events.text("stderr") == "second\n"
+        assert exit_event["exitCode"] == 3 and exit_event["timedOut"] is False
+    got = await client.get(f"/api/spaces/{name}/processes/{start['id']}")
+    assert got.status == 200, got.body
+    ended = got.body["process"]
+    assert ended["status"] == "exited" and ended["exitCode"] == 3 and ended["endedAt"]
+    assert ended["stdoutBytes"] == len("first\n") and ended["stderrBytes"] == len("second\n")
+    audit = [e for e in client.audit_lines() if e.get("space") == name
+             and e["type"] == "space.exec"]
+    assert audit[-1]["meta"]["process"] == start["id"]
+    assert "v-123" not in json.dumps(audit)
+
+
+async def test_stream_text_is_never_split_and_bytes_are_base64(client: Api,
+                                                               shared_space: str) -> None:
+    # é is c3 a9: the halves arrive in two writes; ff fe is no UTF-8 at all.
+    async with stream(client, shared_space,
+                               r"printf '\303'; sleep 0.2; printf '\251 ok'; sleep 0.2; "
+                               r"printf '\377\376' >&2") as events:
+        await events.until("exit")
+    assert events.text() == "é ok"
+    assert all("b64" not in e for e in events.seen if e["type"] == "stdout")
+    raw = b"".join(base64.b64decode(e["b64"]) for e in events.seen if "b64" in e)
+    assert raw == b"\xff\xfe"
+
+
+async def test_stream_timeout_kills_and_reports(client: Api, shared_space: str) -> None:
+    async with stream(client, shared_space, "sleep 300", timeout=1) as events:
+        start = await events.next()
+        exit_event = await events.until("exit")
+    assert exit_event["timedOut"] is True
+    got = await client.get(f"/api/spaces/{shared_space}/processes/{start['id']}")
+    assert got.body["process"]["status"] == "timed-out"
+
+
+async def test_signal_and_kill_a_running_process(client: Api, shared_space: str) -> None:
+    async with stream(client, shared_space, "trap 'exit 143' TERM; sleep 300 & wait",
+                               timeout=0) as events:
+        start = await events.next()
+        url = f"/api/spaces/{shared_space}/processes/{start['id']}"
+        bad = await client.post(f"{url}/signal", {"signal": "BOGUS"})
+        assert bad.status == 400 and bad.error_code() == "invalid_signal"
+        sent = await client.post(f"{url}/signal", {"signal": "TERM"})
+        assert sent.status == 200, sent.body
+        assert sent.body["process"]["signal"] == "TERM"
+        exit_event = await events.until("exit")
+    assert exit_event["exitCode"] == 143
+    ended = (await client.get(url)).body["process"]
+    assert ended["status"] == "killed" and ended["signal"] == "TERM"
+    again = await client.delete(url)
+    assert again.status == 409 and again.error_code() == "process_ended"
+    missing = await client.delete(f"/api/spaces/{shared_space}/processes/p-000000000000")
+    assert missing.status == 404 and missing.error_code() == "process_not_found"
+    signals = [e for e in client.audit_lines() if e["type"] == "process.signal"
+               and e["meta"]["process"] == start["id"]]
+    assert [e["meta"]["signal"] for e in signals] == ["TERM"]
+
+
+async def test_delete_kills_the_whole_group(client: Api, shared_space: str,
+                                            docker_api: docker.APIClient) -> None:
+    async with stream(client, shared_space, "sleep 3607 & sleep 300", timeout=0) as events:
+        start = await events.next()
+        killed = await client.delete(f"/api/spaces/{shared_space}/processes/{start['id']}")
+        assert killed.status == 200, killed.body
+        exit_event = await events.until("exit")
+    assert exit_event["exitCode"] == 137
+    container = f"{client.config.prefix}{shared_space}"
+
+    async def gone() -> bool:
+        code, out = in_container(docker_api, container, "ps -eo args")
+        return code == 0 and "sleep 3607" not in out.decode()
+
+    await poll(gone, what="the background child killed with its group")
+
+
+async def test_the_process_cap_is_429(make_client: MakeClient, space: SpaceMaker) -> None:
+    api = await make_client(max_processes=2)
+    name = (await space(memory="64m", network="none", api=api))["name"]
+    held: list[Any] = []
+    try:
+        for _ in range(2):
+            resp = await api.client.post(f"/api/spaces/{name}/exec", headers=auth(api), json={
+                "command": "sleep 300", "stream": True, "timeout": 0})
+            held.append(resp)
+            assert resp.status == 200
+            assert json.loads(await resp.content.readline())["type"] == "start"
+        refused = await api.post(f"/api/spaces/{name}/exec", {"command": "true"})
+        assert refused.status == 429 and refused.error_code() == "too_many_processes"
+    finally:
+        for process in await processes(api, name):
+            if process["status"] == "running":
+                await api.delete(f"/api/spaces/{name}/processes/{process['id']}")
+        for resp in held:
+            resp.close()
+
+    async def none_running() -> bool:
+        return all(p["status"] != "running" for p in await processes(api, name))
+
+    await poll(none_running, what="the killed processes ended")
+    assert (await api.post(f"/api/spaces/{name}/exec", {"command": "true"})).status == 200
+
+
+async def test_a_client_that_goes_away_leaves_the_command_running(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient) -> None:
+    name = (await space(memory="64m", network="none"))["name"]
+    container = f"{client.config.prefix}{name}"
+    resp = await client.client.post(f"/api/spaces/{name}/exec", headers=auth(client), json={
+        "command": f"{gate('go')}; echo done > /workspace/out", "stream": True, "timeout": 0})
+    start = json.loads(await resp.content.readline())
+    resp.close()  # the client is gone; the command waits on its file
+    assert in_container(docker_api, container, "touch /workspace/go")[0] == 0
+
+    async def ended() -> dict[str, Any] | None:
+        got = await client.get(f"/api/spaces/{name}/processes/{start['id']}")
+        process: dict[str, Any] = got.body["process"]
+        return process if process["status"] != "running" else None
+
+    process = await poll(ended, what="the command ended by itself")
+    assert process["status"] == "exited" and process["exitCode"] == 0
+    assert in_container(docker_api, container, "cat /workspace/out")[1] == b"done\n"
+
+
+async def test_a_terminal_shell_is_a_process(client: Api, shared_space: str) -> None:
+    ws = await client.client.ws_connect(f"/api/spaces/{shared_space}/terminal?cols=100&rows=30",
+                                        headers=auth(client))
+    term = Terminal(ws)
+    await term.type("echo here-$((1+1))\n")
+    await term.expect("here-2")
+    shells = [p for p in await processes(client, shared_space) if p["source"] == "terminal"
+              and p["status"] == "running"]
+    assert len(shells) == 1 and shells[0]["pty"] == {"cols": 100, "rows": 30}
+    await term.type("exit\n")
+    assert await term.closed() == 1000
+    await ws.close()
+
+    async def ended() -> bool:
+        listed = {p["id"]: p for p in await processes(client, shared_space)}
+        return bool(listed[shells[0]["id"]]["status"] == "exited")
+
+    await poll(ended, what="the shell listed as exited")
+
+
+async def test_background_then_reattach_from_any_offset_with_two_watchers(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient) -> None:
+    name = (await space(memory="64m", network="none"))["name"]
+    container = f"{client.config.prefix}{name}"
+    reply = await client.post(f"/api/spaces/{name}/exec", {
+        "command": f"echo one; {gate('go')}; echo two; exit 5", "background": True,
+        "timeout": 0})
+    assert reply.status == 202, reply.body
+    process = reply.body["process"]
+    url = f"/api/spaces/{name}/processes/{process['id']}/output"
+
+    async def first_line() -> bool:
+        got = await client.get(f"/api/spaces/{name}/processes/{process['id']}")
+        return bool(got.body["process"]["output"]["next"] >= 4)
+
+    await poll(first_line, what="the first line spooled")
+    # Not following: what is kept so far, then where to go on from.
+    async with client.client.get(url, headers=auth(client)) as resp:
+        events = Events(aiter(resp.content))
+        start = await events.next()
+        assert start["offset"] == 0 and start["oldest"] == 0
+        more = await events.until("more")
+    assert events.text() == "one\n" and more["next"] == 4
+    # Two watchers follow at once, one from a later offset.
+    async with client.client.get(url, headers=auth(client), params={"follow": "true"}) as a, \
+            client.client.get(url, headers=auth(client),
+                              params={"follow": "true", "offset": "4"}) as b:
+        watchers = [Events(aiter(a.content)), Events(aiter(b.content))]
+        for watcher in watchers:
+            assert (await watcher.next())["type"] == "start"
+        assert (await watchers[0].next())["data"] == "one\n"
+        assert in_container(docker_api, container, "touch /workspace/go")[0] == 0
+        exits = [await watcher.until("exit") for watcher in watchers]
+    assert [w.text() for w in watchers] == ["one\ntwo\n", "two\n"]
+    assert all(e["exitCode"] == 5 for e in exits)
+
+
+async def test_stdin_round_trip_and_eof(client: Api, shared_space: str) -> None:
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "read line; echo got:$line; cat; echo end", "background": True,
+        "stdin": True})
+    assert reply.status == 202, reply.body
+    process = reply.body["process"]
+    assert process["stdin"] is True
+    base = f"/api/spaces/{shared_space}/processes/{process['id']}"
+    assert (await client.post(f"{base}/stdin", {"data": "hello\n"})).status == 200
+    raw = await client.call("POST", f"{base}/stdin", data=b"\xc3\xa9\n",
+                            headers={"Content-Type": "application/octet-stream"})
+    assert raw.status == 200, raw.body
+    closed = await client.post(f"{base}/stdin", {"eof": True})
+    assert closed.status == 200 and closed.body["process"]["stdin"] is False
+    async with client.client.get(f"{base}/output", headers=auth(client),
+                                 params={"follow": "true"}) as resp:
+        events = Events(aiter(resp.content))
+        exit_event = await events.until("exit")
+    assert events.text() == "got:hello\né\nend\n" and exit_event["exitCode"] == 0
+    after = await client.post(f"{base}/stdin", {"data": "late"})
+    assert after.status == 409 and after.error_code() == "no_stdin"
+    writes = [e for e in client.audit_lines() if e["type"] == "process.stdin"
+              and e["meta"]["process"] == process["id"]]
+    assert [e["meta"]["bytes"] for e in writes] == [6, 3, 0]
+
+
+async def test_stdin_needs_a_process_that_keeps_it(client: Api, shared_space: str) -> None:
+    refused = await client.post(f"/api/spaces/{shared_space}/exec",
+                                {"command": "cat", "stdin": True})
+    assert refused.status == 400 and refused.error_code() == "invalid_stdin"
+    reply = await client.post(f"/api/spaces/{shared_space}/exec",
+                              {"command": "true", "background": True})
+    base = f"/api/spaces/{shared_space}/processes/{reply.body['process']['id']}"
+    closed = await client.post(f"{base}/stdin", {"data": "x"})
+    assert closed.status == 409 and closed.error_code() == "no_stdin"
+    both = await client.post(f"{base}/stdin", {"data": "x", "b64": "eA=="})
+    assert both.status == 400 and both.error_code() == "invalid_stdin"
+
+
+async def test_the_output_ring_keeps_the_newest_bytes(make_client: MakeClient,
+                                                      space: SpaceMaker) -> None:
+    api = await make_client(process_output_bytes=65536)
+    name = (await space(memory="64m", network="none", api=api))["name"]
+    reply = await api.post(f"/api/spaces/{name}/exec", {
+        "command": "head -c 200000 /dev/zero | tr '\\0' a; echo; echo tail-end",
+        "background": True})
+    base = f"/api/spaces/{name}/processes/{reply.body['process']['id']}"
+
+    async def ended() -> bool:
+        return bool((await api.get(base)).body["process"]["status"] == "exited")
+
+    await poll(ended, what="the printer ended")  # so the ring holds still while it is read
+    async with api.client.get(f"{base}/output", headers=auth(api),
+                              params={"follow": "true"}) as resp:
+        events = Events(aiter(resp.content))
+        start = await events.next()
+        await events.until("exit")
+    total = 200000 + 1 + len("tail-end\n")
+    assert start["oldest"] == start["offset"] and start["offset"] >= total - 65536
+    assert events.text().endswith("a\ntail-end\n")
+    assert len(events.text()) == total - start["offset"]
+
+
+async def test_timeout_zero_only_with_stream(client: Api, shared_space: str) -> None:
+    reply = await client.post(f"/api/spaces/{shared_space}/exec",
+                              {"command": "true", "timeout": 0})
+    assert reply.status == 400 and reply.error_code() == "invalid_timeout"
+    bad = await client.post(f"/api/spaces/{shared_space}/exec",
+                            {"command": "true", "stream": "yes"})
+    assert bad.status == 400 and bad.error_code() == "invalid_stream"
+
+
+@pytest.mark.parametrize("path", ["/processes", "/processes/p-000000000000"])
+async def test_processes_of_a_missing_space_are_404(client: Api, path: str) -> None:
+    reply = await client.get(f"/api/spaces/{unique_name('none')}{path}")
+    assert reply.status == 404
