@@ -1297,10 +1297,8 @@ def engine_message(err: docker.errors.APIError) -> str:
 EXEC_FRAME = struct.Struct(">BxxxL")  # Docker's multiplexed stream: stream id, length
 
 
-def demux_frames(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int, bytes]]:
-    """(stream, bytes) pieces of an exec's multiplexed output, until the socket ends."""
-    buffer = bytearray()
-    stream, left = 0, 0
+def socket_chunks(sock: ExecSocket, recv_size: int = 65536) -> Iterator[bytes]:
+    """What an exec's connection delivers, until it ends (or fails)."""
     while True:
         try:
             chunk = sock.recv(recv_size)
@@ -1308,6 +1306,14 @@ def demux_frames(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int
             return
         if not chunk:
             return
+        yield chunk
+
+
+def demux_frames(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int, bytes]]:
+    """(stream, bytes) pieces of an exec's multiplexed output, until the socket ends."""
+    buffer = bytearray()
+    stream, left = 0, 0
+    for chunk in socket_chunks(sock, recv_size):
         buffer += chunk
         while buffer:
             if left == 0:
@@ -1322,6 +1328,11 @@ def demux_frames(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int
             left -= take
 
 
+def raw_pieces(sock: ExecSocket, recv_size: int = 65536) -> Iterator[tuple[int, bytes]]:
+    """A TTY exec's output, all of it stdout, until the socket ends."""
+    return ((1, chunk) for chunk in socket_chunks(sock, recv_size))
+
+
 class DemuxReader:
     """Collects an exec's stdout and stderr from its socket.
 
@@ -1329,9 +1340,10 @@ class DemuxReader:
     gigabytes ends normally instead of blocking on a full pipe, and memory stays bounded.
     """
 
-    def __init__(self, sock: ExecSocket, limit: int) -> None:
+    def __init__(self, sock: ExecSocket, limit: int, raw: bool = False) -> None:
         self.sock = sock
         self.limit = limit
+        self.raw = raw  # a TTY exec: one stream, not multiplexed
         self.out = {1: bytearray(), 2: bytearray()}
         self.truncated = {1: False, 2: False}
         self.counted = {1: 0, 2: 0}  # every byte of each stream, kept or not
@@ -1339,7 +1351,7 @@ class DemuxReader:
         self.sink: Callable[[int, bytes], Any] | None = None
 
     def run(self) -> None:
-        for stream, data in demux_frames(self.sock):
+        for stream, data in (raw_pieces(self.sock) if self.raw else demux_frames(self.sock)):
             if stream in self.counted:
                 self.counted[stream] += len(data)
             self._keep(stream, data)
@@ -3111,6 +3123,7 @@ class ExecRequest:
     tty: bool = False  # a terminal: stdin open, output as one stream
     source: str = "api"  # who asked, for the audit record: api, terminal, e2b
     stdin: bool = False  # stdin stays open for the client's writes
+    pty: tuple[int, int] | None = None  # (rows, cols) of a command's pseudo-terminal
 
 
 def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
@@ -3127,7 +3140,7 @@ def exec_request(config: Config, argv: Any, env: Any, workdir: Any = WORKSPACE,
         raise BadRequest("command[0] must name a program", "invalid_command")
     if any("\x00" in arg for arg in argv):
         raise BadRequest("command must not contain NUL bytes", "invalid_command")
-    if tty:
+    if tty and source == "terminal":
         limit = 0.0
     else:
         limit = timeout
@@ -3152,13 +3165,16 @@ def parse_exec(body: dict[str, Any], config: Config) -> tuple[ExecRequest, str]:
     (the result when it ends), ``stream`` (events as output arrives) or ``background`` (the
     process at once)."""
     check_fields(body, {"command", "env", "workdir", "timeout", "stream", "background",
-                        "stdin"})
+                        "stdin", "pty"})
     stream = check_bool("stream", body.get("stream", False))
     background = check_bool("background", body.get("background", False))
     stdin = check_bool("stdin", body.get("stdin", False))
     if stdin and not (stream or background):
         raise BadRequest("stdin needs stream or background (a command that waits for its "
                          "end cannot be written to)", "invalid_stdin")
+    pty = None if body.get("pty") is None else check_pty(body["pty"])
+    if pty and not (stream or background):
+        raise BadRequest("pty needs stream or background", "invalid_pty")
     command = body.get("command")
     if isinstance(command, str):
         if not command.strip():
@@ -3168,7 +3184,20 @@ def parse_exec(body: dict[str, Any], config: Config) -> tuple[ExecRequest, str]:
                        body.get("timeout", config.exec_timeout),
                        unlimited=stream or background)
     mode = "background" if background else "stream" if stream else "wait"
+    if pty:
+        env = {"TERM": "xterm-256color", **req.env}
+        return dataclasses.replace(req, stdin=True, tty=True, pty=pty, env=env), mode
     return dataclasses.replace(req, stdin=stdin), mode
+
+
+def check_pty(value: Any) -> tuple[int, int]:
+    """A pseudo-terminal size: ``{"cols": 1-500, "rows": 1-200}`` as (rows, cols)."""
+    if not isinstance(value, dict) or set(value) - {"cols", "rows"} or not all(
+            isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
+            for k in ("cols", "rows")) or not (1 <= value["cols"] <= 500
+                                              and 1 <= value["rows"] <= 200):
+        raise BadRequest('pty must be {"cols": 1-500, "rows": 1-200}', "invalid_pty")
+    return value["rows"], value["cols"]
 
 
 def command_of(argv: list[str]) -> Any:
@@ -3180,7 +3209,7 @@ def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
     """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
     not the API's own exec), or ``terminal.open`` for a terminal's shell; with the id of the
     process it becomes."""
-    if req.tty:
+    if req.source == "terminal":
         return "terminal.open", {"shell": req.argv[0]}
     meta: dict[str, Any] = {"process": process, "command": command_of(req.argv),
         "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
@@ -3195,8 +3224,9 @@ def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
 #   elsewhere (the docker-level WorkingDir is only ever "/");
 # - the command runs under coreutils' timeout (where the image has it), so its time limit
 #   holds even when the service is killed or restarted while it runs. It fires a little after
-#   the service's own timer, which normally ends the command first. A terminal has no limit
-#   (and could not have this one: timeout puts its command out of the terminal's foreground).
+#   the service's own timer, which normally ends the command first. A terminal has no limit;
+#   a command on a pseudo-terminal stays in its foreground (--foreground: the service's timer
+#   then ends its children).
 WORKDIR_MARK = "clawdspace-workdir:"
 WORKDIR_FAILED = 125
 TIMEOUT_GRACE = 2
@@ -3213,7 +3243,10 @@ if [ "$1" != "$2" ]; then
 fi
 limit=$3
 shift 3
-[ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1 && exec timeout -s KILL "$limit" "$@"
+if [ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1; then
+    [ -t 0 ] && exec timeout --foreground -s KILL "$limit" "$@"
+    exec timeout -s KILL "$limit" "$@"
+fi
 exec "$@"
 """
 
@@ -3429,8 +3462,26 @@ class Execs:
                               "disk_unavailable") from None
         if req.stdin:
             process.stdin = stream.running.sock
+        if req.pty is not None:
+            await self.resize(process, *req.pty)
         self.keep(self._drain(stream, process.spool))
         return process
+
+    async def resize(self, process: Process, rows: int, cols: int) -> None:
+        with contextlib.suppress(EngineError, ClawdError):
+            await self.engine.exec_resize(process.exec_id, rows, cols)
+        process.pty = {"cols": cols, "rows": rows}
+
+    async def resize_process(self, name: str, process_id: str, body: dict[str, Any]
+                             ) -> dict[str, Any]:
+        """A running process's new pseudo-terminal size."""
+        rows, cols = check_pty(body)
+        process = self._process(name, process_id)
+        if process.pty is None or process.ended_at is not None:
+            raise Conflict(f"process {process_id} has no terminal to resize (or ended)",
+                           "no_pty")
+        await self.resize(process, rows, cols)
+        return process.view()
 
     async def _drain(self, stream: ExecStream, spool: OutputSpool) -> None:
         try:
@@ -3641,7 +3692,7 @@ class Execs:
         except BaseException:
             busy.close()
             raise
-        return ExecStream(self, running, req.timeout or None, busy, ooms)
+        return ExecStream(self, running, req.timeout or None, busy, ooms, req.tty)
 
     async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
         """Run a command to its end; its output is collected (capped)."""
@@ -3795,7 +3846,7 @@ class ExecStream:
     command ends; a consumer that stops early must ``close`` it."""
 
     def __init__(self, execs: Execs, running: RunningExec, timeout: float | None,
-                 busy: contextlib.ExitStack, ooms: int | None) -> None:
+                 busy: contextlib.ExitStack, ooms: int | None, tty: bool = False) -> None:
         self.execs = execs
         self.running = running
         self.process: Process = running.process  # type: ignore[assignment]
@@ -3805,7 +3856,7 @@ class ExecStream:
         self.timed_out = False
         self.exit_code: int | None = None
         self.oom_killed = False
-        self.reader = DemuxReader(running.sock, 0)
+        self.reader = DemuxReader(running.sock, 0, raw=tty)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
         self.reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
@@ -6405,6 +6456,11 @@ async def signal_process(request: web.Request) -> web.Response:
         actor(request))})
 
 
+async def resize_process(request: web.Request) -> web.Response:
+    return web.json_response({"process": await request.app[EXECS_KEY].resize_process(
+        request.match_info["name"], request.match_info["id"], await json_body(request))})
+
+
 async def kill_process(request: web.Request) -> web.Response:
     return web.json_response({"process": await request.app[EXECS_KEY].signal_process(
         request.match_info["name"], request.match_info["id"], "KILL", actor(request))})
@@ -6716,6 +6772,11 @@ API_ROUTES: tuple[Route, ...] = (
                           "b64": {"type": "string", "contentEncoding": "base64"},
                           "eof": {"type": "boolean"}}}},
                   "application/octet-stream": {"schema": BINARY}}}}),
+    Route("POST", "/api/spaces/{name}/processes/{id}/resize", resize_process, NODE_KEY,
+          "Resize a process's pseudo-terminal", PROCESS_RESPONSE, (404, 409),
+          body={"type": "object", "required": ["cols", "rows"], "additionalProperties": False,
+                "properties": {"cols": {"type": "integer", "minimum": 1, "maximum": 500},
+                               "rows": {"type": "integer", "minimum": 1, "maximum": 200}}}),
     Route("DELETE", "/api/spaces/{name}/processes/{id}", kill_process, NODE_KEY,
           "Kill a running process's group (SIGKILL)", PROCESS_RESPONSE, (400, 404, 409)),
     Route("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY, "Resource usage now",
@@ -7133,6 +7194,10 @@ def component_schemas() -> dict[str, Any]:
                             "description": "seconds; 0 (none) only with stream"},
                 "stream": {"type": "boolean"}, "background": {"type": "boolean"},
                 "stdin": {"type": "boolean"},
+                "pty": {"type": "object", "required": ["cols", "rows"],
+                        "additionalProperties": False, "properties": {
+                            "cols": {"type": "integer", "minimum": 1, "maximum": 500},
+                            "rows": {"type": "integer", "minimum": 1, "maximum": 200}}},
             },
         },
         "ExecEvent": {

@@ -330,6 +330,36 @@ async def test_the_output_ring_keeps_the_newest_bytes(make_client: MakeClient,
     assert len(events.text()) == total - start["offset"]
 
 
+async def test_a_command_on_a_pty_resizes_and_reads_its_terminal(client: Api,
+                                                                  shared_space: str) -> None:
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "tty; stty size; read x; stty size; echo term=$TERM", "background": True,
+        "pty": {"cols": 100, "rows": 30}})
+    assert reply.status == 202, reply.body
+    process = reply.body["process"]
+    assert process["pty"] == {"cols": 100, "rows": 30} and process["stdin"] is True
+    base = f"/api/spaces/{shared_space}/processes/{process['id']}"
+    async with client.client.get(f"{base}/output", headers=auth(client),
+                                 params={"follow": "true"}) as resp:
+        events = Events(aiter(resp.content))
+        while "30 100" not in events.text():
+            await events.next()
+        resized = await client.post(f"{base}/resize", {"cols": 120, "rows": 50})
+        assert resized.status == 200 and resized.body["process"]["pty"] == {
+            "cols": 120, "rows": 50}
+        assert (await client.post(f"{base}/stdin", {"data": "\r"})).status == 200
+        exit_event = await events.until("exit")
+    lines = events.text().replace("\r", "").splitlines()
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert "30 100" in lines and "50 120" in lines and "term=xterm-256color" in lines, lines
+    assert exit_event["exitCode"] == 0
+    ended = await client.post(f"{base}/resize", {"cols": 80, "rows": 24})
+    assert ended.status == 409 and ended.error_code() == "no_pty"
+    bad = await client.post(f"/api/spaces/{shared_space}/exec",
+                            {"command": "true", "pty": {"cols": 0, "rows": 5}})
+    assert bad.status == 400 and bad.error_code() == "invalid_pty"
+
+
 async def test_timeout_zero_only_with_stream(client: Api, shared_space: str) -> None:
     reply = await client.post(f"/api/spaces/{shared_space}/exec",
                               {"command": "true", "timeout": 0})

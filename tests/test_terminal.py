@@ -446,6 +446,13 @@ async def test_service_shutdown_hangs_up_terminals_and_audits_them(
                 await term.type("sleep 3604 & nohup sleep 3605 >/dev/null 2>&1 & "
                                 "echo started-$((1+1))\n")
                 await term.expect("started-2")
+
+                async def both_running() -> bool:  # nohup has set its SIGHUP aside by then
+                    running = shells(docker_api, container)
+                    return all(any(p == f"sleep sleep {n}" for p in running)  # comm args:
+                               for n in (3604, 3605))  # not "nohup nohup sleep" any more
+
+                await poll(both_running, what="both jobs running")
                 served.process.terminate()
                 assert await term.closed() == 1001
                 assert term.close_reason == "server shutting down"
