@@ -752,6 +752,16 @@ def check_cidr(value: Any, field: str) -> str:
         raise BadRequest(f"{field}: {value[:64]!r} is not a CIDR", "invalid_template") from None
 
 
+def decode_base64(value: Any, field: str, code: str) -> bytes:
+    """A base64 string of a request (strict: no stray characters)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a base64 string", code)
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise BadRequest(f"{field} is not valid base64", code) from None
+
+
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise BadRequest(f"{field} must be one of {', '.join(choices)}", f"invalid_{field}")
@@ -2556,12 +2566,7 @@ def parse_env_file(body: dict[str, Any]) -> tuple[str, bytes] | None:
             raise BadRequest("envFileText must be a string", "invalid_env_file")
         content = text.encode("utf-8", "surrogatepass")
     else:
-        if not isinstance(encoded, str):
-            raise BadRequest("envFileBase64 must be a base64 string", "invalid_env_file")
-        try:
-            content = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise BadRequest("Invalid envFileBase64", "invalid_env_file") from None
+        content = decode_base64(encoded, "envFileBase64", "invalid_env_file")
     if len(content) > ENV_FILE_MAX_BYTES:
         raise BadRequest("the env file is larger than 1 MiB", "invalid_env_file")
     if path is None:
@@ -3226,7 +3231,7 @@ def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
 #   holds even when the service is killed or restarted while it runs. It fires a little after
 #   the service's own timer, which normally ends the command first. A terminal has no limit;
 #   a command on a pseudo-terminal stays in its foreground (--foreground: the service's timer
-#   then ends its children).
+#   then ends its children), sized before it starts (CLAWDSPACE_TTY_SIZE, then unset).
 WORKDIR_MARK = "clawdspace-workdir:"
 WORKDIR_FAILED = 125
 TIMEOUT_GRACE = 2
@@ -3243,6 +3248,10 @@ if [ "$1" != "$2" ]; then
 fi
 limit=$3
 shift 3
+if [ -n "${CLAWDSPACE_TTY_SIZE:-}" ]; then
+    stty $CLAWDSPACE_TTY_SIZE 2>/dev/null
+    unset CLAWDSPACE_TTY_SIZE
+fi
 if [ "$limit" != 0 ] && command -v timeout >/dev/null 2>&1; then
     [ -t 0 ] && exec timeout --foreground -s KILL "$limit" "$@"
     exec timeout -s KILL "$limit" "$@"
@@ -3429,7 +3438,7 @@ class Execs:
         self.audit = spaces.audit
         self.activity = spaces.activity
         self.processes: dict[str, Process] = {}  # id -> process, oldest first
-        self.relays: set[asyncio.Future[Any]] = set()  # streams whose client may be gone
+        self.relays: set[asyncio.Future[Any]] = set()  # background processes being drained
         self.spool_dir = os.path.join(config.data_dir, "processes")
 
     async def startup(self) -> None:
@@ -3439,14 +3448,6 @@ class Execs:
             os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
 
         await asyncio.get_running_loop().run_in_executor(None, reset)
-
-    async def outlive_client(self, relay: Awaitable[T]) -> T:
-        """Run ``relay`` (a stream to a client) to its end even if the request is cancelled
-        (the client went away): the command goes on and its output is drained."""
-        task = asyncio.ensure_future(relay)
-        self.relays.add(task)
-        task.add_done_callback(self.relays.discard)
-        return await asyncio.shield(task)
 
     async def background(self, name: str, req: ExecRequest, actor: Actor) -> Process:
         """Start a command that runs on its own: its output goes to a spool that any number of
@@ -3498,8 +3499,8 @@ class Execs:
         self.relays.add(task)
         task.add_done_callback(self.relays.discard)
 
-    async def follow(self, name: str, process_id: str, offset: int,
-                     wait: bool) -> AsyncIterator[tuple[int, int, bytes] | None]:
+    async def follow(self, name: str, process_id: str, offset: int, wait: bool,
+                     quiet: float = STREAM_QUIET) -> AsyncIterator[tuple[int, int, bytes] | None]:
         """A process's output from ``offset`` (the oldest kept, if that is gone): (offset,
         stream, bytes) pieces, then, with ``wait``, live output until the process ends; None
         after STREAM_QUIET seconds of quiet."""
@@ -3520,7 +3521,7 @@ class Execs:
             async with spool.changed:
                 if spool.end <= offset and not spool.ended:
                     try:
-                        await asyncio.wait_for(spool.changed.wait(), STREAM_QUIET)
+                        await asyncio.wait_for(spool.changed.wait(), quiet)
                     except asyncio.TimeoutError:
                         yield None
 
@@ -3569,8 +3570,10 @@ class Execs:
         for _ in range(3):
             container_id, user = await self.spaces.exec_target(name, actor)
             try:
+                env = req.env if req.pty is None else {
+                    **req.env, "CLAWDSPACE_TTY_SIZE": f"rows {req.pty[0]} cols {req.pty[1]}"}
                 exec_id = await self.engine.exec_create(
-                    container_id, confined_req.argv, user, req.env, "/",
+                    container_id, confined_req.argv, user, env, "/",
                     stdin=req.tty or req.stdin, tty=req.tty)
             except EngineError as err:
                 if err.status == 404:
@@ -5406,35 +5409,43 @@ class E2bProcess:
     exec_id: str
     config: dict[str, Any]
     tag: str | None
+    process_id: str = ""  # the space's process (its output spool, its stdin)
 
 
 class E2bRun:
-    """A command started through envd's Process/Start, as the events the SDK reads: its
-    start, output and keepalives, its end, and the stream's trailer."""
+    """An envd process stream (Start, or Connect to a running one) as the events the SDK
+    reads: its start, output (``pty`` for a pseudo-terminal) and keepalives, its end, and the
+    stream's trailer. The command itself is a background process of the space: a client that
+    goes away stops only this stream."""
 
-    def __init__(self, stream: ExecStream, pid: int) -> None:
-        self.stream = stream
+    def __init__(self, execs: Execs, sandbox: str, process_id: str, pid: int, offset: int,
+                 pty: bool) -> None:
+        self.execs = execs
+        self.sandbox = sandbox
+        self.process_id = process_id
         self.pid = pid
+        self.offset = offset
+        self.pty = pty
 
     async def events(self, ping_every: float) -> AsyncIterator[tuple[dict[str, Any], bool]]:
-        """(message, is the trailer) pairs, to the end; a consumer that stops writing them
-        must still drain them (envd leaves a process running when its client goes)."""
-        try:
-            yield {"event": {"start": {"pid": self.pid}}}, False
-            async for stream, data in self.stream.output(ping_every):
-                yield {"event": {"keepalive": {}} if not stream else {"data": {
-                    "stdout" if stream == 1 else "stderr": base64.b64encode(data).decode()}}
-                }, False
-            timed_out, code = self.stream.timed_out, self.stream.result()["exitCode"]
-            code = -1 if timed_out else code
-            yield {"event": {"end": {
-                "exitCode": code, "exited": not timed_out,
-                "status": "signal: killed" if timed_out else f"exit status {code}"}}}, False
-            yield ({"error": {"code": "deadline_exceeded",
-                              "message": "the command ran past its timeout"}}
-                   if timed_out else {}), True
-        finally:
-            await self.stream.close()
+        """(message, is the trailer) pairs, to the end of the command."""
+        yield {"event": {"start": {"pid": self.pid}}}, False
+        async for piece in self.execs.follow(self.sandbox, self.process_id, self.offset, True,
+                                             ping_every):
+            if piece is None:
+                yield {"event": {"keepalive": {}}}, False
+                continue
+            kind = "pty" if self.pty else "stdout" if piece[1] == 1 else "stderr"
+            yield {"event": {"data": {kind: base64.b64encode(piece[2]).decode()}}}, False
+        result = (await self.execs.get_process(self.sandbox, self.process_id))["result"] or {}
+        timed_out = bool(result.get("timedOut"))
+        code = -1 if timed_out else int(result.get("exitCode", -1))
+        yield {"event": {"end": {
+            "exitCode": code, "exited": not timed_out,
+            "status": "signal: killed" if timed_out else f"exit status {code}"}}}, False
+        yield ({"error": {"code": "deadline_exceeded",
+                          "message": "the command ran past its timeout"}}
+               if timed_out else {}), True
 
 
 class E2b:
@@ -5660,12 +5671,53 @@ class E2b:
         limit = min(timeout, float(self.config.exec_max_timeout)) if timeout else None
         req = exec_request(self.config, [cmd, *args], envs, cwd,
                            limit or self.config.exec_max_timeout, root="", source="e2b")
-        stream = await self.execs.stream(sandbox, req, actor)
-        running = stream.running
-        pid = self._remember(E2bProcess(sandbox, running.container_id, running.exec_id,
+        size = json_object(json_object(message.get("pty"), "pty").get("size"), "pty.size")
+        if size:
+            req = dataclasses.replace(req, tty=True, stdin=True, env={
+                "TERM": "xterm-256color", **req.env}, pty=check_pty(
+                    {"cols": size.get("cols"), "rows": size.get("rows")}))
+        elif message.get("stdin") is True:
+            req = dataclasses.replace(req, stdin=True)
+        started = await self.execs.background(sandbox, req, actor)
+        pid = self._remember(E2bProcess(sandbox, started.container_id, started.exec_id,
                                         {"cmd": cmd, "args": args, "envs": envs,
-                                         "cwd": req.workdir}, message.get("tag")))
-        return E2bRun(stream, pid)
+                                         "cwd": req.workdir}, message.get("tag"), started.id))
+        return E2bRun(self.execs, sandbox, started.id, pid, 0, req.tty)
+
+    def _selected(self, sandbox: str, body: dict[str, Any]) -> tuple[int, E2bProcess]:
+        """The process a request's ``ProcessSelector`` names (by pid or tag)."""
+        selector = json_object(body.get("process"), "process")
+        for pid, process in self.processes.items():
+            if process.sandbox == sandbox and (pid == selector.get("pid") or (
+                    selector.get("tag") is not None and process.tag == selector.get("tag"))):
+                return pid, process
+        raise NotFound(f"process {str(selector)[:80]} not found")
+
+    async def connect_process(self, sandbox: str, body: dict[str, Any]) -> E2bRun:
+        """Process/Connect: the rest of a running command's output, then its end."""
+        pid, process = self._selected(sandbox, body)
+        view = await self.execs.get_process(sandbox, process.process_id)
+        return E2bRun(self.execs, sandbox, process.process_id, pid,
+                      (view["output"] or {}).get("next", 0), view["pty"] is not None)
+
+    async def send_input(self, sandbox: str, body: dict[str, Any], actor: Actor,
+                         eof: bool = False) -> dict[str, Any]:
+        """Process/SendInput (``input.stdin`` or ``input.pty``, base64) and CloseStdin."""
+        _, process = self._selected(sandbox, body)
+        data = b""
+        if not eof:
+            given = json_object(body.get("input"), "input")
+            data = decode_base64(given.get("stdin", given.get("pty")), "input.stdin (or pty)",
+                                 "invalid_argument")
+        await self.execs.write_stdin(sandbox, process.process_id, data, eof, actor)
+        return {}
+
+    async def update_process(self, sandbox: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Process/Update: a new pseudo-terminal size."""
+        _, process = self._selected(sandbox, body)
+        size = json_object(json_object(body.get("pty"), "pty").get("size"), "pty.size")
+        await self.execs.resize_process(sandbox, process.process_id, size)
+        return {}
 
     def _remember(self, process: E2bProcess) -> int:
         self.next_pid += 1
@@ -6420,11 +6472,8 @@ async def process_stdin(request: web.Request) -> web.Response:
         if text is not None and not isinstance(text, str) or encoded is not None and (
                 not isinstance(encoded, str) or text is not None):
             raise BadRequest("give data (text) or b64 (bytes), not both", "invalid_stdin")
-        try:
-            data = base64.b64decode(encoded, validate=True) if encoded is not None \
-                else (text or "").encode()
-        except ValueError:
-            raise BadRequest("b64 is not valid base64", "invalid_stdin") from None
+        data = decode_base64(encoded, "b64", "invalid_stdin") if encoded is not None \
+            else (text or "").encode()
     return web.json_response({"process": await request.app[EXECS_KEY].write_stdin(
         name, request.match_info["id"], data, eof, actor(request))})
 
@@ -6524,10 +6573,7 @@ async def write_file(request: web.Request) -> web.Response:
     if not isinstance(encoded, str):
         raise BadRequest("contentBase64 required (a base64 string; empty for an empty file)",
                          "invalid_content")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except ValueError:
-        raise BadRequest("contentBase64 is not valid base64", "invalid_content") from None
+    data = decode_base64(encoded, "contentBase64", "invalid_content")
     return web.json_response(await files.write(name, path, len(data), iter([data]),
                                                actor(request)))
 
@@ -7045,9 +7091,14 @@ async def envd_upload(request: web.Request) -> web.Response:
 async def envd_process(request: web.Request) -> web.StreamResponse:
     sandbox = await envd_sandbox(request)
     e2b, method = request.app[E2B_KEY], request.match_info["method"]
-    if method == "Start":
-        return await envd_start(request, e2b, sandbox)
+    if method in ("Start", "Connect"):
+        return await envd_start(request, e2b, sandbox, method)
     body = await optional_json_body(request)
+    if method in ("SendInput", "CloseStdin"):
+        return web.json_response(await e2b.send_input(sandbox, body, actor(request),
+                                                      eof=method == "CloseStdin"))
+    if method == "Update":
+        return web.json_response(await e2b.update_process(sandbox, body))
     if method == "List":
         return web.json_response(await e2b.list_processes(sandbox))
     if method == "SendSignal":
@@ -7055,15 +7106,19 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"process.Process/{method[:40]} is not supported by this node")
 
 
-async def envd_start(request: web.Request, e2b: E2b, sandbox: str) -> web.StreamResponse:
-    """Process/Start: a Connect server stream of the command's events."""
+async def envd_start(request: web.Request, e2b: E2b, sandbox: str,
+                     method: str) -> web.StreamResponse:
+    """Process/Start or Connect: a Connect server stream of the command's events."""
     message = read_envelope(await read_body(request))
     timeout_ms = request.headers.get("Connect-Timeout-Ms", "")
     timeout = int(timeout_ms) / 1000 if re.fullmatch(r"[0-9]{1,12}", timeout_ms) else None
     keepalive = request.headers.get("Keepalive-Ping-Interval", "")
     ping_every = float(keepalive) if re.fullmatch(r"[0-9]{1,6}", keepalive) and int(
         keepalive) > 0 else 50.0
-    run = await e2b.start_process(sandbox, message, timeout, actor(request))
+    if method == "Start":
+        run = await e2b.start_process(sandbox, message, timeout, actor(request))
+    else:
+        run = await e2b.connect_process(sandbox, message)
     answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
 
     async def relay() -> web.StreamResponse:
@@ -7081,7 +7136,7 @@ async def envd_start(request: web.Request, e2b: E2b, sandbox: str) -> web.Stream
                 client_gone = True
         return answer
 
-    return await run.stream.execs.outlive_client(relay())
+    return await relay()
 
 
 async def envd_filesystem(request: web.Request) -> web.Response:

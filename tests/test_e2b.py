@@ -17,6 +17,7 @@ import datetime as dt
 import fcntl
 import io
 import json
+import os
 import re
 import secrets
 import shutil
@@ -50,6 +51,7 @@ from e2b import (
     CommandExitException,
     FileNotFoundException,
     FileType,
+    PtySize,
     Sandbox,
     SandboxException,
     SandboxInfo,
@@ -353,6 +355,44 @@ def test_background_command_killed_once_running(shared: Shared,
     wait_for(lambda: marker not in running_args(docker_api, shared.container), 30,
              f"{marker!r} gone from the container after commands.kill")
     assert shared.sbx.commands.kill(handle.pid) is False
+
+
+def test_send_stdin_then_close_it(shared: Shared) -> None:
+    handle = shared.sbx.commands.run("read a; echo got-$a; cat; echo done", background=True,
+                                     stdin=True, timeout=120)
+    shared.sbx.commands.send_stdin(handle.pid, "one\n")
+    shared.sbx.commands.send_stdin(handle.pid, b"two\n")
+    shared.sbx.commands.close_stdin(handle.pid)
+    result = handle.wait()
+    assert result.exit_code == 0
+    assert result.stdout == "got-one\ntwo\ndone\n"
+
+
+def test_connect_from_a_second_client_gets_the_rest_and_the_exit_code(
+        shared: Shared, opts: Opts, docker_api: docker.APIClient) -> None:
+    gate = f"/workspace/gate-{os.urandom(4).hex()}"
+    handle = shared.sbx.commands.run(
+        f"echo early; while [ ! -e {gate} ]; do sleep 0.05; done; echo late; exit 4",
+        background=True, timeout=120)
+    other = Sandbox.connect(shared.sbx.sandbox_id, **opts)
+    attached = other.commands.connect(handle.pid, timeout=120)
+    sh(docker_api, shared.container, f"touch {gate}")
+    with pytest.raises(CommandExitException) as ended:
+        attached.wait()
+    assert ended.value.exit_code == 4
+    assert "late" in ended.value.stdout
+
+
+def test_pty_create_send_input_resize_and_kill(shared: Shared) -> None:
+    output = bytearray()
+    terminal = shared.sbx.pty.create(PtySize(rows=30, cols=100), timeout=120)
+    shared.sbx.pty.send_stdin(terminal.pid, b"tty\n")
+    shared.sbx.pty.resize(terminal.pid, PtySize(rows=50, cols=120))  # done before it returns
+    shared.sbx.pty.send_stdin(terminal.pid, b"stty size; exit 0\n")
+    result = terminal.wait(on_pty=lambda data: output.extend(data))
+    text = output.decode(errors="replace").replace("\r", "")
+    assert "50 120\n" in text and "/dev/pts/" in text, text
+    assert result.exit_code == 0
 
 
 # ---------------------------------------------------------------------------------------------
