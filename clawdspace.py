@@ -3438,7 +3438,7 @@ class Execs:
         self.audit = spaces.audit
         self.activity = spaces.activity
         self.processes: dict[str, Process] = {}  # id -> process, oldest first
-        self.relays: set[asyncio.Future[Any]] = set()  # background processes being drained
+        self.tasks = Tasks()  # background processes' output, drained into their spools
         self.spool_dir = os.path.join(config.data_dir, "processes")
 
     async def startup(self) -> None:
@@ -3465,7 +3465,8 @@ class Execs:
             process.stdin = stream.running.sock
         if req.pty is not None:
             await self.resize(process, *req.pty)
-        self.keep(self._drain(stream, process.spool))
+        spool = process.spool
+        self.tasks.spawn(f"output of {process.id}", lambda: self._drain(stream, spool))
         return process
 
     async def resize(self, process: Process, rows: int, cols: int) -> None:
@@ -3494,10 +3495,9 @@ class Execs:
             stream.process.result = stream.result()
             await spool.finish()
 
-    def keep(self, work: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(work)
-        self.relays.add(task)
-        task.add_done_callback(self.relays.discard)
+    def result(self, name: str, process_id: str) -> dict[str, Any] | None:
+        """How a process ended (None while it runs), as its exit event says."""
+        return self._process(name, process_id).result
 
     async def follow(self, name: str, process_id: str, offset: int, wait: bool,
                      quiet: float = STREAM_QUIET) -> AsyncIterator[tuple[int, int, bytes] | None]:
@@ -3547,11 +3547,8 @@ class Execs:
         return process.view()
 
     async def shutdown(self) -> None:
-        """The service stops: streams still relaying to clients (or draining) end here."""
-        relays = list(self.relays)
-        for relay in relays:
-            relay.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
+        """The service stops: the commands it follows are followed no more."""
+        await self.tasks.close()
 
     async def start_exec(self, name: str, req: ExecRequest, actor: Actor) -> RunningExec:
         """The one way a client's command starts (an API exec, a terminal, an E2B process):
@@ -5437,7 +5434,7 @@ class E2bRun:
                 continue
             kind = "pty" if self.pty else "stdout" if piece[1] == 1 else "stderr"
             yield {"event": {"data": {kind: base64.b64encode(piece[2]).decode()}}}, False
-        result = (await self.execs.get_process(self.sandbox, self.process_id))["result"] or {}
+        result = self.execs.result(self.sandbox, self.process_id) or {}
         timed_out = bool(result.get("timedOut"))
         code = -1 if timed_out else int(result.get("exitCode", -1))
         yield {"event": {"end": {
@@ -6441,9 +6438,9 @@ async def send_output(request: web.Request, execs: Execs, name: str, process_id:
                 await send({**event, "next": position - text.held(stream)})
         for event in text.flush():
             await send({**event, "next": position})
-        ended = await execs.get_process(name, process_id)
-        if ended["result"] is not None:
-            await send({"type": "exit", **ended["result"]})
+        result = execs.result(name, process_id)
+        if result is not None:
+            await send({"type": "exit", **result})
         else:
             await send({"type": "more", "next": position})
         await answer.write_eof()

@@ -161,7 +161,9 @@ def free_port(host: str) -> int:
 class Service:
     """``clawdspace.py serve`` as a subprocess on a loopback port, and a keep-alive session."""
 
-    def __init__(self, prefix: str, data_dir: str, trace: bool = False) -> None:
+    def __init__(self, prefix: str, data_dir: str, trace: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.extra_env = extra_env or {}  # more settings for the service's environment
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.key = secrets.token_urlsafe(24)
@@ -172,6 +174,12 @@ class Service:
         self.trace_path = os.path.join(data_dir, "trace.jsonl") if trace else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.session = self.new_session()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError("the service is not running")
+        return self.proc.pid
 
     def new_session(self) -> requests.Session:
         session = requests.Session()
@@ -195,6 +203,7 @@ class Service:
             # sample, no shell-history ingestion (file reads in every space) while timing.
             "CLAWDSPACE_IDLE_TIMEOUT": "86400",
             "CLAWDSPACE_HISTORY_INTERVAL": "0",
+            **self.extra_env,
         })
         command = [sys.executable, SERVICE, "serve"]
         if self.trace_path:  # the same service, with timing wrappers (see traced_serve)

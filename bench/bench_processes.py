@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +46,6 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_api import (  # noqa: E402 - bench/ is not a package
-    IMAGE,
-    ROOT,
-    SERVICE,
     WORKSPACE,
     BenchError,
     Service,
@@ -83,52 +78,6 @@ READ_CHUNK = 1 << 16  # client-side read size for NDJSON answers
 ENDED = ("exited", "killed", "timed-out")
 WAIT_S = 300.0  # the longest the many processes may take to end
 
-
-class ProcService(Service):
-    """bench_api's ``Service`` with a few more settings in the service's environment."""
-
-    def __init__(self, prefix: str, data_dir: str, extra_env: dict[str, str]) -> None:
-        super().__init__(prefix, data_dir)
-        self.extra_env = extra_env
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        for name in list(env):  # only the settings below, whatever the caller's shell has
-            if name.startswith("CLAWDSPACE_") or name == "API_KEY":
-                del env[name]
-        env.update({
-            "CLAWDSPACE_API_KEY": self.key,
-            "CLAWDSPACE_DATA_DIR": self.data_dir,
-            "CLAWDSPACE_HOST": self.host,
-            "CLAWDSPACE_PORT": str(self.port),
-            "CLAWDSPACE_PREFIX": self.prefix,
-            "CLAWDSPACE_IMAGE": IMAGE,
-            "CLAWDSPACE_IDLE_TIMEOUT": "86400",  # no auto-sleep in the middle of a run
-            "CLAWDSPACE_HISTORY_INTERVAL": "0",  # no shell-history reads while timing
-            **self.extra_env,
-        })
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv: this interpreter, our file
-                [sys.executable, SERVICE, "serve"], env=env, cwd=ROOT,
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the service exited with {self.proc.returncode}:\n"
-                                 f"{self.log_tail()}")
-            with contextlib.suppress(requests.RequestException):
-                reply = self.session.get(f"{self.base}/api/health", timeout=2)
-                if reply.status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise BenchError(f"GET /api/health did not answer 200 within 30 s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError("the service is not running")
-        return self.proc.pid
 
 
 # ###########################################################################
@@ -215,7 +164,7 @@ def tally(events: Iterator[dict[str, Any]], run: Run) -> None:
 class Streams:
     """The three ways to read ``cat`` of the file, on one container."""
 
-    def __init__(self, svc: ProcService, api: docker.APIClient, cid: str, user: str) -> None:
+    def __init__(self, svc: Service, api: docker.APIClient, cid: str, user: str) -> None:
         self.svc = svc
         self.api = api
         self.cid = cid
@@ -359,7 +308,7 @@ class Many:
         return self.watch.growth if self.watch is not None else 0
 
 
-def bench_many(svc: ProcService, api: docker.APIClient, cid: str, user: str,
+def bench_many(svc: Service, api: docker.APIClient, cid: str, user: str,
                count: int) -> Many:
     result = Many(count)
     command = (f"while [ ! -e {GATE} ]; do sleep 0.05; done; "
@@ -452,7 +401,7 @@ def print_many(many: Many) -> None:
 # Main
 # ###########################################################################
 
-def make_file(svc: ProcService, size: int) -> None:
+def make_file(svc: Service, size: int) -> None:
     """The text file ``cat`` prints, written (and read once, into the page cache) in the
     space; not timed."""
     made = svc.call("POST", f"/api/spaces/{SPACE}/exec", 200, {
@@ -507,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     client, user = found
     prefix = f"bench{secrets.token_hex(2)}-"
     data_dir = tempfile.mkdtemp(prefix="clawdspace-bench-")
-    svc = ProcService(prefix, data_dir, {"CLAWDSPACE_MAX_PROCESSES": str(MAX_PROCESSES)})
+    svc = Service(prefix, data_dir, extra_env={"CLAWDSPACE_MAX_PROCESSES": str(MAX_PROCESSES)})
     streams: Streams | None = None
     code = 1
     environment(client)
