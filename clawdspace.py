@@ -2691,6 +2691,9 @@ def space_host_config(config: Config, req: CreateRequest, volume: str, network_m
     return host
 
 
+REMOVED_KEPT = 1024
+
+
 class Spaces:
     """Spaces are containers named ``<prefix><name>`` labelled ``clawdspace.instance=<prefix>``.
 
@@ -2709,6 +2712,9 @@ class Spaces:
         # straight to the engine without an inspect first.
         self.known: dict[str, tuple[str, str]] = {}
         self.gpu_lock = asyncio.Lock()  # GPU choice and container create, one at a time
+        # Containers this service removed (the latest REMOVED_KEPT), so a command that ends
+        # with its space is known to have been cut off, not to have exited.
+        self.removed: dict[str, None] = {}
         self.tasks = Tasks()  # work nobody waits for (learning start times)
         self.reported: set[tuple[str, str]] = set()  # label problems already logged
         # Creates under way, on disk: what a create made before a crash is undone at start.
@@ -3028,6 +3034,9 @@ class Spaces:
         async with self.audit.action("space.destroy", name, {"removeVolume": remove_volume},
                                      actor):
             if info is not None:
+                self.removed[info["Id"]] = None
+                while len(self.removed) > REMOVED_KEPT:
+                    self.removed.pop(next(iter(self.removed)))
                 try:
                     await self.engine.remove_container(info["Id"])
                 except EngineError as err:
@@ -3210,17 +3219,18 @@ def command_of(argv: list[str]) -> Any:
     return argv[2] if argv[:2] == ["sh", "-c"] and len(argv) > 2 else argv
 
 
-def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
-    """The one audit record of a client's command: ``space.exec`` (with ``source`` when it is
-    not the API's own exec), or ``terminal.open`` for a terminal's shell; with the id of the
-    process it becomes."""
+def exec_event(req: ExecRequest, process: str,
+               background: bool = False) -> tuple[str, dict[str, Any]]:
+    """The one audit record of a client's command: ``space.exec`` (``process.start`` for one
+    that runs on its own; with ``source`` when it is not the API's own), or
+    ``terminal.open`` for a terminal's shell; with the id of the process it becomes."""
     if req.source == "terminal":
         return "terminal.open", {"shell": req.argv[0]}
     meta: dict[str, Any] = {"process": process, "command": command_of(req.argv),
         "envKeys": sorted(req.env), "workdir": req.workdir, "timeout": req.timeout}
     if req.source != "api":
         meta["source"] = req.source
-    return "space.exec", meta
+    return "process.start" if background else "space.exec", meta
 
 
 # Every command a client runs starts through this script, as the command's own user:
@@ -3231,7 +3241,11 @@ def exec_event(req: ExecRequest, process: str) -> tuple[str, dict[str, Any]]:
 #   holds even when the service is killed or restarted while it runs. It fires a little after
 #   the service's own timer, which normally ends the command first. A terminal has no limit;
 #   a command on a pseudo-terminal stays in its foreground (--foreground: the service's timer
-#   then ends its children), sized before it starts (CLAWDSPACE_TTY_SIZE, then unset).
+#   then ends its children), sized before it starts (CLAWDSPACE_TTY_SIZE, then unset);
+# - a background command's output goes to files of its own in the space (``spool``), so that
+#   it outlives the service's connection: the service follows them (SPOOL_READ_SCRIPT) and
+#   can pick them up again after a restart. The engine's stderr stays open on fd 7, so the
+#   exec's connection still ends when the command's process tree does.
 WORKDIR_MARK = "clawdspace-workdir:"
 WORKDIR_FAILED = 125
 TIMEOUT_GRACE = 2
@@ -3247,7 +3261,13 @@ if [ "$1" != "$2" ]; then
     [ -n "$here" ] || { echo "clawdspace-workdir: outside $1" >&2; exit 125; }
 fi
 limit=$3
-shift 3
+spool=$4
+shift 4
+if [ -n "$spool" ]; then
+    (umask 077 && mkdir -p -- "$spool" && : >>"$spool/1" && : >>"$spool/2") 2>/dev/null || {
+        echo "clawdspace-spool: cannot write $spool (is /tmp writable?)" >&2; exit 125; }
+    exec 7>&2 >>"$spool/1" 2>>"$spool/2"
+fi
 if [ -n "${CLAWDSPACE_TTY_SIZE:-}" ]; then
     stty $CLAWDSPACE_TTY_SIZE 2>/dev/null
     unset CLAWDSPACE_TTY_SIZE
@@ -3260,11 +3280,38 @@ exec "$@"
 """
 
 
-def confined(req: ExecRequest) -> ExecRequest:
-    """``req`` as run through COMMAND_SCRIPT."""
+def confined(req: ExecRequest, spool: str = "") -> ExecRequest:
+    """``req`` as run through COMMAND_SCRIPT (its output to ``spool``, a directory in the
+    space, where there is one)."""
     limit = str(math.ceil(req.timeout) + TIMEOUT_GRACE) if req.timeout else "0"
     return dataclasses.replace(req, workdir="/", argv=[
-        "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, *req.argv])
+        "sh", "-c", COMMAND_SCRIPT, "sh", req.workdir, req.root, limit, spool, *req.argv])
+
+
+# A background command's output files in its space, read as the space's user from byte
+# offsets of the service's (1-based for tail): with "follow", as they grow (ending by
+# themselves once the command's pid is gone, where tail knows --pid); without, what is left,
+# and then the files go. Which file a byte came from is which stream it is sent on; tail's
+# own complaints go nowhere.
+SPOOL_IN_SPACE = "/tmp/.clawdspace-processes"  # noqa: S108 - inside the space
+SPOOL_READ_SCRIPT = r"""
+(umask 077 && mkdir -p -- "$1" && : >>"$1/1" && : >>"$1/2") 2>/dev/null || exit 125
+how=
+if [ "$4" = follow ]; then
+    how=-f
+    if [ -n "$5" ] && tail --pid="$5" -c 0 -- /dev/null 2>/dev/null; then how="-f --pid=$5"; fi
+fi
+tail -c "+$2" $how -- "$1/1" 2>/dev/null &
+tail -c "+$3" $how -- "$1/2" 3>&2 2>/dev/null >&3 &
+wait
+[ "$4" = follow ] || rm -rf -- "$1"
+"""
+SPOOL_SIZES_SCRIPT = r"""
+for f in 1 2; do if [ -f "$1/$f" ]; then wc -c < "$1/$f"; else echo 0; fi; done
+"""
+# Bytes of a spool file already read are given back to the space's disk (a hole punched
+# behind the reader) once this much more than the retained ring has been read.
+SPOOL_PUNCH_STEP = 4 << 20
 
 
 def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
@@ -3281,7 +3328,8 @@ def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
 PROCESS_STATUSES = ("running", "paused", "exited", "killed", "timed-out")
 PROCESS_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 PROCESSES_KEPT = 64  # finished processes listed per space, at most
-STREAM_QUIET = 15.0  # seconds of quiet before a stream says it is alive
+STREAM_QUIET = 5.0  # seconds of quiet before a stream says it is alive
+KILL_GRACE = 5.0  # seconds a kill waits to see its process end, before answering
 
 
 @dataclasses.dataclass
@@ -3306,9 +3354,69 @@ class Process:
     pid: int | None = None  # inside the space
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    timeout: float = 0.0  # seconds from started_at; 0: none
+    tag: str | None = None  # a client's name for it (E2B's process tag)
+    spooled: bool = False  # its output goes to files in the space (a background command)
     spool: OutputSpool | None = None  # its output, for readers that come later
     stdin: ExecSocket | None = None  # while the client may still write to it
     result: dict[str, Any] | None = None  # how it ended, as the exit event says
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once ended
+
+    def record(self) -> dict[str, Any]:
+        """What the data directory keeps of it, so a restarted service takes it up again."""
+        return {"id": self.id, "space": self.space, "containerId": self.container_id,
+                "execId": self.exec_id, "argv": self.argv, "cwd": self.cwd, "user": self.user,
+                "envKeys": self.env_keys, "source": self.source, "startedAt": self.started_at,
+                "timeout": self.timeout, "pty": self.pty, "tag": self.tag,
+                "spooled": self.spooled, "pid": self.pid,
+                "ended": None if self.ended_at is None else {
+                    "status": self.status, "exitCode": self.exit_code, "signal": self.signal,
+                    "endedAt": self.ended_at, "stdoutBytes": self.stdout_bytes,
+                    "stderrBytes": self.stderr_bytes, "result": self.result,
+                    "output": None if self.spool is None else self.spool.state()}}
+
+    @classmethod
+    def from_record(cls, record: Any) -> Process | None:
+        """A process back from its record (None for one that is not a valid record)."""
+        def text(value: Any) -> bool:
+            return isinstance(value, str) and 0 < len(value) <= 4096
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not isinstance(record, dict) or not all(text(record.get(k)) for k in (
+                "id", "space", "containerId", "execId", "cwd", "source")) or not all(
+                number(record.get(k)) for k in ("startedAt", "timeout")) or not isinstance(
+                record.get("user"), str) or not isinstance(record.get("argv"), list) or not all(
+                isinstance(a, str) for a in record["argv"]) or not isinstance(
+                record.get("envKeys"), list) or not re.fullmatch(r"p-[0-9a-f]{12}",
+                                                                  record["id"]):
+            return None
+        pty = record.get("pty")
+        process = cls(record["id"], record["space"], record["containerId"], record["execId"],
+                      record["argv"], record["cwd"], record["user"],
+                      [str(k) for k in record["envKeys"]], record["source"],
+                      float(record["startedAt"]), timeout=float(record["timeout"]),
+                      pty={"cols": int(pty.get("cols", 80)), "rows": int(pty.get("rows", 24))}
+                      if isinstance(pty, dict) else None,
+                      tag=record["tag"] if isinstance(record.get("tag"), str) else None,
+                      spooled=record.get("spooled") is True,
+                      pid=record["pid"] if isinstance(record.get("pid"), int) else None)
+        ended = record.get("ended")
+        if isinstance(ended, dict):
+            process.status = ended["status"] if ended.get("status") in PROCESS_STATUSES \
+                else "exited"
+            code = ended.get("exitCode")
+            process.exit_code = code if isinstance(code, int) else None
+            process.signal = ended["signal"] if ended.get("signal") in PROCESS_SIGNALS \
+                else None
+            process.ended_at = float(ended["endedAt"]) if number(ended.get("endedAt")) \
+                else process.started_at
+            process.stdout_bytes = int(ended.get("stdoutBytes") or 0)
+            process.stderr_bytes = int(ended.get("stderrBytes") or 0)
+            process.result = ended["result"] if isinstance(ended.get("result"), dict) else None
+            process.done.set()
+        return process
 
     def view(self, paused: bool = False) -> dict[str, Any]:
         return {
@@ -3334,19 +3442,41 @@ class OutputSpool:
     every byte the process printed, and which stream each range came from. Readers wait on
     ``changed``; what the ring no longer holds is reported as the oldest offset."""
 
-    def __init__(self, path: str, capacity: int) -> None:
+    def __init__(self, path: str, capacity: int, base: int = 0,
+                 kept: dict[str, Any] | None = None) -> None:
+        """A new ring whose first byte is at offset ``base``, or, with ``kept`` (a
+        ``state()`` of before), the ring that file already holds."""
         self.path = path
         self.capacity = capacity
-        self.end = 0
+        self.base = base  # where its offsets begin (after a restart, not 0)
+        self.end = base
         self.ranges: collections.deque[list[int]] = collections.deque()  # [start, end, stream]
         self.ended = False
         self.changed = asyncio.Condition()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        self.fd: int | None = fd
+        self.appending = asyncio.Lock()  # writers in turn: offsets follow the file
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd: int | None = os.open(path, flags | (0 if kept else os.O_TRUNC), 0o600)
+        if kept:
+            self.base, self.end, self.ended = int(kept["base"]), int(kept["end"]), True
+            self.ranges.extend([int(a), int(b), int(c)] for a, b, c in kept["ranges"])
+
+    @staticmethod
+    def valid_state(kept: Any, capacity: int) -> bool:
+        """Whether ``kept`` is a ``state()`` this ring's file can be read back with."""
+        try:
+            ranges = [(int(a), int(b), int(c)) for a, b, c in kept["ranges"]]
+            base, end = int(kept["base"]), int(kept["end"])
+        except (TypeError, ValueError, KeyError):
+            return False
+        return kept.get("capacity") == capacity and 0 <= base <= end and all(
+            base <= a < b <= end and c in (1, 2) for a, b, c in ranges)
+
+    def state(self) -> dict[str, Any]:
+        return {"base": self.base, "end": self.end, "capacity": self.capacity,
+                "ranges": [list(r) for r in self.ranges]}
 
     def oldest(self) -> int:
-        return max(0, self.end - self.capacity)
+        return max(self.base, self.end - self.capacity)
 
     def _write(self, data: bytes) -> None:
         """Write at the ring position of ``self.end`` (blocking, small)."""
@@ -3360,14 +3490,16 @@ class OutputSpool:
             view, position = view[room:], 0
 
     async def append(self, stream: int, data: bytes) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._write, data)
-        if self.ranges and self.ranges[-1][2] == stream and self.ranges[-1][1] == self.end:
-            self.ranges[-1][1] += len(data)
-        else:
-            self.ranges.append([self.end, self.end + len(data), stream])
-        self.end += len(data)
-        while self.ranges and (self.ranges[0][1] <= self.oldest() or len(self.ranges) > 4096):
-            self.ranges.popleft()
+        async with self.appending:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, data)
+            if self.ranges and self.ranges[-1][2] == stream and self.ranges[-1][1] == self.end:
+                self.ranges[-1][1] += len(data)
+            else:
+                self.ranges.append([self.end, self.end + len(data), stream])
+            self.end += len(data)
+            while self.ranges and (self.ranges[0][1] <= self.oldest()
+                                   or len(self.ranges) > 4096):
+                self.ranges.popleft()
         async with self.changed:
             self.changed.notify_all()
 
@@ -3440,34 +3572,146 @@ class Execs:
         self.processes: dict[str, Process] = {}  # id -> process, oldest first
         self.tasks = Tasks()  # background processes' output, drained into their spools
         self.spool_dir = os.path.join(config.data_dir, "processes")
+        self.closing = False  # the service is shutting down: readers stop
+
+    # -- background processes and their records -------------------------------------------
+
+    def _path(self, process: Process, kind: str) -> str:
+        return os.path.join(self.spool_dir, f"{process.id}.{kind}")
 
     async def startup(self) -> None:
-        """Processes are not followed across restarts: their spools from a last run go."""
-        def reset() -> None:
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
-            os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        """The processes of the last run come back from their records: those that ended are
+        listed (with the output they kept) until their retention passes; those that still
+        ran are followed again (``_take_up``)."""
+        capacity = self.config.process_output_bytes
+        for process, kept in await asyncio.get_running_loop().run_in_executor(
+                None, self._load_records):
+            self.processes[process.id] = process
+            if process.ended_at is None:
+                self.tasks.spawn(f"taking up {process.id}",
+                                 functools.partial(self._take_up, process))
+            elif OutputSpool.valid_state(kept, capacity):
+                with contextlib.suppress(OSError):
+                    process.spool = OutputSpool(self._path(process, "out"), capacity, kept=kept)
 
-        await asyncio.get_running_loop().run_in_executor(None, reset)
+    def _load_records(self) -> list[tuple[Process, Any]]:
+        """(process, its kept output's state) of every valid record, oldest first; invalid
+        records and files no record names are removed (blocking)."""
+        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        remove_temp_files(self.spool_dir)
+        found: list[tuple[Process, Any]] = []
+        for entry in os.scandir(self.spool_dir):
+            if not entry.name.endswith(".json"):
+                continue
+            record = read_json_file(entry.path)
+            process = Process.from_record(record)
+            if process is None or entry.name != f"{process.id}.json":
+                log.warning("process record %s is not valid; it is removed", entry.name)
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                continue
+            found.append((process, (record.get("ended") or {}).get("output")))
+        known = {process.id for process, _ in found}
+        for entry in os.scandir(self.spool_dir):
+            if entry.name.partition(".")[0] not in known:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        return sorted(found, key=lambda pair: pair[0].started_at)
 
-    async def background(self, name: str, req: ExecRequest, actor: Actor) -> Process:
-        """Start a command that runs on its own: its output goes to a spool that any number of
-        readers follow (``follow``), its stdin (if asked) takes ``write_stdin``."""
-        stream = await self.stream(name, req, actor)
+    async def _save(self, process: Process) -> None:
+        """Write the process's record (before it starts, and once it has ended)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_json_atomic, self._path(process, "json"), process.record())
+        except OSError as err:
+            log.error("cannot record process %s: %s", process.id, err)
+            raise Unavailable(f"the process cannot be recorded: {err.strerror or err}",
+                              "disk_unavailable") from None
+
+    def _forget(self, process: Process) -> None:
+        if process.spool is not None:
+            process.spool.remove()
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(process, "json"))
+
+    async def background(self, name: str, req: ExecRequest, actor: Actor,
+                         tag: str | None = None) -> Process:
+        """Start a command that runs on its own: recorded before it starts, its output kept in
+        files in the space (on a pseudo-terminal: read from the terminal) and drained into a
+        spool that any number of readers follow (``follow``); its stdin (if asked) takes
+        ``write_stdin``. It outlives its clients, and the service's restarts."""
+        stream = await self.stream(name, req, actor, background=True, tag=tag)
         process = stream.process
         try:
-            process.spool = OutputSpool(os.path.join(self.spool_dir, f"{process.id}.out"),
+            process.spool = OutputSpool(self._path(process, "out"),
                                         self.config.process_output_bytes)
         except OSError as err:
             await stream.close()
             raise Unavailable(f"the process spool cannot be written: {err.strerror or err}",
                               "disk_unavailable") from None
         if req.stdin:
-            process.stdin = stream.running.sock
+            process.stdin = stream.sock
         if req.pty is not None:
             await self.resize(process, *req.pty)
+        await self.process_pid(process)
         spool = process.spool
-        self.tasks.spawn(f"output of {process.id}", lambda: self._drain(stream, spool))
+        positions = {1: 0, 2: 0} if process.spooled else None
+        self.tasks.spawn(f"output of {process.id}",
+                         lambda: self._drain(stream, spool, positions))
         return process
+
+    async def _take_up(self, process: Process) -> None:
+        """A process the last run left running: if it still runs, its output files are
+        followed again from the last ring's worth of each (what it printed while nobody read
+        is kept), its timeout holds and the space stays in use; if it has ended, what it kept
+        is read and its end recorded. A process on a pseudo-terminal ended with the last run's
+        connection (its terminal): it is recorded as killed."""
+        try:
+            alive = (await self.exec_state(process.exec_id))[0]
+        except EngineError:
+            alive = False  # gone with its container
+        capacity = self.config.process_output_bytes
+        sizes = {1: 0, 2: 0}
+        if process.spooled and alive and await self._wait_unpaused(process.container_id):
+            with contextlib.suppress(EngineError, ClawdError):
+                probe = await self.run_internal({"Id": process.container_id}, ExecRequest(
+                    argv=["sh", "-c", SPOOL_SIZES_SCRIPT, "sh", spool_in_space(process)],
+                    env={}, workdir="/", timeout=30), 1024, process.user)
+                found = [int(n) for n in probe["stdout"].split() if n.isdigit()]
+                if len(found) == 2:
+                    sizes = {1: found[0], 2: found[1]}
+        positions = {stream: size - min(size, capacity) for stream, size in sizes.items()}
+        process.stdout_bytes, process.stderr_bytes = positions[1], positions[2]
+        try:
+            spool = OutputSpool(self._path(process, "out"), capacity,
+                                base=sum(positions.values()))
+        except OSError as err:
+            log.error("process %s: its spool cannot be written: %s", process.id, err)
+            return
+        process.spool = spool
+        if not process.spooled and alive:
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.kill_exec(process.container_id, process.exec_id)
+        busy = contextlib.ExitStack()
+        busy.enter_context(self.activity.busy(process.space))
+        stream = ExecStream(self, process, None, busy, None, lost=not process.spooled)
+        log.info("process %s of space %s taken up (%s)", process.id, process.space,
+                 "running" if alive else "ended while the service was down")
+        await self._drain(stream, spool, positions if process.spooled else None)
+
+    async def _wait_unpaused(self, container_id: str) -> bool:
+        """Wait while the container is paused; whether it runs."""
+        while True:
+            try:
+                state = ((await self.engine.inspect_container(container_id)) or {}).get(
+                    "State") or {}
+            except EngineError:
+                return False
+            if not state:
+                return False
+            if not state.get("Paused"):
+                return bool(state.get("Running"))
+            await asyncio.sleep(2)
 
     async def resize(self, process: Process, rows: int, cols: int) -> None:
         with contextlib.suppress(EngineError, ClawdError):
@@ -3485,15 +3729,49 @@ class Execs:
         await self.resize(process, rows, cols)
         return process.view()
 
-    async def _drain(self, stream: ExecStream, spool: OutputSpool) -> None:
+    async def append_output(self, process: Process, spool: OutputSpool, stream: int,
+                            data: bytes) -> None:
+        await spool.append(stream, data)
+        if stream == 1:
+            process.stdout_bytes += len(data)
+        else:
+            process.stderr_bytes += len(data)
+
+    async def _drain(self, stream: ExecStream, spool: OutputSpool,
+                     positions: dict[int, int] | None) -> None:
+        """A background command's output into its spool until it ends: what the engine's
+        connection carries (all of it on a pseudo-terminal; for a spooled command only what
+        COMMAND_SCRIPT itself says) and its files in the space, followed from ``positions``
+        and read to their end once it has ended. At the service's shutdown it is left
+        running, as its record says, for the next start to take up."""
+        process = stream.process
+        follower = None if positions is None else SpoolFollower(self, process, spool,
+                                                                positions)
+        ended = False
         try:
+            if follower is not None:
+                await follower.start()
             async for piece, data in stream.output(STREAM_QUIET):
-                if piece:
-                    await spool.append(piece, data)
+                if piece in (1, 2):
+                    await self.append_output(process, spool, piece, data)
+            ended = True
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(stream, follower))
+            raise
         finally:
-            stream.process.stdin = None
-            stream.process.result = stream.result()
-            await spool.finish()
+            if not stream.abandoned:
+                process.stdin = None
+                await stream.close()  # it is listed as ended from here on
+                if follower is not None:
+                    await (follower.finish() if ended else follower.stop())
+                process.result = stream.result()
+                await spool.finish()
+                await self._save(process)
+
+    async def _abandon(self, stream: ExecStream, follower: SpoolFollower | None) -> None:
+        if follower is not None:
+            await follower.stop()
+        await stream.abandon()
 
     def result(self, name: str, process_id: str) -> dict[str, Any] | None:
         """How a process ended (None while it runs), as its exit event says."""
@@ -3509,7 +3787,7 @@ class Execs:
         if spool is None:
             raise Conflict(f"process {process_id} keeps no output (start it with background "
                            "or stream)", "no_output")
-        while True:
+        while not self.closing:
             pieces = await spool.read(max(offset, spool.oldest()))
             for piece in pieces:
                 yield piece
@@ -3519,22 +3797,26 @@ class Execs:
             if spool.ended or not wait:
                 return
             async with spool.changed:
-                if spool.end <= offset and not spool.ended:
+                if spool.end <= offset and not spool.ended and not self.closing:
                     try:
                         await asyncio.wait_for(spool.changed.wait(), quiet)
                     except asyncio.TimeoutError:
                         yield None
 
     async def write_stdin(self, name: str, process_id: str, data: bytes, eof: bool,
-                          actor: Actor) -> dict[str, Any]:
-        """Type ``data`` into a process's stdin; ``eof`` closes it."""
+                          actor: Actor | None) -> dict[str, Any]:
+        """Type ``data`` into a process's stdin; ``eof`` closes it. Audited per call, except
+        for an attached client (``actor`` None: its attach was audited, not each key)."""
         process = self._process(name, process_id)
         sock = process.stdin
         if sock is None:
             raise Conflict(f"process {process_id} takes no input (started without stdin, "
-                           "its stdin closed, or it ended)", "no_stdin")
-        async with self.audit.action("process.stdin", name, {
-                "process": process_id, "bytes": len(data), "eof": eof}, actor):
+                           "its stdin closed, it ended, or the service restarted since)",
+                           "no_stdin")
+        async with contextlib.AsyncExitStack() as audited:
+            if actor is not None:
+                await audited.enter_async_context(self.audit.action("process.stdin", name, {
+                    "process": process_id, "bytes": len(data), "eof": eof}, actor))
             try:
                 if data:
                     await self.engine.stream(lambda: sock.sendall(data))
@@ -3546,24 +3828,46 @@ class Execs:
                 sock.shutdown(socket.SHUT_WR)
         return process.view()
 
+    async def attach(self, name: str, process_id: str, actor: Actor) -> Process:
+        """A client attaches to a process (output, and its stdin if open): audited once."""
+        process = self._process(name, process_id)
+        if process.spool is None:
+            raise Conflict(f"process {process_id} keeps no output to attach to (start it "
+                           "with background or stream)", "no_output")
+        await self.audit.record("process.attach", name, {"process": process_id}, actor)
+        return process
+
+    async def stop_following(self) -> None:
+        """The service is going: readers of output stop now (they may resume from where they
+        were with the next start), rather than hold the shutdown up."""
+        self.closing = True
+        for process in list(self.processes.values()):
+            if process.spool is not None:
+                async with process.spool.changed:
+                    process.spool.changed.notify_all()
+
     async def shutdown(self) -> None:
-        """The service stops: the commands it follows are followed no more."""
+        """The service stops: the commands it follows are followed no more (background ones
+        run on, for the next start to take up)."""
         await self.tasks.close()
 
-    async def start_exec(self, name: str, req: ExecRequest, actor: Actor) -> RunningExec:
+    async def start_exec(self, name: str, req: ExecRequest, actor: Actor,
+                         background: bool = False, tag: str | None = None) -> RunningExec:
         """The one way a client's command starts (an API exec, a terminal, an E2B process):
         on the known container (inspecting only when that fails; a paused space is resumed,
         a stopped one refused), through COMMAND_SCRIPT, audited once between its creation
         and its start, so nothing runs that was not audited. It is listed as a process of the
-        space until a while after it ends (``finish``)."""
+        space until a while after it ends (``finish``). A ``background`` one is recorded
+        before it starts, and its output (off a pseudo-terminal) goes to files in the space."""
         self.sweep()
         if sum(p.space == name and p.ended_at is None for p in self.processes.values()) >= \
                 self.config.max_processes:
             raise TooManyProcesses(f"space {name} already runs {self.config.max_processes} "
                                    "processes (CLAWDSPACE_MAX_PROCESSES); end one first")
         process_id = f"p-{os.urandom(6).hex()}"
-        event, meta = exec_event(req, process_id)
-        confined_req = confined(req)
+        event, meta = exec_event(req, process_id, background)
+        spool = f"{SPOOL_IN_SPACE}/{process_id}" if background and not req.tty else ""
+        confined_req = confined(req, spool)
         for _ in range(3):
             container_id, user = await self.spaces.exec_target(name, actor)
             try:
@@ -3584,31 +3888,40 @@ class Execs:
                     raise Conflict(f"exec could not start: {err.message}",
                                    "exec_failed") from None
                 continue
-            async with self.audit.action(event, name, meta, actor):
-                try:
-                    sock = await self.engine.exec_attach(exec_id, tty=req.tty)
-                except EngineError as err:
-                    raise Conflict(f"exec could not start: {err.message}",
-                                   "exec_failed") from None
             process = Process(process_id, name, container_id, exec_id, req.argv, req.workdir,
-                              user, sorted(req.env), req.source, self.activity.clock())
+                              user, sorted(req.env), req.source, self.activity.clock(),
+                              timeout=req.timeout, tag=tag, spooled=bool(spool))
+            if background:  # before it starts: a crash from here on leaves it findable
+                await self._save(process)
+            try:
+                async with self.audit.action(event, name, meta, actor):
+                    try:
+                        sock = await self.engine.exec_attach(exec_id, tty=req.tty)
+                    except EngineError as err:
+                        raise Conflict(f"exec could not start: {err.message}",
+                                       "exec_failed") from None
+            except BaseException:
+                if background:
+                    self._forget(process)
+                raise
             self.processes[process_id] = process
             return RunningExec(container_id, exec_id, sock, process)
         raise Conflict("exec could not start: the space keeps changing state", "exec_failed")
 
     # -- processes ------------------------------------------------------------------------
 
-    def finish(self, running: RunningExec, exit_code: int | None, timed_out: bool = False,
-               counted: dict[int, int] | None = None) -> None:
-        """A client's command has ended: how, and how much it printed."""
-        process = running.process
+    def finish(self, process: Process | None, exit_code: int | None, timed_out: bool = False,
+               counted: dict[int, int] | None = None, stopped: bool = False) -> None:
+        """A client's command has ended: how (``stopped``: with its space, or its terminal
+        gone), and how much it printed."""
         if process is None or process.ended_at is not None:
             return
+        process.done.set()
         process.ended_at = self.activity.clock()
         process.exit_code = exit_code
-        process.status = "timed-out" if timed_out else "killed" if process.signal in (
-            "KILL", "TERM", "INT", "HUP", "QUIT") and exit_code is not None and (
-            exit_code > 128 or exit_code < 0) else "exited"
+        process.status = "timed-out" if timed_out else "killed" if stopped or (
+            process.signal in ("KILL", "TERM", "INT", "HUP", "QUIT") and exit_code is not None
+            and (exit_code > 128 or exit_code < 0)) else "exited"
         if counted:
             process.stdout_bytes, process.stderr_bytes = counted.get(1, 0), counted.get(2, 0)
 
@@ -3623,8 +3936,7 @@ class Execs:
             kept[process.space] = kept.get(process.space, 0) + 1
             if process.ended_at < horizon or kept[process.space] > PROCESSES_KEPT:
                 del self.processes[process.id]
-                if process.spool is not None:
-                    process.spool.remove()
+                self._forget(process)
 
     async def process_pid(self, process: Process) -> int | None:
         """The process's pid inside its space (learnt once, from the engine's host pid)."""
@@ -3636,15 +3948,18 @@ class Execs:
                         None, container_pid_of, host_pid, process.container_id)
         return process.pid
 
-    async def list_processes(self, name: str) -> list[dict[str, Any]]:
-        """The space's processes, running and recently ended, oldest first."""
-        info = await self.spaces.inspect(name)
+    async def processes_of(self, name: str) -> list[Process]:
+        """The space's processes, running and recently ended, oldest first, pids learnt."""
         self.sweep()
-        paused = bool((info.get("State") or {}).get("Paused"))
         found = [p for p in self.processes.values() if p.space == name]
         for process in found:
             await self.process_pid(process)
-        return [p.view(paused) for p in found]
+        return found
+
+    async def list_processes(self, name: str) -> list[dict[str, Any]]:
+        info = await self.spaces.inspect(name)
+        paused = bool((info.get("State") or {}).get("Paused"))
+        return [p.view(paused) for p in await self.processes_of(name)]
 
     async def get_process(self, name: str, process_id: str) -> dict[str, Any]:
         process = self._process(name, process_id)
@@ -3678,21 +3993,26 @@ class Execs:
             process.signal = word
             await self.kill_exec(process.container_id, process.exec_id,
                                  signal.Signals[f"SIG{word}"])
+        if word == "KILL":  # it cannot outlive this: answer once it is seen to have ended
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.done.wait(), KILL_GRACE)
         return process.view()
 
-    async def stream(self, name: str, req: ExecRequest, actor: Actor) -> ExecStream:
+    async def stream(self, name: str, req: ExecRequest, actor: Actor,
+                     background: bool = False, tag: str | None = None) -> ExecStream:
         """Start a command whose output is read as it comes (the caller iterates it)."""
         check_space_name(name)
         busy = contextlib.ExitStack()
         busy.enter_context(self.activity.busy(name))
         try:
-            running = await self.start_exec(name, req, actor)
+            running = await self.start_exec(name, req, actor, background, tag)
             ooms = await asyncio.get_running_loop().run_in_executor(
                 None, oom_kill_count, running.container_id)
         except BaseException:
             busy.close()
             raise
-        return ExecStream(self, running, req.timeout or None, busy, ooms, req.tty)
+        return ExecStream(self, running.process, running.sock, busy, ooms,  # type: ignore[arg-type]
+                          tty=req.tty)
 
     async def exec(self, name: str, req: ExecRequest, actor: Actor) -> ExecResult:
         """Run a command to its end; its output is collected (capped)."""
@@ -3789,7 +4109,7 @@ class Execs:
         try:
             exit_code = (await self.engine.exec_inspect(running.exec_id)).get("ExitCode")
         finally:
-            self.finish(running, exit_code, timed_out, reader.counted)
+            self.finish(running.process, exit_code, timed_out, reader.counted)
         if exit_code is None:
             exit_code = 137 if timed_out else -1
         return {
@@ -3820,6 +4140,12 @@ class Execs:
         code = details.get("ExitCode")
         return bool(details.get("Running")), None if code is None else int(code)
 
+    async def container_running(self, container_id: str) -> bool:
+        with contextlib.suppress(EngineError):
+            info = await self.engine.inspect_container(container_id)
+            return bool(((info or {}).get("State") or {}).get("Running"))
+        return False
+
     async def kill_exec(self, container_id: str, exec_id: str,
                         sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal an exec's whole process group (a timeout, a closed terminal)."""
@@ -3838,79 +4164,116 @@ class Execs:
                 ["sh", "-c", f"kill -s {sig.name[3:]} -- -{int(container_pid)}"], user)
 
 
-class ExecStream:
-    """A client's command whose output is read as it comes: (stream, bytes) pieces through a
-    bounded queue (a consumer that stops reading stalls the command's output, never the
-    service's memory), keepalive ticks while it is quiet, then how it ended. Its timeout is
-    kept by a timer of its own, whether or not anyone reads. The space is in use until the
-    command ends; a consumer that stops early must ``close`` it."""
+ADOPTED_POLL = 1.0  # seconds between asking the engine whether a taken-up command still runs
 
-    def __init__(self, execs: Execs, running: RunningExec, timeout: float | None,
-                 busy: contextlib.ExitStack, ooms: int | None, tty: bool = False) -> None:
+
+class ExecStream:
+    """A client's command as it runs: what its engine connection carries, as (stream, bytes)
+    pieces through a bounded queue (a consumer that stops reading stalls the command's
+    output, never the service's memory), keepalive ticks while it is quiet, then how it
+    ended. Its timeout (from its start) is kept by a timer of its own, whether or not anyone
+    reads. A command taken up after a restart has no connection (``sock`` None): its end is
+    learnt from the engine. The space is in use until it ends; the consumer must ``close``
+    it (or ``abandon`` it, at shutdown, leaving the command running)."""
+
+    def __init__(self, execs: Execs, process: Process, sock: ExecSocket | None,
+                 busy: contextlib.ExitStack, ooms: int | None, tty: bool = False,
+                 lost: bool = False) -> None:
         self.execs = execs
-        self.running = running
-        self.process: Process = running.process  # type: ignore[assignment]
+        self.process = process
+        self.sock = sock
         self.busy = busy
         self.ooms = ooms
-        self.started = time.monotonic()
+        self.lost = lost  # its output went over a connection that is gone (a terminal)
+        elapsed = max(0.0, execs.activity.clock() - process.started_at)
+        self.started = time.monotonic() - elapsed
         self.timed_out = False
         self.exit_code: int | None = None
         self.oom_killed = False
-        self.reader = DemuxReader(running.sock, 0, raw=tty)
+        self.space_stopped = False
+        self.abandoned = False
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
-        self.reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
-            self.queue.put((stream, data)), loop).result()
-        self.pump = loop.run_in_executor(execs.engine.streams, self._pump, loop)
-        self.timer = None if not timeout else loop.call_later(timeout, self._time_out)
+        self.reader = None if sock is None else DemuxReader(sock, 0, raw=tty)
+        self.pump: asyncio.Future[None]
+        if self.reader is None:
+            self.pump = asyncio.ensure_future(self._watch())
+        else:
+            self.reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
+                self.queue.put((stream, data)), loop).result()
+            self.pump = loop.run_in_executor(execs.engine.streams, self._pump, loop)
+        self.timer = None if not process.timeout else loop.call_later(
+            max(0.0, process.timeout - elapsed), self._time_out)
         self.killing: asyncio.Future[None] | None = None
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            self.reader.run()
+            self.reader.run()  # type: ignore[union-attr]
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop is gone (shutdown)
         finally:
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
                 asyncio.run_coroutine_threadsafe(self.queue.put(None), loop).result()
+
+    async def _watch(self) -> None:
+        try:
+            while not self.lost and (await self.execs.exec_state(self.process.exec_id))[0]:
+                await asyncio.sleep(ADOPTED_POLL)
+        except EngineError:
+            pass  # gone with its container: ended
+        await self.queue.put(None)
 
     def _time_out(self) -> None:
         self.timed_out = True
         self.killing = asyncio.ensure_future(self.execs.kill_exec(
-            self.running.container_id, self.running.exec_id))
+            self.process.container_id, self.process.exec_id))
 
     async def output(self, ping_every: float) -> AsyncIterator[tuple[int, bytes]]:
         """(1 or 2, bytes) as the command prints them, and (0, b"") after ``ping_every``
-        seconds of quiet; ends when the command's output does, and then it is finished."""
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), ping_every)
-                except asyncio.TimeoutError:
-                    yield 0, b""
-                    continue
-                if item is None:
-                    break
-                self.execs.activity.touch(self.process.space)
-                yield item
-            await self._ended()
-        finally:
-            await self.close()
+        seconds of quiet; ends when the command's output does, and then how it ended is
+        known."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self.queue.get(), ping_every)
+            except asyncio.TimeoutError:
+                yield 0, b""
+                continue
+            if item is None:
+                break
+            self.execs.activity.touch(self.process.space)
+            yield item
+        await self._ended()
 
     async def _ended(self) -> None:
         if self.killing is not None:
-            await self.killing
-        running, code = await self.execs.exec_state(self.running.exec_id)
-        self.exit_code = code
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.killing
+        try:
+            code = (await self.execs.exec_state(self.process.exec_id))[1]
+        except EngineError:
+            code = None
+        self.exit_code = None if self.lost else code
+        if not self.timed_out and code == 137 and self.process.timeout and (
+                self.execs.activity.clock() - self.process.started_at >= self.process.timeout):
+            self.timed_out = True  # past its time, killed: by the space's own timer
+        if code is None or code >= 128 or self.lost:
+            # Killed, or forgotten: by its space's end, its terminal's, or a signal?
+            self.space_stopped = self.lost or self.process.container_id in \
+                self.execs.spaces.removed or not await self.execs.container_running(
+                    self.process.container_id)
         if code == 137 and self.ooms is not None and not self.timed_out:
             after = await asyncio.get_running_loop().run_in_executor(
-                None, oom_kill_count, self.running.container_id)
+                None, oom_kill_count, self.process.container_id)
             self.oom_killed = after is not None and after > self.ooms
-        self.execs.finish(self.running, code, self.timed_out, self.reader.counted)
 
     def result(self) -> dict[str, Any]:
         """How the command ended (after ``output`` has ended)."""
-        return {"exitCode": -1 if self.exit_code is None else self.exit_code,
-                "timedOut": self.timed_out, "oomKilled": self.oom_killed,
-                "durationMs": int((time.monotonic() - self.started) * 1000)}
+        result = {"exitCode": -1 if self.exit_code is None else self.exit_code,
+                  "timedOut": self.timed_out, "oomKilled": self.oom_killed,
+                  "durationMs": int((time.monotonic() - self.started) * 1000)}
+        if self.space_stopped:
+            result["spaceStopped"] = True
+        return result
 
     async def close(self) -> None:
         """Stop reading and release the space; a command whose output is still coming is
@@ -3919,18 +4282,144 @@ class ExecStream:
             self.timer.cancel()
         if not self.pump.done():
             with contextlib.suppress(EngineError, ClawdError):
-                await self.execs.kill_exec(self.running.container_id, self.running.exec_id)
-            self.reader.abort()
+                await self.execs.kill_exec(self.process.container_id, self.process.exec_id)
+            self._stop_pump()
         try:
             await self.pump
+        except asyncio.CancelledError:
+            pass
         except Exception:  # noqa: BLE001 - the reader's failure is only worth a line
             log.exception("process %s: its output reader failed", self.process.id)
-        self.running.sock.close()
-        if self.exit_code is None and self.process.ended_at is None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.exit_code is None and self.process.ended_at is None and not self.lost:
             with contextlib.suppress(EngineError, ClawdError):
-                self.exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
-        self.execs.finish(self.running, self.exit_code, self.timed_out, self.reader.counted)
+                self.exit_code = (await self.execs.exec_state(self.process.exec_id))[1]
+        self.execs.finish(self.process, self.exit_code, self.timed_out,
+                          stopped=self.space_stopped)
         self.busy.close()
+
+    def _stop_pump(self) -> None:
+        if self.reader is not None:
+            self.reader.abort()
+        else:
+            self.pump.cancel()
+
+    async def abandon(self) -> None:
+        """The service stops: let go of the command without ending it."""
+        self.abandoned = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self._stop_pump()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await self.pump
+        if self.sock is not None:
+            self.sock.close()
+        self.busy.close()
+
+
+def spool_in_space(process: Process) -> str:
+    return f"{SPOOL_IN_SPACE}/{process.id}"
+
+
+class SpoolFollower:
+    """A spooled command's output files, read into its spool: an exec of SPOOL_READ_SCRIPT
+    following them from the service's positions (a thread of its own reads the connection,
+    so a slow spool slows the reading, not the memory), holes punched behind it once well
+    past the retained ring (so the space's disk holds a few MiB per command, not all it
+    printed), and, once the command has ended, the rest read and the files removed. Bytes
+    are counted per stream, so where to resume is always exact."""
+
+    def __init__(self, execs: Execs, process: Process, spool: OutputSpool,
+                 positions: dict[int, int]) -> None:
+        self.execs = execs
+        self.process = process
+        self.spool = spool
+        self.positions = dict(positions)  # stream -> next byte of its file
+        self.punched = dict(positions)  # stream -> bytes of its file given back
+        self.reading: tuple[RunningExec, asyncio.Future[None]] | None = None
+        self.punching: asyncio.Future[None] | None = None
+
+    async def _read(self, how: str) -> tuple[RunningExec, asyncio.Future[None]]:
+        req = ExecRequest(argv=["sh", "-c", SPOOL_READ_SCRIPT, "sh", spool_in_space(
+            self.process), str(self.positions[1] + 1), str(self.positions[2] + 1), how,
+            str(self.process.pid or "")], env={}, workdir="/", timeout=0)
+        running = await self.execs.open_internal({"Id": self.process.container_id}, req,
+                                                 self.process.user)
+        reader = DemuxReader(running.sock, 0)
+        loop = asyncio.get_running_loop()
+        reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
+            self._take(stream, data), loop).result()
+
+        def pump() -> None:
+            with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
+                reader.run()
+
+        return running, loop.run_in_executor(self.execs.engine.streams, pump)
+
+    async def _take(self, stream: int, data: bytes) -> None:
+        if stream not in (1, 2):
+            return
+        self.positions[stream] += len(data)
+        await self.execs.append_output(self.process, self.spool, stream, data)
+        if self.punching is None or self.punching.done():
+            self.punching = asyncio.ensure_future(self._punch())
+
+    async def _punch(self) -> None:
+        """Punch holes until both files are within a step of the ring (one exec at a time)."""
+        while True:
+            due = [(stream, self.positions[stream] - self.spool.capacity) for stream in (1, 2)
+                   if self.positions[stream] - self.spool.capacity - self.punched[stream]
+                   >= SPOOL_PUNCH_STEP]
+            if not due:
+                return
+            stream, upto = due[0]
+            try:
+                await self.execs.run_internal({"Id": self.process.container_id}, ExecRequest(
+                    argv=["sh", "-c", 'fallocate -p -o 0 -l "$2" -- "$1" 2>/dev/null || :',
+                          "sh", f"{spool_in_space(self.process)}/{stream}", str(upto)],
+                    env={}, workdir="/", timeout=30), 1024, self.process.user)
+            except (EngineError, ClawdError):
+                return  # paused or gone: the next output tries again
+            self.punched[stream] = upto
+
+    async def start(self) -> None:
+        """Follow the files (a space that cannot be read now is read at the end)."""
+        try:
+            self.reading = await self._read("follow")
+        except (EngineError, ClawdError) as err:
+            log.warning("process %s: its output cannot be followed: %s", self.process.id, err)
+
+    async def stop(self) -> None:
+        """Stop following; every byte sent so far is counted."""
+        reading, self.reading = self.reading, None
+        if reading is not None:
+            running, pump = reading
+            if not pump.done():
+                with contextlib.suppress(EngineError, ClawdError):
+                    await self.execs.kill_exec(running.container_id, running.exec_id)
+            try:
+                await asyncio.wait_for(asyncio.shield(pump), 10)
+            except asyncio.TimeoutError:
+                running.sock.shutdown(socket.SHUT_RDWR)
+                await pump
+            finally:
+                running.sock.close()
+        if self.punching is not None:
+            with contextlib.suppress(Exception):
+                await self.punching
+
+    async def finish(self) -> None:
+        """The command has ended: read what is left of its files, then remove them."""
+        await self.stop()
+        try:
+            running, pump = await self._read("rest")
+        except (EngineError, ClawdError):
+            return  # its space is gone, and the files with it
+        try:
+            await pump
+        finally:
+            running.sock.close()
 
 
 ###############################################################################
@@ -4845,7 +5334,7 @@ class TerminalSession:
         exit_code: int | None = None
         with contextlib.suppress(EngineError, ClawdError):
             exit_code = (await self.execs.exec_state(self.running.exec_id))[1]
-        self.execs.finish(self.running, exit_code, counted={1: self.printed})
+        self.execs.finish(self.running.process, exit_code, counted={1: self.printed})
         await self.execs.audit.record("terminal.close", self.name, {
             "durationMs": int((time.monotonic() - self.opened) * 1000), "exitCode": exit_code},
             self.actor)
@@ -5367,7 +5856,6 @@ class Nodes:
 # here, and 0.5.7 has every feature this node serves.
 E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
-E2B_MAX_PROCESSES = 256  # remembered per node, for List and SendSignal
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
 
 
@@ -5397,16 +5885,8 @@ def e2b_time(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclasses.dataclass
-class E2bProcess:
-    """A command started through envd: the exec behind the pid the SDK sees."""
-
-    sandbox: str
-    container_id: str
-    exec_id: str
-    config: dict[str, Any]
-    tag: str | None
-    process_id: str = ""  # the space's process (its output spool, its stdin)
+class E2bStreamCut(Exception):
+    """A process stream that must break off, as envd's does when its sandbox goes."""
 
 
 class E2bRun:
@@ -5434,7 +5914,12 @@ class E2bRun:
                 continue
             kind = "pty" if self.pty else "stdout" if piece[1] == 1 else "stderr"
             yield {"event": {"data": {kind: base64.b64encode(piece[2]).decode()}}}, False
-        result = self.execs.result(self.sandbox, self.process_id) or {}
+        result = self.execs.result(self.sandbox, self.process_id)
+        if result is None or result.get("spaceStopped"):
+            # The sandbox was killed, its process lost, or this service is stopping: envd's
+            # stream would break, not end.
+            raise E2bStreamCut(f"the stream of process {self.pid} in {self.sandbox} ends "
+                               "without its end")
         timed_out = bool(result.get("timedOut"))
         code = -1 if timed_out else int(result.get("exitCode", -1))
         yield {"event": {"end": {
@@ -5462,8 +5947,6 @@ class E2b:
         self.deadline_path = os.path.join(config.data_dir, "e2b-deadlines.json")
         self.deadlines: dict[str, float] = {}
         self.save_lock = asyncio.Lock()
-        self.processes: dict[int, E2bProcess] = {}
-        self.next_pid = 1000
         self.tasks = Tasks()
 
     async def startup(self) -> None:
@@ -5675,79 +6158,99 @@ class E2b:
                     {"cols": size.get("cols"), "rows": size.get("rows")}))
         elif message.get("stdin") is True:
             req = dataclasses.replace(req, stdin=True)
-        started = await self.execs.background(sandbox, req, actor)
-        pid = self._remember(E2bProcess(sandbox, started.container_id, started.exec_id,
-                                        {"cmd": cmd, "args": args, "envs": envs,
-                                         "cwd": req.workdir}, message.get("tag"), started.id))
-        return E2bRun(self.execs, sandbox, started.id, pid, 0, req.tty)
+        tag = message.get("tag") if isinstance(message.get("tag"), str) else None
+        started = await self.execs.background(sandbox, req, actor, tag=tag)
+        return E2bRun(self.execs, sandbox, started.id, started.pid or 0, 0, req.tty)
 
-    def _selected(self, sandbox: str, body: dict[str, Any]) -> tuple[int, E2bProcess]:
-        """The process a request's ``ProcessSelector`` names (by pid or tag)."""
+    async def _selected(self, sandbox: str, body: dict[str, Any]) -> Process:
+        """The process a request's ``ProcessSelector`` names (by its pid in the sandbox, or its
+        tag): a running one before one that has ended, the newest first."""
         selector = json_object(body.get("process"), "process")
-        for pid, process in self.processes.items():
-            if process.sandbox == sandbox and (pid == selector.get("pid") or (
-                    selector.get("tag") is not None and process.tag == selector.get("tag"))):
-                return pid, process
-        raise NotFound(f"process {str(selector)[:80]} not found")
+        pid, tag = selector.get("pid"), selector.get("tag")
+        candidates = []
+        for process in await self.execs.processes_of(sandbox):
+            if (isinstance(pid, int) and not isinstance(pid, bool) and process.pid == pid) or (
+                    isinstance(tag, str) and process.tag == tag):
+                candidates.append(process)
+        if not candidates:
+            raise NotFound(f"process {str(selector)[:80]} not found")
+        return max(candidates, key=lambda p: (p.ended_at is None, p.started_at))
 
     async def connect_process(self, sandbox: str, body: dict[str, Any]) -> E2bRun:
-        """Process/Connect: the rest of a running command's output, then its end."""
-        pid, process = self._selected(sandbox, body)
-        view = await self.execs.get_process(sandbox, process.process_id)
-        return E2bRun(self.execs, sandbox, process.process_id, pid,
+        """Process/Connect: the rest of a command's output (from where its output is now),
+        then its end."""
+        process = await self._selected(sandbox, body)
+        view = await self.execs.get_process(sandbox, process.id)
+        return E2bRun(self.execs, sandbox, process.id, process.pid or 0,
                       (view["output"] or {}).get("next", 0), view["pty"] is not None)
 
     async def send_input(self, sandbox: str, body: dict[str, Any], actor: Actor,
                          eof: bool = False) -> dict[str, Any]:
         """Process/SendInput (``input.stdin`` or ``input.pty``, base64) and CloseStdin."""
-        _, process = self._selected(sandbox, body)
+        process = await self._selected(sandbox, body)
         data = b""
         if not eof:
-            given = json_object(body.get("input"), "input")
-            data = decode_base64(given.get("stdin", given.get("pty")), "input.stdin (or pty)",
+            data = self.input_bytes(body.get("input"))
+        await self.execs.write_stdin(sandbox, process.id, data, eof, actor)
+        return {}
+
+    @staticmethod
+    def input_bytes(given: Any) -> bytes:
+        """A ``ProcessInput``'s bytes (``stdin`` or ``pty``, base64)."""
+        given = json_object(given, "input")
+        return decode_base64(given.get("stdin", given.get("pty")), "input.stdin (or pty)",
+                             "invalid_argument")
+
+    async def stream_input(self, sandbox: str, messages: AsyncIterator[dict[str, Any]],
+                           actor: Actor) -> dict[str, Any]:
+        """Process/StreamInput: a ``start`` naming the process, then ``data`` events typed
+        into it in order (``keepalive`` ones skipped), until the client's stream ends."""
+        process: Process | None = None
+        async for message in messages:
+            if "start" in message:
+                process = await self._selected(sandbox, json_object(
+                    message["start"], "start"))
+            elif "data" in message:
+                if process is None:
+                    raise BadRequest("StreamInput must start with a start event",
+                                     "invalid_argument")
+                data = self.input_bytes(json_object(message["data"], "data").get("input"))
+                await self.execs.write_stdin(sandbox, process.id, data, False, actor)
+            elif "keepalive" not in message:
+                raise BadRequest("StreamInput events are start, data or keepalive",
                                  "invalid_argument")
-        await self.execs.write_stdin(sandbox, process.process_id, data, eof, actor)
         return {}
 
     async def update_process(self, sandbox: str, body: dict[str, Any]) -> dict[str, Any]:
         """Process/Update: a new pseudo-terminal size."""
-        _, process = self._selected(sandbox, body)
+        process = await self._selected(sandbox, body)
         size = json_object(json_object(body.get("pty"), "pty").get("size"), "pty.size")
-        await self.execs.resize_process(sandbox, process.process_id, size)
+        await self.execs.resize_process(sandbox, process.id, size)
         return {}
 
-    def _remember(self, process: E2bProcess) -> int:
-        self.next_pid += 1
-        self.processes[self.next_pid] = process
-        while len(self.processes) > E2B_MAX_PROCESSES:
-            self.processes.pop(next(iter(self.processes)))
-        return self.next_pid
-
     async def list_processes(self, sandbox: str) -> dict[str, Any]:
+        """The sandbox's running processes with their real pids (env values never shown)."""
         alive = []
-        for pid, process in list(self.processes.items()):
-            if process.sandbox != sandbox:
+        for process in await self.execs.processes_of(sandbox):
+            if process.ended_at is not None or process.pid is None or process.source == \
+                    "terminal":
                 continue
-            with contextlib.suppress(EngineError):
-                if (await self.execs.exec_state(process.exec_id))[0]:
-                    entry: dict[str, Any] = {"config": process.config, "pid": pid}
-                    if process.tag:
-                        entry["tag"] = process.tag
-                    alive.append(entry)
+            entry: dict[str, Any] = {"config": {
+                "cmd": process.argv[0], "args": process.argv[1:],
+                "envs": dict.fromkeys(process.env_keys, ""), "cwd": process.cwd},
+                "pid": process.pid}
+            if process.tag:
+                entry["tag"] = process.tag
+            alive.append(entry)
         return {"processes": alive}
 
-    async def signal(self, sandbox: str, body: dict[str, Any]) -> dict[str, Any]:
-        raw_pid = json_object(body.get("process"), "process").get("pid")
-        pid = raw_pid if isinstance(raw_pid, int) else -1
-        process = self.processes.get(pid)
-        if process is None or process.sandbox != sandbox:
-            raise NotFound(f"process {pid} not found")
-        running, _ = await self.execs.exec_state(process.exec_id)
-        if not running:
-            self.processes.pop(pid, None)
-            raise NotFound(f"process {pid} not found")
-        await self.execs.kill_exec(process.container_id, process.exec_id)
-        self.processes.pop(pid, None)  # killed: a second signal finds nothing, as in envd
+    async def signal(self, sandbox: str, body: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """Process/SendSignal: SIGKILL or SIGTERM to the process's whole group."""
+        process = await self._selected(sandbox, body)
+        if process.ended_at is not None:
+            raise NotFound(f"process {process.pid} not found")
+        word = {"SIGNAL_SIGTERM": "TERM", 15: "TERM"}.get(body.get("signal"), "KILL")
+        await self.execs.signal_process(sandbox, process.id, word, actor)
         return {}
 
     # -- envd: files ----------------------------------------------------------------------
@@ -6675,6 +7178,79 @@ async def terminal_command(ws: web.WebSocketResponse, session: TerminalSession,
         await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
 
 
+async def process_attach(request: web.Request) -> web.StreamResponse:
+    """A websocket onto a process: its output (from ``offset``, by default the oldest kept)
+    as binary frames, then a text frame ``{"type": "exit", ...}`` and close 1000; binary
+    frames and ``{"type": "input"}`` go to its stdin, ``eof``, ``resize`` and ``ping`` as the
+    terminal's. Any number of clients may attach; one that leaves ends nothing."""
+    name = check_space_name(request.match_info["name"])
+    process_id = request.match_info["id"]
+    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins):
+        raise Forbidden("this Origin may not attach to processes (see "
+                        "CLAWDSPACE_ALLOWED_ORIGINS)", "bad_origin")
+    offset = query_int(request, "offset", 0, 0, 1 << 62)
+    execs = request.app[EXECS_KEY]
+    await execs.attach(name, process_id, actor(request))
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=TERMINAL_MAX_FRAME)
+    await ws.prepare(request)
+    pump = asyncio.ensure_future(attach_output(ws, execs, name, process_id, offset))
+    try:
+        async for message in ws:
+            if message.type == web.WSMsgType.BINARY:
+                await attach_command(ws, execs, name, process_id, {"data": message.data})
+            elif message.type == web.WSMsgType.TEXT:
+                try:
+                    command = json.loads(message.data)
+                except ValueError:
+                    command = None
+                await attach_command(ws, execs, name, process_id, command if isinstance(
+                    command, dict) else {"data": message.data.encode()})
+            elif message.type == web.WSMsgType.ERROR:
+                break
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+    return ws
+
+
+async def attach_output(ws: web.WebSocketResponse, execs: Execs, name: str, process_id: str,
+                        offset: int) -> None:
+    try:
+        async for piece in execs.follow(name, process_id, offset, True):
+            if piece is not None:  # quiet: the websocket's own heartbeat keeps it alive
+                await ws.send_bytes(piece[2])
+        result = execs.result(name, process_id)
+        if result is None:
+            await ws.close(code=1001, message=b"server shutting down")
+        else:
+            await ws.send_json({"type": "exit", **result})
+            await ws.close(code=1000, message=b"process exited")
+    except (ConnectionResetError, RuntimeError, ClawdError):
+        pass  # the client went away (or the process was forgotten)
+
+
+async def attach_command(ws: web.WebSocketResponse, execs: Execs, name: str, process_id: str,
+                         command: dict[str, Any]) -> None:
+    """One client frame of an attached process: bytes (``data``), or a JSON command."""
+    kind = command.get("type", "input")
+    try:
+        if "data" in command and isinstance(command["data"], bytes):
+            await execs.write_stdin(name, process_id, command["data"], False, None)
+        elif kind == "input" and isinstance(command.get("data"), str):
+            await execs.write_stdin(name, process_id, command["data"].encode(), False, None)
+        elif kind == "eof":
+            await execs.write_stdin(name, process_id, b"", True, None)
+        elif kind == "resize":
+            await execs.resize_process(name, process_id, {
+                "cols": command.get("cols"), "rows": command.get("rows")})
+        elif kind == "ping":
+            await ws.send_json({"type": "pong"})
+        else:
+            await ws.send_json({"type": "error", "error": f"unknown message type {kind!r}"})
+    except ClawdError as err:
+        await ws.send_json({"type": "error", "error": err.message, "code": err.code})
+
+
 async def git_push(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     body = await json_body(request)
@@ -6820,6 +7396,12 @@ API_ROUTES: tuple[Route, ...] = (
           body={"type": "object", "required": ["cols", "rows"], "additionalProperties": False,
                 "properties": {"cols": {"type": "integer", "minimum": 1, "maximum": 500},
                                "rows": {"type": "integer", "minimum": 1, "maximum": 200}}}),
+    Route("GET", "/api/spaces/{name}/processes/{id}/attach", process_attach, NODE_KEY,
+          "Websocket onto a process: binary frames are its output (from offset, default the "
+          "oldest kept) and its stdin; text frames are JSON {type: input|eof|resize|ping}, "
+          "and {type: exit} from the server at its end", {"description": "Switching protocols"},
+          (400, 403, 404, 409), ok_status="101",
+          params=(query_param("offset", {"type": "integer", "minimum": 0}),)),
     Route("DELETE", "/api/spaces/{name}/processes/{id}", kill_process, NODE_KEY,
           "Kill a running process's group (SIGKILL)", PROCESS_RESPONSE, (400, 404, 409)),
     Route("GET", "/api/spaces/{name}/stats", space_stats, NODE_KEY, "Resource usage now",
@@ -6920,6 +7502,9 @@ ENVD_RPC_PATHS = ("/process.Process/", "/filesystem.Filesystem/")
 def connect_envelope(message: dict[str, Any], end: bool = False) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode()
     return struct.pack(">BI", 0x02 if end else 0x00, len(body)) + body
+
+
+ENVD_MAX_MESSAGE = 4 << 20  # bytes of one message of a client stream
 
 
 def read_envelope(raw: bytes) -> dict[str, Any]:
@@ -7090,6 +7675,8 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
     e2b, method = request.app[E2B_KEY], request.match_info["method"]
     if method in ("Start", "Connect"):
         return await envd_start(request, e2b, sandbox, method)
+    if method == "StreamInput":
+        return await envd_stream_input(request, e2b, sandbox)
     body = await optional_json_body(request)
     if method in ("SendInput", "CloseStdin"):
         return web.json_response(await e2b.send_input(sandbox, body, actor(request),
@@ -7099,7 +7686,7 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
     if method == "List":
         return web.json_response(await e2b.list_processes(sandbox))
     if method == "SendSignal":
-        return web.json_response(await e2b.signal(sandbox, body))
+        return web.json_response(await e2b.signal(sandbox, body, actor(request)))
     raise NotFound(f"process.Process/{method[:40]} is not supported by this node")
 
 
@@ -7118,22 +7705,50 @@ async def envd_start(request: web.Request, e2b: E2b, sandbox: str,
         run = await e2b.connect_process(sandbox, message)
     answer = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
 
-    async def relay() -> web.StreamResponse:
-        client_gone = False
+    try:
         async for event, last in run.events(ping_every):
-            if client_gone:
-                continue  # keep draining: envd leaves a process running when a client goes
-            try:
-                if not answer.prepared:
-                    await answer.prepare(request)
-                await answer.write(connect_envelope(event, end=last))
-                if last:
-                    await answer.write_eof()
-            except (ConnectionResetError, RuntimeError):
-                client_gone = True
-        return answer
+            if not answer.prepared:
+                await answer.prepare(request)
+            await answer.write(connect_envelope(event, end=last))
+            if last:
+                await answer.write_eof()
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client went away; the process runs on (a background process of the space)
+    except E2bStreamCut as cut:
+        log.info("envd stream cut: %s", cut)
+        if request.transport is not None:
+            request.transport.abort()
+    return answer
 
-    return await relay()
+
+async def envd_stream_input(request: web.Request, e2b: E2b, sandbox: str) -> web.Response:
+    """Process/StreamInput: a client stream of envelopes, read as they arrive (one at a time,
+    each bounded), answered once it ends."""
+    async def messages() -> AsyncIterator[dict[str, Any]]:
+        while True:
+            try:
+                head = await request.content.readexactly(5)
+            except asyncio.IncompleteReadError as short:
+                if short.partial:
+                    raise BadRequest("a Connect envelope was cut short",
+                                     "invalid_argument") from None
+                return
+            flags, size = struct.unpack(">BI", head)
+            if size > ENVD_MAX_MESSAGE:
+                raise BadRequest(f"a StreamInput message is over {ENVD_MAX_MESSAGE} bytes",
+                                 "invalid_argument")
+            try:
+                body = await request.content.readexactly(size)
+            except asyncio.IncompleteReadError:
+                raise BadRequest("a Connect envelope was cut short",
+                                 "invalid_argument") from None
+            if flags & 0x02:
+                return  # the client's end of stream
+            yield read_envelope(head + body)
+
+    result = await e2b.stream_input(sandbox, messages(), actor(request))
+    return web.Response(body=connect_envelope(result) + connect_envelope({}, end=True),
+                        content_type="application/connect+json")
 
 
 async def envd_filesystem(request: web.Request) -> web.Response:
@@ -7472,6 +8087,7 @@ def create_app(config: Config) -> web.Application:
         await engine.close()
 
     async def end_terminals(app: web.Application) -> None:
+        await execs.stop_following()
         await terminals.shutdown()
 
     app.cleanup_ctx.append(lifecycle)

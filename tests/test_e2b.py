@@ -395,6 +395,56 @@ def test_pty_create_send_input_resize_and_kill(shared: Shared) -> None:
     assert result.exit_code == 0
 
 
+def test_stream_input_types_a_client_stream_into_the_process(shared: Shared,
+                                                             e2b_served: Served) -> None:
+    handle = shared.sbx.commands.run("read a; read b; echo got-$a-$b", background=True,
+                                     stdin=True, timeout=120)
+    token = envd_token_of(e2b_served, shared.sbx.sandbox_id)
+    headers = {"E2b-Sandbox-Id": shared.sbx.sandbox_id, "X-Access-Token": token,
+               "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"}
+
+    def client_stream() -> Iterator[bytes]:  # sent chunked, one envelope at a time
+        yield envelope({"start": {"process": {"pid": handle.pid}}})
+        yield envelope({"keepalive": {}})
+        for word in ("one\n", "two\n"):
+            yield envelope({"data": {"input": {
+                "stdin": base64.b64encode(word.encode()).decode()}}})
+        yield envelope({}, flags=0x02)
+
+    reply = httpx.post(e2b_served.url + "/process.Process/StreamInput",
+                       content=client_stream(), headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    frames = read_envelopes(reply.content)
+    assert frames[-1][0] == 0x02 and frames[-1][1] == {}, frames
+    assert handle.wait().stdout == "got-one-two\n"
+    refused = httpx.post(e2b_served.url + "/process.Process/StreamInput", content=envelope(
+        {"data": {"input": {"stdin": "eA=="}}}), headers=headers, timeout=60)
+    assert refused.status_code == 400, refused.text
+
+
+def test_killing_a_sandbox_cuts_its_command_streams(sandboxes: Sandboxes) -> None:
+    sbx = sandboxes.create()
+    handle = sbx.commands.run("echo started; sleep 300", background=True, timeout=0)
+    seen: list[str] = []
+    waited: list[BaseException | object] = []
+
+    def wait() -> None:
+        try:
+            waited.append(handle.wait(on_stdout=seen.append))
+        except BaseException as err:  # noqa: BLE001 - what the SDK raises is the point
+            waited.append(err)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    wait_for(lambda: seen, 60, "the first output")
+    sbx.kill()
+    waiter.join(60)
+    assert waited, "the stream never ended"
+    # Not an ordinary end: no CommandResult, no CommandExitException with exit code 137.
+    assert isinstance(waited[0], Exception) and not isinstance(
+        waited[0], CommandExitException), waited
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Streaming: callbacks before the end
 # ---------------------------------------------------------------------------------------------

@@ -7,19 +7,28 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import secrets
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 from conftest import (
+    SESSION_KEY,
     Api,
     MakeClient,
+    Served,
     SpaceMaker,
     Terminal,
+    free_loopback,
     in_container,
+    launch,
     poll,
     unique_name,
+    wait_healthy,
 )
 
 
@@ -96,7 +105,7 @@ async def test_stream_sends_output_as_it_comes_and_the_process_is_listed(
     assert ended["status"] == "exited" and ended["exitCode"] == 3 and ended["endedAt"]
     assert ended["stdoutBytes"] == len("first\n") and ended["stderrBytes"] == len("second\n")
     audit = [e for e in client.audit_lines() if e.get("space") == name
-             and e["type"] == "space.exec"]
+             and e["type"] == "process.start"]
     assert audit[-1]["meta"]["process"] == start["id"]
     assert "v-123" not in json.dumps(audit)
 
@@ -373,3 +382,225 @@ async def test_timeout_zero_only_with_stream(client: Api, shared_space: str) -> 
 async def test_processes_of_a_missing_space_are_404(client: Api, path: str) -> None:
     reply = await client.get(f"/api/spaces/{unique_name('none')}{path}")
     assert reply.status == 404
+
+
+# ---------------------------------------------------------------------------------------------
+# Attach: a websocket onto a process, any number of watchers
+# ---------------------------------------------------------------------------------------------
+
+async def test_attach_websocket_carries_output_stdin_and_the_exit(client: Api,
+                                                                  shared_space: str) -> None:
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "echo ready; read a; echo got:$a; echo oops >&2; read b; echo got:$b; "
+                   "exit 6", "background": True, "stdin": True})
+    assert reply.status == 202, reply.body
+    base = f"/api/spaces/{shared_space}/processes/{reply.body['process']['id']}"
+    first = Terminal(await client.client.ws_connect(f"{base}/attach", headers=auth(client)))
+    await first.expect("ready")
+    second = Terminal(await client.client.ws_connect(f"{base}/attach", headers=auth(client)))
+    await second.expect("ready")  # a late watcher gets what was printed before it came
+    await first.ws.send_bytes(b"one\n")
+    await first.expect("got:one")
+    await second.expect("got:one")
+    await second.ws.send_json({"type": "ping"})
+    await second.ws.send_json({"type": "bogus"})
+    await second.ws.send_json({"type": "input", "data": "two\n"})
+    await first.expect("oops")
+    await first.expect("got:two")
+    for watcher in (first, second):
+        while await watcher._receive_one(30):
+            pass
+        exits = [t for t in watcher.texts if t["type"] == "exit"]
+        assert exits and exits[0]["exitCode"] == 6, watcher.texts
+        assert watcher.close_code == 1000
+    kinds = [t["type"] for t in second.texts]
+    assert "pong" in kinds and "error" in kinds
+    audit = [e for e in client.audit_lines() if e["type"] == "process.attach"
+             and e["meta"]["process"] == reply.body["process"]["id"]]
+    assert len(audit) == 2
+    assert not [e for e in client.audit_lines() if e["type"] == "process.stdin"
+                and e["meta"]["process"] == reply.body["process"]["id"]]
+
+
+async def test_attach_to_a_missing_process_is_404(client: Api, shared_space: str) -> None:
+    reply = await client.get(f"/api/spaces/{shared_space}/processes/p-000000000000/attach")
+    assert reply.status == 404 and reply.error_code() == "process_not_found"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output staged in the space: bounded there, removed at the end
+# ---------------------------------------------------------------------------------------------
+
+async def test_output_files_in_the_space_stay_small_and_go_at_the_end(
+        client: Api, space: SpaceMaker, docker_api: docker.APIClient) -> None:
+    name = (await space(memory="256m", network="none"))["name"]
+    container = f"{client.config.prefix}{name}"
+    size = 40 << 20
+    reply = await client.post(f"/api/spaces/{name}/exec", {
+        "command": f"head -c {size} /dev/zero; echo; {gate('end')}", "background": True})
+    assert reply.status == 202, reply.body
+    process = reply.body["process"]
+    base = f"/api/spaces/{name}/processes/{process['id']}"
+    where = f"/tmp/.clawdspace-processes/{process['id']}"
+
+    async def all_read() -> bool:
+        return bool((await client.get(base)).body["process"]["stdoutBytes"] == size + 1)
+
+    await poll(all_read, 120, what="all 40 MiB read by the service")
+
+    async def small() -> bool:  # what was read is given back to the space's disk
+        code, out = in_container(docker_api, container, f"du -k {where}/1 | cut -f1")
+        return code == 0 and int(out.split()[0]) <= 8 * 1024
+
+    await poll(small, 60, what="the spool file in the space punched down to a few MiB")
+    in_container(docker_api, container, "touch /workspace/end")
+
+    async def ended() -> bool:
+        return bool((await client.get(base)).body["process"]["status"] == "exited")
+
+    await poll(ended, what="the command ended")
+
+    async def removed() -> bool:
+        return in_container(docker_api, container, f"test -e {where}")[0] != 0
+
+    await poll(removed, what="its files in the space removed")
+    got = (await client.get(base)).body["process"]
+    assert got["stdoutBytes"] == size + 1 and got["output"]["next"] == size + 1
+
+
+async def test_a_space_that_removes_its_output_files_only_loses_its_own_output(
+        client: Api, shared_space: str) -> None:
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "echo before; rm -rf /tmp/.clawdspace-processes; echo after; exit 2",
+        "background": True})
+    assert reply.status == 202, reply.body
+    base = f"/api/spaces/{shared_space}/processes/{reply.body['process']['id']}"
+    async with client.client.get(f"{base}/output", headers=auth(client),
+                                 params={"follow": "true"}) as resp:
+        assert resp.status == 200
+        events = Events(aiter(resp.content))
+        exit_event = await events.until("exit")
+    assert exit_event["exitCode"] == 2  # what it printed is its own loss; nothing hangs
+    assert set(events.text().split()) <= {"before", "after"}
+    again = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "echo fine", "stream": True})
+    assert again.status == 200 and '"data":"fine\\n"' in str(again.body), again.body
+
+
+# ---------------------------------------------------------------------------------------------
+# Survival: kill -9 of the service and a restart, with the process still running
+# ---------------------------------------------------------------------------------------------
+
+def ndjson(url: str, key: str) -> Iterator[dict[str, Any]]:
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 - loopback
+        for line in resp:
+            yield json.loads(line)
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def restartable(tmp_path: Path, docker_api: docker.APIClient,
+                prefix: str) -> Iterator[tuple[Callable[[], Served], str]]:
+    """A service on a loopback port with one space; ``start()`` (re)starts it on the same
+    data directory. The space is removed through the engine at the end."""
+    host, port = free_loopback()
+    name = unique_name("surv")
+    services: list[Served] = []
+
+    def start() -> Served:
+        served = launch(tmp_path, host, port, prefix, SESSION_KEY, {})
+        services.append(served)
+        wait_healthy(served)
+        return served
+
+    try:
+        first = start()
+        status, body = first.request("POST", "/api/spaces", {
+            "name": name, "network": "none", "memory": "64m"})
+        assert status == 201, body
+        yield start, name
+    finally:
+        for served in services:
+            if served.process.poll() is None:
+                served.process.kill()
+            served.process.wait()
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_api.remove_container(f"{prefix}{name}", force=True)
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_volume(f"{prefix}vol-{name}")
+
+
+def test_a_process_outlives_kill_9_of_the_service_and_keeps_its_output(
+        tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
+    with restartable(tmp_path, docker_api, prefix) as (start, name):
+        first = start()
+        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
+            "command": f"echo before; {gate('go')}; echo while-down; echo err >&2; "
+                       f"{gate('end')}; echo after; exit 4", "background": True,
+            "timeout": 600})
+        assert status == 202, body
+        process_id = body["process"]["id"]
+        base = f"/api/spaces/{name}/processes/{process_id}"
+        until(lambda: first.request("GET", base)[1]["process"]["stdoutBytes"] > 0,
+              "the first line read")
+        first.process.kill()  # kill -9: no shutdown of any kind
+        first.process.wait()
+        container = f"{prefix}{name}"
+        in_container(docker_api, container, "touch /workspace/go")
+        until(lambda: b"err" in in_container(
+            docker_api, container, f"cat /tmp/.clawdspace-processes/{process_id}/2")[1],
+            "the command printing while the service is down")
+        second = start()
+        status, body = second.request("GET", f"/api/spaces/{name}/processes")
+        assert status == 200, body
+        listed = {p["id"]: p for p in body["processes"]}
+        assert listed[process_id]["status"] == "running", listed
+        assert listed[process_id]["pid"] == body["processes"][0]["pid"]
+        in_container(docker_api, container, "touch /workspace/end")
+        events = list(ndjson(f"{second.url}{base}/output?offset=0&follow=true", SESSION_KEY))
+        text = "".join(e.get("data", "") for e in events if e["type"] == "stdout")
+        assert text == "before\nwhile-down\nafter\n", events
+        assert "".join(e.get("data", "") for e in events if e["type"] == "stderr") == "err\n"
+        assert events[-1]["type"] == "exit" and events[-1]["exitCode"] == 4, events
+        status, body = second.request("GET", base)
+        assert body["process"]["status"] == "exited" and body["process"]["exitCode"] == 4
+        until(lambda: in_container(docker_api, container,
+                                   "test -e /tmp/.clawdspace-processes/" + process_id)[0] != 0,
+              "its files in the space removed")
+        # A third start still lists it, ended, with its output.
+        second.process.terminate()
+        second.process.wait()
+        third = start()
+        status, body = third.request("GET", base)
+        assert status == 200 and body["process"]["exitCode"] == 4, body
+        events = list(ndjson(f"{third.url}{base}/output?offset=0", SESSION_KEY))
+        assert "".join(e.get("data", "") for e in events if e["type"] == "stdout") == text
+
+
+def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIClient,
+                                         prefix: str) -> None:
+    marker = f"sleep 4{secrets.randbelow(1000):03d}"
+    with restartable(tmp_path, docker_api, prefix) as (start, name):
+        first = start()
+        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
+            "command": marker, "background": True, "timeout": 8})
+        assert status == 202, body
+        base = f"/api/spaces/{name}/processes/{body['process']['id']}"
+        first.process.terminate()  # a clean stop leaves it running too
+        first.process.wait()
+        container = f"{prefix}{name}"
+        assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] == 0
+        second = start()
+        assert second.request("GET", base)[1]["process"]["status"] in ("running",
+                                                                         "timed-out")
+        until(lambda: second.request("GET", base)[1]["process"]["status"] == "timed-out",
+              "the process ended by its timeout", 60)
+        assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] != 0
