@@ -81,8 +81,10 @@ Constraints
 * Docker is the database: everything the service knows about a space is a ``clawdspace.*``
   label on its container (labels are anyone's to write: a malformed one reads as a default).
   The service may be killed at any moment and restarted: creates under way are journalled in
-  the data directory and undone at start, exec timeouts are enforced inside the space too, and
-  the service's own files are written atomically, one writer at a time.
+  the data directory and undone at start, exec timeouts are enforced inside the space too,
+  background processes write their output to files in their space and are recorded (in
+  ``processes/``) before they start, so a restarted service takes them up again, and the
+  service's own files are written atomically, one writer at a time.
 * Authentication is decided by route (the route table names the credential), never by which
   header a request carries. Every state-changing action is audited before it is done; when the
   audit log cannot be written, the action is refused with 503.
@@ -3301,10 +3303,12 @@ if [ "$4" = follow ]; then
     how=-f
     if [ -n "$5" ] && tail --pid="$5" -c 0 -- /dev/null 2>/dev/null; then how="-f --pid=$5"; fi
 fi
-tail -c "+$2" $how -- "$1/1" 2>/dev/null &
-tail -c "+$3" $how -- "$1/2" 3>&2 2>/dev/null >&3 &
-wait
-[ "$4" = follow ] || rm -rf -- "$1"
+if [ "$4" = follow ]; then
+    tail -c "+$2" $how -- "$1/1" 2>/dev/null &
+    exec tail -c "+$3" $how -- "$1/2" 3>&2 2>/dev/null >&3
+fi
+tail -c "+$2" -- "$1/1" 2>/dev/null; tail -c "+$3" -- "$1/2" 3>&2 2>/dev/null >&3
+rm -rf -- "$1"
 """
 SPOOL_SIZES_SCRIPT = r"""
 for f in 1 2; do if [ -f "$1/$f" ]; then wc -c < "$1/$f"; else echo 0; fi; done
@@ -3312,6 +3316,7 @@ for f in 1 2; do if [ -f "$1/$f" ]; then wc -c < "$1/$f"; else echo 0; fi; done
 # Bytes of a spool file already read are given back to the space's disk (a hole punched
 # behind the reader) once this much more than the retained ring has been read.
 SPOOL_PUNCH_STEP = 4 << 20
+SPOOL_FINAL_READ = 30.0  # seconds for what is left of a command's files, once it has ended
 
 
 def workdir_refusal(req: ExecRequest, result: ExecResult) -> BadRequest | None:
@@ -3361,6 +3366,7 @@ class Process:
     stdin: ExecSocket | None = None  # while the client may still write to it
     result: dict[str, Any] | None = None  # how it ended, as the exit event says
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once ended
+    gone: bool = False  # its command has ended (its last output may still be coming in)
 
     def record(self) -> dict[str, Any]:
         """What the data directory keeps of it, so a restarted service takes it up again."""
@@ -3653,7 +3659,6 @@ class Execs:
             process.stdin = stream.sock
         if req.pty is not None:
             await self.resize(process, *req.pty)
-        await self.process_pid(process)
         spool = process.spool
         positions = {1: 0, 2: 0} if process.spooled else None
         self.tasks.spawn(f"output of {process.id}",
@@ -3750,6 +3755,7 @@ class Execs:
         ended = False
         try:
             if follower is not None:
+                await self.process_pid(process)  # (the follower ends with it)
                 await follower.start()
             async for piece, data in stream.output(STREAM_QUIET):
                 if piece in (1, 2):
@@ -3761,9 +3767,9 @@ class Execs:
         finally:
             if not stream.abandoned:
                 process.stdin = None
-                await stream.close()  # it is listed as ended from here on
                 if follower is not None:
                     await (follower.finish() if ended else follower.stop())
+                await stream.close()  # listed as ended from here on, with all its output in
                 process.result = stream.result()
                 await spool.finish()
                 await self._save(process)
@@ -4125,13 +4131,13 @@ class Execs:
 
     async def _host_pid(self, exec_id: str) -> int:
         """The host pid of a running exec; 0 once it has ended."""
-        for _ in range(50):  # a just-started exec reports Running with Pid 0 for a moment
+        for attempt in range(60):  # a just-started exec reports Pid 0 for a moment
             details = await self.engine.exec_inspect(exec_id)
             if not details.get("Running"):
                 return 0
             if int(details.get("Pid") or 0) > 0:
                 return int(details["Pid"])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(min(0.05, 0.002 * 2 ** attempt))
         return 0
 
     async def exec_state(self, exec_id: str) -> tuple[bool, int | None]:
@@ -4245,6 +4251,7 @@ class ExecStream:
         await self._ended()
 
     async def _ended(self) -> None:
+        self.process.gone = True
         if self.killing is not None:
             with contextlib.suppress(EngineError, ClawdError):
                 await self.killing
@@ -4417,6 +4424,14 @@ class SpoolFollower:
         except (EngineError, ClawdError):
             return  # its space is gone, and the files with it
         try:
+            # Bounded: a space that swapped a file for /dev/zero or a FIFO gets no more time.
+            await asyncio.wait_for(asyncio.shield(pump), SPOOL_FINAL_READ)
+        except asyncio.TimeoutError:
+            log.warning("process %s: its output files did not end; reading stopped",
+                        self.process.id)
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.execs.kill_exec(running.container_id, running.exec_id)
+            running.sock.shutdown(socket.SHUT_RDWR)
             await pump
         finally:
             running.sock.close()
@@ -6160,7 +6175,8 @@ class E2b:
             req = dataclasses.replace(req, stdin=True)
         tag = message.get("tag") if isinstance(message.get("tag"), str) else None
         started = await self.execs.background(sandbox, req, actor, tag=tag)
-        return E2bRun(self.execs, sandbox, started.id, started.pid or 0, 0, req.tty)
+        return E2bRun(self.execs, sandbox, started.id, await self.execs.process_pid(
+            started) or 0, 0, req.tty)
 
     async def _selected(self, sandbox: str, body: dict[str, Any]) -> Process:
         """The process a request's ``ProcessSelector`` names (by its pid in the sandbox, or its
@@ -6174,7 +6190,7 @@ class E2b:
                 candidates.append(process)
         if not candidates:
             raise NotFound(f"process {str(selector)[:80]} not found")
-        return max(candidates, key=lambda p: (p.ended_at is None, p.started_at))
+        return max(candidates, key=lambda p: (not p.gone, p.started_at))
 
     async def connect_process(self, sandbox: str, body: dict[str, Any]) -> E2bRun:
         """Process/Connect: the rest of a command's output (from where its output is now),
@@ -6232,8 +6248,8 @@ class E2b:
         """The sandbox's running processes with their real pids (env values never shown)."""
         alive = []
         for process in await self.execs.processes_of(sandbox):
-            if process.ended_at is not None or process.pid is None or process.source == \
-                    "terminal":
+            if process.ended_at is not None or process.gone or process.pid is None or \
+                    process.source == "terminal":
                 continue
             entry: dict[str, Any] = {"config": {
                 "cmd": process.argv[0], "args": process.argv[1:],
@@ -6247,7 +6263,7 @@ class E2b:
     async def signal(self, sandbox: str, body: dict[str, Any], actor: Actor) -> dict[str, Any]:
         """Process/SendSignal: SIGKILL or SIGTERM to the process's whole group."""
         process = await self._selected(sandbox, body)
-        if process.ended_at is not None:
+        if process.ended_at is not None or process.gone:
             raise NotFound(f"process {process.pid} not found")
         word = {"SIGNAL_SIGTERM": "TERM", 15: "TERM"}.get(body.get("signal"), "KILL")
         await self.execs.signal_process(sandbox, process.id, word, actor)

@@ -12,9 +12,10 @@ the API and measures:
   ``POST .../exec {"stream": true}`` read as NDJSON up to its ``exit`` event; a
   ``{"background": true}`` process read with ``GET .../processes/:id/output?offset=0&
   follow=true`` (the command waits on its stdin until the reader is attached, so nothing
-  leaves the 1 MiB ring before it is read); and ``exec_create`` + ``exec_start(stream=True)``
-  straight on the engine. Every API run is checked: the decoded bytes add up to the file's
-  size, the ``next`` offsets have no gap, the exit code is 0.
+  leaves the 1 MiB ring before it is read); the same read through the ``.../attach``
+  websocket (binary frames, up to the ``exit`` frame); and ``exec_create`` +
+  ``exec_start(stream=True)`` straight on the engine. Every API run is checked: the decoded
+  bytes add up to the file's size, the ``next`` offsets have no gap, the exit code is 0.
 * memory: the service's VmRSS (every 50 ms, plus VmHWM) before, while and after
   ``--processes`` background processes in one space each print 1 MiB
   (``head -c 1048576 /dev/zero | tr '\\0' a``). They are all started first and held at a gate
@@ -28,6 +29,7 @@ an error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -40,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import docker
 import docker.errors
 import requests
@@ -219,6 +222,40 @@ class Streams:
         run.service_cpu, run.rss_growth = watch.cpu.get("service", float("nan")), watch.growth
         return run
 
+    def via_attach(self) -> Run:
+        run = Run()
+        with Watch(self.svc.pid, {}) as watch:
+            started = time.perf_counter()
+            process = self.svc.call("POST", f"/api/spaces/{SPACE}/exec", 202, {
+                "command": f"head -c 1 >/dev/null; exec cat {BIG}", "background": True,
+                "stdin": True, "timeout": 600})["process"]
+            asyncio.run(self._attach(process["id"], run))
+            run.seconds = time.perf_counter() - started
+        run.service_cpu, run.rss_growth = watch.cpu.get("service", float("nan")), watch.growth
+        return run
+
+    async def _attach(self, process_id: str, run: Run) -> None:
+        """Read the attach websocket to its exit frame; the gate byte goes in as stdin once
+        it is open (so the output is read from its first byte)."""
+        url = f"{self.svc.base}/api/spaces/{SPACE}/processes/{process_id}/attach?offset=0"
+        async with aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {self.svc.key}"}) as http, http.ws_connect(
+                    url, max_msg_size=0) as ws:
+            await ws.send_bytes(b"g")
+            async for message in ws:
+                run.events += 1
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    run.data_bytes += len(message.data)
+                    run.data_events += 1
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(message.data)
+                    if event.get("type") == "exit":
+                        run.exit = event
+                elif message.type == aiohttp.WSMsgType.ERROR:
+                    raise BenchError(f"attach: websocket error {message.data!r}")
+        if run.exit is None:
+            raise BenchError(f"attach: closed without an exit frame ({ws.close_code})")
+
     def via_docker(self) -> Run:
         run = Run()
         started = time.perf_counter()
@@ -240,8 +277,10 @@ class Streams:
 def bench_streams(streams: Streams, rounds: int, size: int) -> list[Mode]:
     modes = [Mode('API exec {"stream": true} (NDJSON)'),
              Mode("API background + /output?offset=0&follow=true"),
+             Mode("API background + /attach websocket"),
              Mode("direct exec_create + exec_start(stream=True)")]
-    sides = [streams.via_stream, streams.via_background, streams.via_docker]
+    sides = [streams.via_stream, streams.via_background, streams.via_attach,
+             streams.via_docker]
     for round_no in range(rounds):
         order = [(round_no + k) % len(sides) for k in range(len(sides))]  # rotate who is first
         for index in order:
@@ -425,15 +464,16 @@ def report(modes: list[Mode], many: Many, size: int) -> None:
     marks = [
         f"RSS growth with {many.count} processes < {RSS_LIMIT_MIB:g} MiB: {growth:.1f} "
         f"{'✓' if growth < RSS_LIMIT_MIB else '✗'}",
-        f"cat output complete (stream, background, direct): {counts} "
+        f"cat output complete (stream, background, attach, direct): {counts} "
         f"{'✓' if complete else '✗'}",
         f"{many.count} processes ended, exit 0, 1 MiB each: "
         f"{many.ok} seen + {many.forgotten} unlisted {'✓' if all_ok else '✗'}",
     ]
     print("targets: " + "   ".join(marks))
-    stream, background, direct = (median([r.mib_s for r in m.runs]) for m in modes)
+    stream, background, attach, direct = (median([r.mib_s for r in m.runs]) for m in modes)
     print(f"ratios (api/direct time): stream {direct / stream:.2f}x, background+follow "
-          f"{direct / background:.2f}x ({size / MiB:g} MiB)")
+          f"{direct / background:.2f}x, attach websocket {direct / attach:.2f}x "
+          f"({size / MiB:g} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ from conftest import (
     wait_healthy,
 )
 
+import clawdspace
+
 
 def auth(api: Api) -> dict[str, str]:
     return {"Authorization": f"Bearer {api.key}"}
@@ -585,8 +587,9 @@ def test_a_process_outlives_kill_9_of_the_service_and_keeps_its_output(
         assert "".join(e.get("data", "") for e in events if e["type"] == "stdout") == text
 
 
+@pytest.mark.parametrize("stop", ["kill", "terminate"])
 def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIClient,
-                                         prefix: str) -> None:
+                                         prefix: str, stop: str) -> None:
     marker = f"sleep 4{secrets.randbelow(1000):03d}"
     with restartable(tmp_path, docker_api, prefix) as (start, name):
         first = start()
@@ -594,7 +597,7 @@ def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIC
             "command": marker, "background": True, "timeout": 8})
         assert status == 202, body
         base = f"/api/spaces/{name}/processes/{body['process']['id']}"
-        first.process.terminate()  # a clean stop leaves it running too
+        getattr(first.process, stop)()  # kill -9, or a clean stop: it runs on either way
         first.process.wait()
         container = f"{prefix}{name}"
         assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] == 0
@@ -604,3 +607,22 @@ def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIC
         until(lambda: second.request("GET", base)[1]["process"]["status"] == "timed-out",
               "the process ended by its timeout", 60)
         assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] != 0
+
+
+async def test_output_files_swapped_for_an_endless_device_are_read_for_a_bounded_time(
+        client: Api, shared_space: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(clawdspace, "SPOOL_FINAL_READ", 1.0)
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": "echo real; for d in /tmp/.clawdspace-processes/*; do "
+                   "ln -sf /dev/zero $d/1; mkfifo $d/2.fifo; mv -f $d/2.fifo $d/2; done",
+        "background": True})
+    assert reply.status == 202, reply.body
+    base = f"/api/spaces/{shared_space}/processes/{reply.body['process']['id']}"
+    async with client.client.get(f"{base}/output", headers=auth(client),
+                                 params={"follow": "true"}) as resp:
+        events = Events(aiter(resp.content))
+        exit_event = await events.until("exit")
+    assert exit_event["exitCode"] == 0
+    assert (await client.get(base)).body["process"]["status"] == "exited"
+    assert "its output files did not end; reading stopped" in caplog.text
