@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import secrets
+import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -626,3 +627,28 @@ async def test_output_files_swapped_for_an_endless_device_are_read_for_a_bounded
     assert exit_event["exitCode"] == 0
     assert (await client.get(base)).body["process"]["status"] == "exited"
     assert "its output files did not end; reading stopped" in caplog.text
+
+
+async def test_a_process_that_cannot_be_recorded_never_starts(
+        client: Api, shared_space: str, docker_api: docker.APIClient) -> None:
+    spool = Path(client.config.data_dir) / "processes"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(spool)], check=True)
+    try:
+        with contextlib.suppress(OSError), open(spool / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        marker = f"sleep 5{secrets.randbelow(1000):03d}"
+        reply = await client.post(f"/api/spaces/{shared_space}/exec",
+                                  {"command": marker, "background": True})
+        assert reply.status == 503 and reply.error_code() == "disk_unavailable", reply.body
+        plain = await client.post(f"/api/spaces/{shared_space}/exec", {"command": "echo ok"})
+        assert plain.status == 200 and plain.body["stdout"] == "ok\n"  # not recorded: runs
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=True)
+    container = f"{client.config.prefix}{shared_space}"
+    assert in_container(docker_api, container,
+                        f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] != 0
+    assert not [e for e in client.audit_lines() if e["type"] == "process.start"
+                and e["meta"]["command"] == marker]
+    assert not [p for p in await processes(client, shared_space) if p["command"] == marker]
