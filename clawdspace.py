@@ -453,6 +453,12 @@ def now_iso() -> str:
         "+00:00", "Z")
 
 
+def plain_number(value: float) -> float:
+    """A number as JSON shows it best: ``1``, not ``1.0`` (the earlier server's clients read
+    CPU counts that way)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def epoch_to_iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
@@ -656,7 +662,7 @@ def parse_cpus(value: Any) -> float:
     if not 0.01 <= value <= cores:
         raise BadRequest(f"cpus must be between 0.01 and this node's {cores} cores",
                          "invalid_cpus")
-    return float(value)
+    return plain_number(value)
 
 
 def check_bool(field: str, value: Any) -> bool:
@@ -1553,7 +1559,7 @@ def read_number(text: str) -> float:
     value = float(text) if text.isascii() else math.nan
     if not math.isfinite(value) or value < 0:
         raise ValueError(text)
-    return value
+    return plain_number(value)
 
 
 def read_flag(text: str) -> bool:
@@ -1837,7 +1843,7 @@ def parse_template(text: str, source: str = "user") -> Template:
     dest = field("workspace", "defaultRepoDest")
     return Template(
         name=name, description=description, memory=memory_bytes,
-        cpus=float(cpus) if cpus is not None else None, gpu=bool(gpu), image=image,
+        cpus=plain_number(cpus) if cpus is not None else None, gpu=bool(gpu), image=image,
         network=mode, allow_cidrs=allow, writable_rootfs=writable is not False,
         idle_timeout=idle,
         default_repo_dest=check_repo_dest(dest, "workspace.defaultRepoDest")
@@ -2604,7 +2610,8 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     values = {**given, **asked}
     host_memory = host_memory_bytes() or 2 << 30
     memory = asked.get("memory") or min(given.get("memory") or 2 << 30, host_memory)
-    cpus = asked.get("cpus") or min(given.get("cpus") or 1.0, float(os.cpu_count() or 1))
+    cpus = asked.get("cpus") or plain_number(min(given.get("cpus") or 1.0,
+                                                 float(os.cpu_count() or 1)))
     gpu, gpus = parse_gpus(body, values["gpu"])
     image = values.get("image") or ((config.gpu_image or config.image) if gpu else config.image)
     network, writable = values["network"], values["writableRootfs"]
@@ -3266,7 +3273,8 @@ limit=$3
 spool=$4
 shift 4
 if [ -n "$spool" ]; then
-    (umask 077 && mkdir -p -- "$spool" && : >>"$spool/1" && : >>"$spool/2") 2>/dev/null || {
+    (umask 077 && mkdir -p -- "$spool" && : >>"$spool/1" && : >>"$spool/2" &&
+        echo $$ >"$spool/pid") 2>/dev/null || {
         echo "clawdspace-spool: cannot write $spool (is /tmp writable?)" >&2; exit 125; }
     exec 7>&2 >>"$spool/1" 2>>"$spool/2"
 fi
@@ -3292,23 +3300,24 @@ def confined(req: ExecRequest, spool: str = "") -> ExecRequest:
 
 # A background command's output files in its space, read as the space's user from byte
 # offsets of the service's (1-based for tail): with "follow", as they grow (ending by
-# themselves once the command's pid is gone, where tail knows --pid); without, what is left,
-# and then the files go. Which file a byte came from is which stream it is sent on; tail's
-# own complaints go nowhere.
+# themselves once the command's pid is gone, where tail knows --pid; the pid is the service's,
+# else the one COMMAND_SCRIPT wrote); without, what is left. Which file a byte came from is
+# which stream it is sent on; tail's own complaints go nowhere.
 SPOOL_IN_SPACE = "/tmp/.clawdspace-processes"  # noqa: S108 - inside the space
 SPOOL_READ_SCRIPT = r"""
 (umask 077 && mkdir -p -- "$1" && : >>"$1/1" && : >>"$1/2") 2>/dev/null || exit 125
 how=
 if [ "$4" = follow ]; then
     how=-f
-    if [ -n "$5" ] && tail --pid="$5" -c 0 -- /dev/null 2>/dev/null; then how="-f --pid=$5"; fi
-fi
-if [ "$4" = follow ]; then
+    pid=${5:-$(head -c 16 -- "$1/pid" 2>/dev/null)}
+    case $pid in ''|*[!0-9]*) pid= ;; esac
+    if [ -n "$pid" ] && tail --pid="$pid" -c 0 -- /dev/null 2>/dev/null; then
+        how="-f --pid=$pid"
+    fi
     tail -c "+$2" $how -- "$1/1" 2>/dev/null &
     exec tail -c "+$3" $how -- "$1/2" 3>&2 2>/dev/null >&3
 fi
 tail -c "+$2" -- "$1/1" 2>/dev/null; tail -c "+$3" -- "$1/2" 3>&2 2>/dev/null >&3
-rm -rf -- "$1"
 """
 SPOOL_SIZES_SCRIPT = r"""
 for f in 1 2; do if [ -f "$1/$f" ]; then wc -c < "$1/$f"; else echo 0; fi; done
@@ -3399,12 +3408,14 @@ class Process:
                                                                   record["id"]):
             return None
         pty = record.get("pty")
+        if pty is not None and not (isinstance(pty, dict) and all(
+                isinstance(pty.get(k), int) for k in ("cols", "rows"))):
+            return None
         process = cls(record["id"], record["space"], record["containerId"], record["execId"],
                       record["argv"], record["cwd"], record["user"],
                       [str(k) for k in record["envKeys"]], record["source"],
                       float(record["startedAt"]), timeout=float(record["timeout"]),
-                      pty={"cols": int(pty.get("cols", 80)), "rows": int(pty.get("rows", 24))}
-                      if isinstance(pty, dict) else None,
+                      pty={"cols": pty["cols"], "rows": pty["rows"]} if pty else None,
                       tag=record["tag"] if isinstance(record.get("tag"), str) else None,
                       spooled=record.get("spooled") is True,
                       pid=record["pid"] if isinstance(record.get("pid"), int) else None)
@@ -3477,6 +3488,11 @@ class OutputSpool:
         return kept.get("capacity") == capacity and 0 <= base <= end and all(
             base <= a < b <= end and c in (1, 2) for a, b, c in ranges)
 
+    def rebase(self, base: int) -> None:
+        """Start offsets at ``base`` (only while nothing is in it)."""
+        if self.end == self.base:
+            self.base = self.end = base
+
     def state(self) -> dict[str, Any]:
         return {"base": self.base, "end": self.end, "capacity": self.capacity,
                 "ranges": [list(r) for r in self.ranges]}
@@ -3539,9 +3555,11 @@ class OutputSpool:
                 continue
             data = await asyncio.get_running_loop().run_in_executor(
                 None, self._read, begin, size)
-            if begin < self.oldest():  # overwritten while it was read: the reader retries
-                break
+            if begin < self.oldest() or not data:  # overwritten while read (the reader
+                break  # retries), or the file is gone: nothing to show for it
             pieces.append((begin, stream, data))
+            if len(data) < size:
+                break  # the file is shorter than its ranges say (lost): what there is
             limit -= size
             offset = begin + size
         return pieces
@@ -3610,7 +3628,10 @@ class Execs:
             if not entry.name.endswith(".json"):
                 continue
             record = read_json_file(entry.path)
-            process = Process.from_record(record)
+            try:
+                process = Process.from_record(record)
+            except (TypeError, ValueError, OverflowError):
+                process = None
             if process is None or entry.name != f"{process.id}.json":
                 log.warning("process record %s is not valid; it is removed", entry.name)
                 with contextlib.suppress(OSError):
@@ -3625,7 +3646,10 @@ class Execs:
         return sorted(found, key=lambda pair: pair[0].started_at)
 
     async def _save(self, process: Process) -> None:
-        """Write the process's record (before it starts, and once it has ended)."""
+        """Write the process's record (before it starts, and once it has ended; not once it
+        is forgotten)."""
+        if process.ended_at is not None and process.id not in self.processes:
+            return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, write_json_atomic, self._path(process, "json"), process.record())
@@ -3635,10 +3659,10 @@ class Execs:
                               "disk_unavailable") from None
 
     def _forget(self, process: Process) -> None:
+        with contextlib.suppress(OSError):  # the record first: no record names a lost ring
+            os.unlink(self._path(process, "json"))
         if process.spool is not None:
             process.spool.remove()
-        with contextlib.suppress(OSError):
-            os.unlink(self._path(process, "json"))
 
     async def background(self, name: str, req: ExecRequest, actor: Actor,
                          tag: str | None = None) -> Process:
@@ -3671,29 +3695,30 @@ class Execs:
         is kept), its timeout holds and the space stays in use; if it has ended, what it kept
         is read and its end recorded. A process on a pseudo-terminal ended with the last run's
         connection (its terminal): it is recorded as killed."""
-        try:
-            alive = (await self.exec_state(process.exec_id))[0]
-        except EngineError:
-            alive = False  # gone with its container
         capacity = self.config.process_output_bytes
+        try:
+            spool = OutputSpool(self._path(process, "out"), capacity)
+        except OSError as err:
+            log.error("process %s: its spool cannot be written: %s", process.id, err)
+            return
+        process.spool = spool  # readers may come (and wait) while the space is paused
         sizes = {1: 0, 2: 0}
-        if process.spooled and alive and await self._wait_unpaused(process.container_id):
+        if process.spooled and await self._wait_unpaused(process.container_id):
             with contextlib.suppress(EngineError, ClawdError):
                 probe = await self.run_internal({"Id": process.container_id}, ExecRequest(
                     argv=["sh", "-c", SPOOL_SIZES_SCRIPT, "sh", spool_in_space(process)],
                     env={}, workdir="/", timeout=30), 1024, process.user)
-                found = [int(n) for n in probe["stdout"].split() if n.isdigit()]
+                found = [int(n) for n in probe["stdout"].split()
+                         if re.fullmatch(r"[0-9]{1,18}", n)]
                 if len(found) == 2:
                     sizes = {1: found[0], 2: found[1]}
+        try:
+            alive = (await self.exec_state(process.exec_id))[0]
+        except EngineError:
+            alive = False  # gone with its container
         positions = {stream: size - min(size, capacity) for stream, size in sizes.items()}
         process.stdout_bytes, process.stderr_bytes = positions[1], positions[2]
-        try:
-            spool = OutputSpool(self._path(process, "out"), capacity,
-                                base=sum(positions.values()))
-        except OSError as err:
-            log.error("process %s: its spool cannot be written: %s", process.id, err)
-            return
-        process.spool = spool
+        spool.rebase(sum(positions.values()))
         if not process.spooled and alive:
             with contextlib.suppress(EngineError, ClawdError):
                 await self.kill_exec(process.container_id, process.exec_id)
@@ -3767,12 +3792,16 @@ class Execs:
         finally:
             if not stream.abandoned:
                 process.stdin = None
+                try:
+                    if follower is not None:
+                        await (follower.finish() if ended else follower.stop())
+                finally:
+                    await stream.close()  # listed as ended from here on, all its output in
+                    process.result = stream.result()
+                    await spool.finish()
+                    await self._save(process)
                 if follower is not None:
-                    await (follower.finish() if ended else follower.stop())
-                await stream.close()  # listed as ended from here on, with all its output in
-                process.result = stream.result()
-                await spool.finish()
-                await self._save(process)
+                    await follower.remove()
 
     async def _abandon(self, stream: ExecStream, follower: SpoolFollower | None) -> None:
         if follower is not None:
@@ -3936,7 +3965,7 @@ class Execs:
         PROCESSES_KEPT of a space)."""
         horizon = self.activity.clock() - self.config.process_retention
         kept: dict[str, int] = {}
-        for process in reversed(list(self.processes.values())):
+        for process in sorted(self.processes.values(), key=lambda p: -(p.ended_at or 0)):
             if process.ended_at is None:
                 continue
             kept[process.space] = kept.get(process.space, 0) + 1
@@ -4171,6 +4200,7 @@ class Execs:
 
 
 ADOPTED_POLL = 1.0  # seconds between asking the engine whether a taken-up command still runs
+LIVE_POLL = 5.0  # the same for one whose connection is held (it ends with the command, mostly)
 
 
 class ExecStream:
@@ -4201,30 +4231,39 @@ class ExecStream:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(16)
         self.reader = None if sock is None else DemuxReader(sock, 0, raw=tty)
-        self.pump: asyncio.Future[None]
-        if self.reader is None:
-            self.pump = asyncio.ensure_future(self._watch())
-        else:
+        self.pump: asyncio.Future[None] | None = None
+        self.watch: asyncio.Future[None] | None = None
+        if self.reader is not None:
             self.reader.sink = lambda stream, data: asyncio.run_coroutine_threadsafe(
                 self.queue.put((stream, data)), loop).result()
             self.pump = loop.run_in_executor(execs.engine.streams, self._pump, loop)
+        if self.reader is None or process.spooled:
+            # A spooled command's connection can outlive it (a daemon it started holds the
+            # engine's stderr on fd 7): its end is also asked of the engine.
+            self.watch = asyncio.ensure_future(self._watch(
+                ADOPTED_POLL if self.reader is None else LIVE_POLL))
         self.timer = None if not process.timeout else loop.call_later(
             max(0.0, process.timeout - elapsed), self._time_out)
         self.killing: asyncio.Future[None] | None = None
+        self.duration_ms: int | None = None
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             self.reader.run()  # type: ignore[union-attr]
         except (RuntimeError, concurrent.futures.CancelledError):
             return  # the loop is gone (shutdown)
+        except OSError as err:
+            log.warning("process %s: its connection failed: %s", self.process.id, err)
         finally:
             with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
                 asyncio.run_coroutine_threadsafe(self.queue.put(None), loop).result()
 
-    async def _watch(self) -> None:
+    async def _watch(self, longest: float) -> None:
+        wait = 0.05
         try:
             while not self.lost and (await self.execs.exec_state(self.process.exec_id))[0]:
-                await asyncio.sleep(ADOPTED_POLL)
+                await asyncio.sleep(wait)
+                wait = min(longest, wait * 2)
         except EngineError:
             pass  # gone with its container: ended
         await self.queue.put(None)
@@ -4252,6 +4291,9 @@ class ExecStream:
 
     async def _ended(self) -> None:
         self.process.gone = True
+        self.duration_ms = int((time.monotonic() - self.started) * 1000)
+        if self.timer is not None:
+            self.timer.cancel()  # what is left to do (reading the rest) is not its time
         if self.killing is not None:
             with contextlib.suppress(EngineError, ClawdError):
                 await self.killing
@@ -4277,8 +4319,11 @@ class ExecStream:
         """How the command ended (after ``output`` has ended)."""
         result = {"exitCode": -1 if self.exit_code is None else self.exit_code,
                   "timedOut": self.timed_out, "oomKilled": self.oom_killed,
-                  "durationMs": int((time.monotonic() - self.started) * 1000)}
-        if self.space_stopped:
+                  "durationMs": self.duration_ms if self.duration_ms is not None
+                  else int((time.monotonic() - self.started) * 1000)}
+        if self.lost:
+            result["lost"] = True  # its terminal was the last run's connection
+        elif self.space_stopped:
             result["spaceStopped"] = True
         return result
 
@@ -4287,16 +4332,10 @@ class ExecStream:
         ended (its output has nowhere to go)."""
         if self.timer is not None:
             self.timer.cancel()
-        if not self.pump.done():
+        if not self.process.gone:
             with contextlib.suppress(EngineError, ClawdError):
                 await self.execs.kill_exec(self.process.container_id, self.process.exec_id)
-            self._stop_pump()
-        try:
-            await self.pump
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # noqa: BLE001 - the reader's failure is only worth a line
-            log.exception("process %s: its output reader failed", self.process.id)
+        await self._stop_readers()
         if self.sock is not None:
             self.sock.close()
         if self.exit_code is None and self.process.ended_at is None and not self.lost:
@@ -4306,20 +4345,32 @@ class ExecStream:
                           stopped=self.space_stopped)
         self.busy.close()
 
-    def _stop_pump(self) -> None:
-        if self.reader is not None:
-            self.reader.abort()
-        else:
-            self.pump.cancel()
+    async def _stop_readers(self) -> None:
+        """Stop reading the connection and asking the engine (each once it is done)."""
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.pump is not None and not self.pump.done():
+            self.reader.abort()  # type: ignore[union-attr]
+            while not self.pump.done():  # it may wait to put a piece nobody will take
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                await asyncio.wait([self.pump], timeout=0.05)
+        for task in (self.pump, self.watch):
+            if task is None:
+                continue
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - a reader's failure is only worth a line
+                log.exception("process %s: its output reader failed", self.process.id)
 
     async def abandon(self) -> None:
         """The service stops: let go of the command without ending it."""
         self.abandoned = True
         if self.timer is not None:
             self.timer.cancel()
-        self._stop_pump()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await self.pump
+        await self._stop_readers()
         if self.sock is not None:
             self.sock.close()
         self.busy.close()
@@ -4359,16 +4410,20 @@ class SpoolFollower:
             self._take(stream, data), loop).result()
 
         def pump() -> None:
-            with contextlib.suppress(RuntimeError, concurrent.futures.CancelledError):
+            try:
                 reader.run()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                pass  # the loop is gone (shutdown)
+            except Exception as err:  # noqa: BLE001 - its spool cannot be written, or so
+                log.warning("process %s: reading its output failed: %s", self.process.id, err)
 
         return running, loop.run_in_executor(self.execs.engine.streams, pump)
 
     async def _take(self, stream: int, data: bytes) -> None:
         if stream not in (1, 2):
             return
-        self.positions[stream] += len(data)
         await self.execs.append_output(self.process, self.spool, stream, data)
+        self.positions[stream] += len(data)
         if self.punching is None or self.punching.done():
             self.punching = asyncio.ensure_future(self._punch())
 
@@ -4416,8 +4471,15 @@ class SpoolFollower:
             with contextlib.suppress(Exception):
                 await self.punching
 
+    async def remove(self) -> None:
+        """Remove the files in the space (once the process's end is recorded)."""
+        with contextlib.suppress(EngineError, ClawdError):
+            await self.execs.run_internal({"Id": self.process.container_id}, ExecRequest(
+                argv=["rm", "-rf", "--", spool_in_space(self.process)], env={}, workdir="/",
+                timeout=30), 1024, self.process.user)
+
     async def finish(self) -> None:
-        """The command has ended: read what is left of its files, then remove them."""
+        """The command has ended: read what is left of its files."""
         await self.stop()
         try:
             running, pump = await self._read("rest")
@@ -4723,7 +4785,7 @@ class Observer:
                 "image": values["image"],
                 "user": values["user"],
                 "memory": int(host.get("Memory") or 0),
-                "cpus": (host.get("NanoCpus") or 0) / 1e9,
+                "cpus": plain_number((host.get("NanoCpus") or 0) / 1e9),
                 "pidsLimit": host.get("PidsLimit"),
                 "gpu": values["gpu"],
             },
@@ -5930,7 +5992,7 @@ class E2bRun:
             kind = "pty" if self.pty else "stdout" if piece[1] == 1 else "stderr"
             yield {"event": {"data": {kind: base64.b64encode(piece[2]).decode()}}}, False
         result = self.execs.result(self.sandbox, self.process_id)
-        if result is None or result.get("spaceStopped"):
+        if result is None or result.get("spaceStopped") or result.get("lost"):
             # The sandbox was killed, its process lost, or this service is stopping: envd's
             # stream would break, not end.
             raise E2bStreamCut(f"the stream of process {self.pid} in {self.sandbox} ends "
@@ -6265,7 +6327,12 @@ class E2b:
         process = await self._selected(sandbox, body)
         if process.ended_at is not None or process.gone:
             raise NotFound(f"process {process.pid} not found")
-        word = {"SIGNAL_SIGTERM": "TERM", 15: "TERM"}.get(body.get("signal"), "KILL")
+        given = body.get("signal", "SIGNAL_SIGKILL")
+        words = {"SIGNAL_SIGKILL": "KILL", 9: "KILL", "SIGNAL_SIGTERM": "TERM", 15: "TERM"}
+        if not isinstance(given, (str, int)) or isinstance(given, bool) or given not in words:
+            raise BadRequest("signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM",
+                             "invalid_argument")
+        word = words[given]
         await self.execs.signal_process(sandbox, process.id, word, actor)
         return {}
 
@@ -6385,6 +6452,13 @@ class E2bExists(Conflict):
 # HTTP: requests, errors, surfaces, forwarding ################################
 ###############################################################################
 
+def json_response(data: Any, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer, compact (``{"gpu":true}``: the earlier server's CLI greps for that)."""
+    return web.Response(text=json.dumps(data, separators=(",", ":")), status=status,
+                        headers=headers, content_type="application/json")
+
+
 CONFIG_KEY = web.AppKey("config", Config)
 ENGINE_KEY = web.AppKey("engine", Engine)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
@@ -6457,7 +6531,7 @@ class Surface:
 def json_error(status: int, message: str, code: str,
                headers: dict[str, str] | None = None) -> web.Response:
     """The service's error shape: ``{"error", "code"}``."""
-    return web.json_response({"error": message, "code": code}, status=status, headers=headers)
+    return json_response({"error": message, "code": code}, status=status, headers=headers)
 
 
 HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
@@ -6810,30 +6884,30 @@ async def health(request: web.Request) -> web.Response:
             else "no answer within 2 s"
         docker_state = {"ok": False, "error": message}
     ok = bool(docker_state["ok"])
-    return web.json_response(
+    return json_response(
         {"status": "ok" if ok else "degraded", "version": VERSION, "docker": docker_state,
          "firewall": request.app[FIREWALL_KEY].status()},
         status=200 if ok else 503)
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI_KEY])
+    return json_response(request.app[OPENAPI_KEY])
 
 
 async def get_system(request: web.Request) -> web.Response:
-    return web.json_response(await system_info(request.app[CONFIG_KEY], request.app[ENGINE_KEY]))
+    return json_response(await system_info(request.app[CONFIG_KEY], request.app[ENGINE_KEY]))
 
 
 async def get_capabilities(request: web.Request) -> web.Response:
     caps = await capabilities(request.app[CONFIG_KEY], request.app[ENGINE_KEY])
-    return web.json_response({**caps, "firewall": request.app[FIREWALL_KEY].status()})
+    return json_response({**caps, "firewall": request.app[FIREWALL_KEY].status()})
 
 
 async def get_nodes(request: web.Request) -> web.Response:
     nodes = request.app[NODES_KEY]
     if query_bool(request, "refresh") or not nodes.nodes:
         await nodes.refresh()
-    return web.json_response({"nodes": nodes.nodes, "lastUpdatedAt": nodes.updated_ms})
+    return json_response({"nodes": nodes.nodes, "lastUpdatedAt": nodes.updated_ms})
 
 
 async def list_spaces(request: web.Request) -> web.Response:
@@ -6842,11 +6916,11 @@ async def list_spaces(request: web.Request) -> web.Response:
         raise BadRequest("scope must be node or cluster", "invalid_scope")
     local = await request.app[SPACES_KEY].list_all()
     if scope == "node":
-        return web.json_response({"spaces": local})
+        return json_response({"spaces": local})
     nodes = request.app[NODES_KEY]
     if not nodes.nodes:
         await nodes.refresh()
-    return web.json_response(await nodes.cluster_spaces(local))
+    return json_response(await nodes.cluster_spaces(local))
 
 
 async def create_space(request: web.Request) -> web.Response:
@@ -6861,11 +6935,11 @@ async def create_space(request: web.Request) -> web.Response:
             raise NoGpu(f"{err.message}; nodes with GPUs: {', '.join(others)} (create there, "
                         "or add ?node=NAME)") from None
         raise
-    return web.json_response({"space": space}, status=201)
+    return json_response({"space": space}, status=201)
 
 
 async def get_space(request: web.Request) -> web.Response:
-    return web.json_response({"space": await request.app[SPACES_KEY].get(
+    return json_response({"space": await request.app[SPACES_KEY].get(
         request.match_info["name"])})
 
 
@@ -6873,17 +6947,17 @@ async def delete_space(request: web.Request) -> web.Response:
     remove_volume = query_bool(request, "removeVolume")
     await request.app[SPACES_KEY].destroy(request.match_info["name"], remove_volume,
                                           actor(request))
-    return web.json_response({"message": "Space destroyed"})
+    return json_response({"message": "Space destroyed"})
 
 
 async def stop_space(request: web.Request) -> web.Response:
     await request.app[SPACES_KEY].pause(request.match_info["name"], actor(request))
-    return web.json_response({"message": "Space paused"})
+    return json_response({"message": "Space paused"})
 
 
 async def start_space(request: web.Request) -> web.Response:
     await request.app[SPACES_KEY].start(request.match_info["name"], actor(request))
-    return web.json_response({"message": "Space started"})
+    return json_response({"message": "Space started"})
 
 
 async def exec_space(request: web.Request) -> web.StreamResponse:
@@ -6891,10 +6965,10 @@ async def exec_space(request: web.Request) -> web.StreamResponse:
     req, mode = parse_exec(await json_body(request), request.app[CONFIG_KEY])
     execs = request.app[EXECS_KEY]
     if mode == "wait":
-        return web.json_response(await execs.exec(name, req, actor(request)))
+        return json_response(await execs.exec(name, req, actor(request)))
     process = await execs.background(name, req, actor(request))
     if mode == "background":
-        return web.json_response({"process": process.view()}, status=202)
+        return json_response({"process": process.view()}, status=202)
     return await send_output(request, execs, name, process.id, 0, True)
 
 
@@ -6990,7 +7064,7 @@ async def process_stdin(request: web.Request) -> web.Response:
             raise BadRequest("give data (text) or b64 (bytes), not both", "invalid_stdin")
         data = decode_base64(encoded, "b64", "invalid_stdin") if encoded is not None \
             else (text or "").encode()
-    return web.json_response({"process": await request.app[EXECS_KEY].write_stdin(
+    return json_response({"process": await request.app[EXECS_KEY].write_stdin(
         name, request.match_info["id"], data, eof, actor(request))})
 
 
@@ -6999,48 +7073,48 @@ async def touch_space(request: web.Request) -> web.Response:
     spaces = request.app[SPACES_KEY]
     await spaces.running(name, actor(request))
     spaces.activity.touch(name)
-    return web.json_response({"message": "OK", "lastActivity": epoch_to_iso(
+    return json_response({"message": "OK", "lastActivity": epoch_to_iso(
         spaces.activity.last(name) or spaces.activity.clock())})
 
 
 async def list_processes(request: web.Request) -> web.Response:
     processes = await request.app[EXECS_KEY].list_processes(request.match_info["name"])
-    return web.json_response({"processes": processes})
+    return json_response({"processes": processes})
 
 
 async def get_process(request: web.Request) -> web.Response:
-    return web.json_response({"process": await request.app[EXECS_KEY].get_process(
+    return json_response({"process": await request.app[EXECS_KEY].get_process(
         request.match_info["name"], request.match_info["id"])})
 
 
 async def signal_process(request: web.Request) -> web.Response:
     body = await json_body(request)
     check_fields(body, {"signal"})
-    return web.json_response({"process": await request.app[EXECS_KEY].signal_process(
+    return json_response({"process": await request.app[EXECS_KEY].signal_process(
         request.match_info["name"], request.match_info["id"], body.get("signal"),
         actor(request))})
 
 
 async def resize_process(request: web.Request) -> web.Response:
-    return web.json_response({"process": await request.app[EXECS_KEY].resize_process(
+    return json_response({"process": await request.app[EXECS_KEY].resize_process(
         request.match_info["name"], request.match_info["id"], await json_body(request))})
 
 
 async def kill_process(request: web.Request) -> web.Response:
-    return web.json_response({"process": await request.app[EXECS_KEY].signal_process(
+    return json_response({"process": await request.app[EXECS_KEY].signal_process(
         request.match_info["name"], request.match_info["id"], "KILL", actor(request))})
 
 
 async def space_stats(request: web.Request) -> web.Response:
     info = await request.app[SPACES_KEY].inspect(request.match_info["name"])
-    return web.json_response({"stats": await request.app[OBSERVER_KEY].stats(info)})
+    return json_response({"stats": await request.app[OBSERVER_KEY].stats(info)})
 
 
 async def space_observability(request: web.Request) -> web.Response:
     top = query_int(request, "top", 8, 1, 25)
     lines = query_int(request, "historyLines", 50, 1, 500)
     observation = await request.app[OBSERVER_KEY].observe(request.match_info["name"], top, lines)
-    return web.json_response({"observability": observation})
+    return json_response({"observability": observation})
 
 
 def wants_raw(request: web.Request) -> bool:
@@ -7062,7 +7136,7 @@ async def list_files(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 1000, 1, 10000)
     listing = await request.app[FILES_KEY].list_dir(name, request.query.get("path"), limit,
                                                     actor(request))
-    return web.json_response(listing)
+    return json_response(listing)
 
 
 async def read_file(request: web.Request) -> web.StreamResponse:
@@ -7074,7 +7148,7 @@ async def read_file(request: web.Request) -> web.StreamResponse:
         return await send_file(request, await files.open_stream(name, path, max_bytes,
                                                                 actor(request)))
     max_bytes = query_int(request, "maxBytes", 262144, 0, request.app[CONFIG_KEY].file_read_limit)
-    return web.json_response(await files.read(name, path, max_bytes, actor(request)))
+    return json_response(await files.read(name, path, max_bytes, actor(request)))
 
 
 async def write_file(request: web.Request) -> web.Response:
@@ -7082,7 +7156,7 @@ async def write_file(request: web.Request) -> web.Response:
     files, path = request.app[FILES_KEY], required_path(request)
     if request.content_type == "application/octet-stream":
         size, chunks = sized_body(request, "raw uploads")
-        return web.json_response(await files.write(name, path, size, chunks, actor(request)))
+        return json_response(await files.write(name, path, size, chunks, actor(request)))
     payload = await json_body(request)
     check_fields(payload, {"contentBase64"})
     encoded = payload.get("contentBase64")
@@ -7090,14 +7164,14 @@ async def write_file(request: web.Request) -> web.Response:
         raise BadRequest("contentBase64 required (a base64 string; empty for an empty file)",
                          "invalid_content")
     data = decode_base64(encoded, "contentBase64", "invalid_content")
-    return web.json_response(await files.write(name, path, len(data), iter([data]),
+    return json_response(await files.write(name, path, len(data), iter([data]),
                                                actor(request)))
 
 
 async def delete_file(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     path, recursive = required_path(request), query_bool(request, "recursive")
-    return web.json_response(await request.app[FILES_KEY].delete(name, path, recursive,
+    return json_response(await request.app[FILES_KEY].delete(name, path, recursive,
                                                                  actor(request)))
 
 
@@ -7270,16 +7344,16 @@ async def attach_command(ws: web.WebSocketResponse, execs: Execs, name: str, pro
 async def git_push(request: web.Request) -> web.Response:
     name = check_space_name(request.match_info["name"])
     body = await json_body(request)
-    return web.json_response(await request.app[GIT_KEY].push(name, body, actor(request)))
+    return json_response(await request.app[GIT_KEY].push(name, body, actor(request)))
 
 
 async def list_templates(request: web.Request) -> web.Response:
-    return web.json_response({"templates": await request.app[TEMPLATES_KEY].list_all()})
+    return json_response({"templates": await request.app[TEMPLATES_KEY].list_all()})
 
 
 async def get_template(request: web.Request) -> web.Response:
     template, text = await request.app[TEMPLATES_KEY].get(request.match_info["name"])
-    return web.json_response({"name": template.name, "yaml": text,
+    return json_response({"name": template.name, "yaml": text,
                               "template": template.as_dict()})
 
 
@@ -7287,19 +7361,19 @@ async def put_template(request: web.Request) -> web.Response:
     body = await json_body(request)
     check_fields(body, {"yaml"})
     template = await request.app[TEMPLATES_KEY].put(body.get("yaml"), actor(request))
-    return web.json_response({"template": template.as_dict()})
+    return json_response({"template": template.as_dict()})
 
 
 async def delete_template(request: web.Request) -> web.Response:
     await request.app[TEMPLATES_KEY].delete(request.match_info["name"], actor(request))
-    return web.json_response({"message": "OK"})
+    return json_response({"message": "OK"})
 
 
 async def get_audit(request: web.Request) -> web.Response:
     space = request.query.get("space") or None
     limit = query_int(request, "limit", 200, 1, 1000)
     events = await request.app[AUDIT_KEY].read(space, limit)
-    return web.json_response({"events": events})
+    return json_response({"events": events})
 
 
 SPACE_LIST = {"type": "object", "required": ["spaces"],
@@ -7536,7 +7610,7 @@ def read_envelope(raw: bytes) -> dict[str, Any]:
 def e2b_rest_error(status: int, message: str, code: str,
                    headers: dict[str, str] | None = None) -> web.Response:
     """E2B's control-plane error: ``{"code": <status>, "message"}``, never to be retried."""
-    return web.json_response({"code": status, "message": message}, status=status,
+    return json_response({"code": status, "message": message}, status=status,
                              headers={**(headers or {}), "Should-Retry": "false"})
 
 
@@ -7544,7 +7618,7 @@ def connect_error(status: int, message: str, code: str,
                   headers: dict[str, str] | None = None) -> web.Response:
     """A Connect RPC error: ``{"code": <Connect code>, "message"}``."""
     connect = code if code in ("already_exists",) else CONNECT_CODES.get(status, "internal")
-    return web.json_response({"code": connect, "message": message}, status=status,
+    return json_response({"code": connect, "message": message}, status=status,
                              headers=headers)
 
 
@@ -7595,18 +7669,18 @@ def forward_to_owner(nodes: Nodes, e2b: E2b,
 
 async def e2b_create(request: web.Request) -> web.Response:
     body = await json_body(request)
-    return web.json_response(await request.app[E2B_KEY].create(body, actor(request)), status=201)
+    return json_response(await request.app[E2B_KEY].create(body, actor(request)), status=201)
 
 
 async def e2b_list(request: web.Request) -> web.Response:
     states = set((request.query.get("state") or "running,paused").split(","))
     wanted = dict(urllib.parse.parse_qsl(request.query.get("metadata") or ""))
     limit = query_int(request, "limit", 100, 1, 100)
-    return web.json_response(await request.app[E2B_KEY].list_sandboxes(states, wanted, limit))
+    return json_response(await request.app[E2B_KEY].list_sandboxes(states, wanted, limit))
 
 
 async def e2b_get(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[E2B_KEY].get(request.match_info["id"]))
+    return json_response(await request.app[E2B_KEY].get(request.match_info["id"]))
 
 
 async def e2b_kill(request: web.Request) -> web.Response:
@@ -7627,7 +7701,7 @@ async def e2b_pause(request: web.Request) -> web.Response:
 async def e2b_connect(request: web.Request) -> web.Response:
     status, sandbox = await request.app[E2B_KEY].connect(
         request.match_info["id"], await optional_json_body(request), actor(request))
-    return web.json_response(sandbox, status=status)
+    return json_response(sandbox, status=status)
 
 
 def envd_target(request: web.Request) -> str:
@@ -7683,7 +7757,7 @@ async def envd_upload(request: web.Request) -> web.Response:
         written.append(await e2b.upload(sandbox, path, size, chunks, who))
     if not written:
         raise BadRequest("no file in the upload", "invalid_argument")
-    return web.json_response(written)
+    return json_response(written)
 
 
 async def envd_process(request: web.Request) -> web.StreamResponse:
@@ -7695,14 +7769,14 @@ async def envd_process(request: web.Request) -> web.StreamResponse:
         return await envd_stream_input(request, e2b, sandbox)
     body = await optional_json_body(request)
     if method in ("SendInput", "CloseStdin"):
-        return web.json_response(await e2b.send_input(sandbox, body, actor(request),
+        return json_response(await e2b.send_input(sandbox, body, actor(request),
                                                       eof=method == "CloseStdin"))
     if method == "Update":
-        return web.json_response(await e2b.update_process(sandbox, body))
+        return json_response(await e2b.update_process(sandbox, body))
     if method == "List":
-        return web.json_response(await e2b.list_processes(sandbox))
+        return json_response(await e2b.list_processes(sandbox))
     if method == "SendSignal":
-        return web.json_response(await e2b.signal(sandbox, body, actor(request)))
+        return json_response(await e2b.signal(sandbox, body, actor(request)))
     raise NotFound(f"process.Process/{method[:40]} is not supported by this node")
 
 
@@ -7769,7 +7843,7 @@ async def envd_stream_input(request: web.Request, e2b: E2b, sandbox: str) -> web
 
 async def envd_filesystem(request: web.Request) -> web.Response:
     sandbox = await envd_sandbox(request)
-    return web.json_response(await request.app[E2B_KEY].filesystem(
+    return json_response(await request.app[E2B_KEY].filesystem(
         request.match_info["method"], sandbox, await optional_json_body(request),
         actor(request)))
 

@@ -422,6 +422,19 @@ def test_stream_input_types_a_client_stream_into_the_process(shared: Shared,
     assert refused.status_code == 400, refused.text
 
 
+def test_bad_process_rpcs_are_4xx(shared: Shared, e2b_served: Served) -> None:
+    token = envd_token_of(e2b_served, shared.sbx.sandbox_id)
+    headers = {"E2b-Sandbox-Id": shared.sbx.sandbox_id, "X-Access-Token": token,
+               "Content-Type": "application/json", "Connect-Protocol-Version": "1"}
+    handle = shared.sbx.commands.run("sleep 120", background=True, timeout=120)
+    for body in ({"process": {"pid": handle.pid}, "signal": []},
+                 {"process": {"pid": []}}, {"process": {"tag": {}}}, {"process": []}):
+        reply = httpx.post(e2b_served.url + "/process.Process/SendSignal", json=body,
+                           headers=headers, timeout=60)
+        assert 400 <= reply.status_code < 500, (body, reply.status_code, reply.text)
+    assert shared.sbx.commands.kill(handle.pid) is True
+
+
 def test_killing_a_sandbox_cuts_its_command_streams(sandboxes: Sandboxes) -> None:
     sbx = sandboxes.create()
     handle = sbx.commands.run("echo started; sleep 300", background=True, timeout=0)

@@ -652,3 +652,59 @@ async def test_a_process_that_cannot_be_recorded_never_starts(
     assert not [e for e in client.audit_lines() if e["type"] == "process.start"
                 and e["meta"]["command"] == marker]
     assert not [p for p in await processes(client, shared_space) if p["command"] == marker]
+
+
+async def test_a_daemon_the_command_leaves_behind_does_not_hold_it_open(
+        client: Api, shared_space: str, docker_api: docker.APIClient) -> None:
+    marker = f"sleep 6{secrets.randbelow(1000):03d}"
+    reply = await client.post(f"/api/spaces/{shared_space}/exec", {
+        "command": f"nohup {marker} >/dev/null 2>&1 & echo started", "background": True})
+    assert reply.status == 202, reply.body
+    base = f"/api/spaces/{shared_space}/processes/{reply.body['process']['id']}"
+    container = f"{client.config.prefix}{shared_space}"
+    try:
+        async def ended() -> bool:
+            return bool((await client.get(base)).body["process"]["status"] == "exited")
+
+        await poll(ended, what="the command ended, its daemon still running")
+        assert in_container(docker_api, container,
+                            f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] == 0
+        got = (await client.get(base)).body["process"]
+        assert got["exitCode"] == 0 and got["stdoutBytes"] == len("started\n")
+    finally:
+        in_container(docker_api, container, f"pkill -f '[{marker[0]}]{marker[1:]}'")
+
+
+def test_output_of_a_process_that_ended_while_the_service_was_down_is_kept(
+        tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
+    with restartable(tmp_path, docker_api, prefix) as (start, name):
+        first = start()
+        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
+            "command": f"head -c 7000000 /dev/zero | tr '\\0' b; echo; {gate('go')}; "
+                       "echo tail-end", "background": True})
+        assert status == 202, body
+        process_id = body["process"]["id"]
+        base = f"/api/spaces/{name}/processes/{process_id}"
+        container = f"{prefix}{name}"
+        until(lambda: first.request("GET", base)[1]["process"]["stdoutBytes"] == 7000001,
+              "the first 7 MB read")
+
+        def punched() -> bool:  # what was read has been given back (a hole in the file)
+            code, out = in_container(docker_api, container,
+                                     f"du -k /tmp/.clawdspace-processes/{process_id}/1")
+            return code == 0 and int(out.split()[0]) < 5000
+
+        until(punched, "a hole punched behind the reader")
+        first.process.kill()
+        first.process.wait()
+        in_container(docker_api, container, "touch /workspace/go")
+        until(lambda: in_container(docker_api, container, "pgrep -f '[t]ail-end'")[0] != 0,
+              "the command ended while the service is down")
+        second = start()
+        until(lambda: second.request("GET", base)[1]["process"]["status"] == "exited",
+              "the ended process recorded as such")
+        events = list(ndjson(f"{second.url}{base}/output?offset=0", SESSION_KEY))
+        text = "".join(e.get("data", "") for e in events if e["type"] == "stdout")
+        assert text.endswith("b\ntail-end\n") and "\x00" not in text, text[-80:]
+        assert events[0]["oldest"] >= 7000001 - (1 << 20), events[0]
+        assert second.request("GET", base)[1]["process"]["exitCode"] == 0

@@ -380,3 +380,19 @@ async def test_spaces_survive_a_service_restart(make_client: MakeClient, space: 
     assert (await second.exec(name, "cat /workspace/state"))["stdout"] == "before\n"
     assert (await second.get(f"/api/spaces/{name}")).body["space"]["status"] == "running"
     assert container_of(docker_api, second.config.prefix, name)["State"]["Running"] is True
+
+
+async def test_answers_are_compact_json_with_whole_cpu_counts(client: Api,
+                                                              space: SpaceMaker) -> None:
+    """The earlier server's CLI greps its answers (``"gpu":false``, ``"cpus":1``)."""
+    name = (await space(memory="64m", cpus=1, network="none"))["name"]
+    headers = {"Authorization": f"Bearer {client.key}"}
+    async with client.client.get(f"/api/spaces/{name}", headers=headers) as resp:
+        raw = await resp.text()
+    assert resp.content_type == "application/json"
+    assert '"cpus":1,' in raw and '"gpu":false' in raw and ": " not in raw, raw
+    async with client.client.get("/api/spaces", headers=headers) as resp:
+        assert '"cpus":1,' in await resp.text()
+    async with client.client.get("/api/system", headers=headers) as resp:
+        raw = await resp.text()
+    assert '"gpu":' in raw and ", " not in raw, raw
