@@ -541,17 +541,22 @@ def restartable(tmp_path: Path, docker_api: docker.APIClient,
             docker_api.remove_volume(f"{prefix}vol-{name}")
 
 
+def start_background(served: Served, name: str, **fields: Any) -> tuple[str, str]:
+    """A background process through a real service: (its id, its path under the API)."""
+    status, body = served.request("POST", f"/api/spaces/{name}/exec",
+                                  {"background": True, **fields})
+    assert status == 202, body
+    process_id = body["process"]["id"]
+    return process_id, f"/api/spaces/{name}/processes/{process_id}"
+
+
 def test_a_process_outlives_kill_9_of_the_service_and_keeps_its_output(
         tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
     with restartable(tmp_path, docker_api, prefix) as (start, name):
         first = start()
-        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
-            "command": f"echo before; {gate('go')}; echo while-down; echo err >&2; "
-                       f"{gate('end')}; echo after; exit 4", "background": True,
-            "timeout": 600})
-        assert status == 202, body
-        process_id = body["process"]["id"]
-        base = f"/api/spaces/{name}/processes/{process_id}"
+        process_id, base = start_background(
+            first, name, command=f"echo before; {gate('go')}; echo while-down; echo err >&2; "
+                                 f"{gate('end')}; echo after; exit 4", timeout=600)
         until(lambda: first.request("GET", base)[1]["process"]["stdoutBytes"] > 0,
               "the first line read")
         first.process.kill()  # kill -9: no shutdown of any kind
@@ -594,10 +599,7 @@ def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIC
     marker = f"sleep 4{secrets.randbelow(1000):03d}"
     with restartable(tmp_path, docker_api, prefix) as (start, name):
         first = start()
-        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
-            "command": marker, "background": True, "timeout": 8})
-        assert status == 202, body
-        base = f"/api/spaces/{name}/processes/{body['process']['id']}"
+        _, base = start_background(first, name, command=marker, timeout=8)
         getattr(first.process, stop)()  # kill -9, or a clean stop: it runs on either way
         first.process.wait()
         container = f"{prefix}{name}"
@@ -679,12 +681,9 @@ def test_output_of_a_process_that_ended_while_the_service_was_down_is_kept(
         tmp_path: Path, docker_api: docker.APIClient, prefix: str) -> None:
     with restartable(tmp_path, docker_api, prefix) as (start, name):
         first = start()
-        status, body = first.request("POST", f"/api/spaces/{name}/exec", {
-            "command": f"head -c 7000000 /dev/zero | tr '\\0' b; echo; {gate('go')}; "
-                       "echo tail-end", "background": True})
-        assert status == 202, body
-        process_id = body["process"]["id"]
-        base = f"/api/spaces/{name}/processes/{process_id}"
+        process_id, base = start_background(
+            first, name, command=f"head -c 7000000 /dev/zero | tr '\\0' b; echo; "
+                                 f"{gate('go')}; echo tail-end")
         container = f"{prefix}{name}"
         until(lambda: first.request("GET", base)[1]["process"]["stdoutBytes"] == 7000001,
               "the first 7 MB read")
