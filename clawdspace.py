@@ -4863,8 +4863,12 @@ USER_WRITE_SCRIPT = r"""
 mkdir -p -- "$1" || exit 101
 cd -P -- "$1" || exit 101
 case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
-set -C
-cat >"$3" || { rm -f -- "$3"; exit 105; }
+[ "$6" = discard ] && exec rm -f -- "$3"
+if [ "$6" = write ]; then
+    set -C
+    cat >"$3" || { rm -f -- "$3"; exit 105; }
+    [ "$5" = - ] && exit 0  # its size is counted by the service, which then installs it
+fi
 [ "$(stat -c %s -- "$3")" = "$5" ] || { rm -f -- "$3"; exit 107; }
 chmod "$4" -- "$3" || { rm -f -- "$3"; exit 105; }
 if [ -d "$2" ] && [ ! -L "$2" ]; then rm -f -- "$3"; exit 103; fi
@@ -5170,10 +5174,12 @@ class Files:
     # -- write ----------------------------------------------------------------------------
 
     @while_busy
-    async def write(self, name: str, raw_path: str | None, size: int,
+    async def write(self, name: str, raw_path: str | None, size: int | None,
                     chunks: Iterator[bytes], actor: Actor, mode: int = 0o644) -> dict[str, Any]:
         """Write a file atomically, as the space's user: stream into a temporary name beside
-        it, check its length, then rename it into place."""
+        it, check its length, then rename it into place. A body of unknown size (chunked,
+        or encoded) is counted as it passes, and installed by a second exec once it has
+        arrived whole."""
         info, where = await self._resolved(name, raw_path, actor)
         if where.rel == "/":
             raise BadRequest("path must name a file inside /workspace", "invalid_path")
@@ -5184,17 +5190,37 @@ class Files:
         directory = "/".join([parent, *missing[:-1]])
         final = missing[-1]
         temp = f"{TEMP_MARK}{os.urandom(6).hex()}"  # short: any legal name fits beside it
+        counted = [0]
+
+        def counting(pieces: Iterator[bytes]) -> Iterator[bytes]:
+            for piece in pieces:
+                counted[0] += len(piece)
+                yield piece
+
         async with self.spaces.audit.action("space.file.write", name,
                                             {"path": where.rel, "bytes": size}, actor):
-            result = await self.execs.run_internal(info, ExecRequest(
-                argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final, temp,
-                      f"{mode:o}", str(size)], env={}, workdir=WORKSPACE,
-                timeout=self.spaces.config.exec_max_timeout), 65536, stdin=chunks)
+            def step(how: str, known: int | None) -> ExecRequest:
+                return ExecRequest(argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final,
+                                         temp, f"{mode:o}", "-" if known is None else str(
+                                             known), how], env={}, workdir=WORKSPACE,
+                                   timeout=self.spaces.config.exec_max_timeout)
+
+            try:
+                result = await self.execs.run_internal(info, step("write", size), 65536,
+                                                       stdin=counting(chunks))
+            except BaseException:
+                if size is None:  # what arrived of it stays nowhere
+                    with contextlib.suppress(EngineError, ClawdError):
+                        await self.execs.run_internal(info, step("discard", None), 4096)
+                raise
+            if size is None and result["exitCode"] == 0:
+                size = counted[0]
+                result = await self.execs.run_internal(info, step("install", size), 65536)
             if result["exitCode"] == NOT_REGULAR:
                 raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
             if result["exitCode"] != 0:
                 raise user_file_error(where.rel, result["exitCode"], result["stderr"])
-        return {"message": "OK", "path": where.rel, "bytes": size}
+        return {"message": "OK", "path": where.rel, "bytes": counted[0]}
 
     # -- delete ---------------------------------------------------------------------------
 
@@ -5933,6 +5959,8 @@ class Nodes:
 # here, and 0.5.7 has every feature this node serves.
 E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
+E2B_LIST_LIMIT = 10000  # entries of one ListDir, at any depth
+E2B_OVERDUE_LOOK = 5.0  # seconds between looks at a sandbox past its time but still busy
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
 
 
@@ -5960,6 +5988,49 @@ def envd_token_incarnation(config: Config, sandbox_id: str, token: str) -> str |
 
 def e2b_time(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class E2bListQuery:
+    """A sandbox list's filters and page: ``state`` (running, paused), ``metadata`` pairs,
+    ``template``, a start-time window, ``order`` (asc or desc by start time) and ``limit``
+    from the key (``after``) of the last sandbox of the page before."""
+
+    states: frozenset[str] = frozenset({"running", "paused"})
+    metadata: tuple[tuple[str, str], ...] = ()
+    template: str | None = None
+    started_after: str | None = None  # startedAt form: YYYY-MM-DDTHH:MM:SSZ
+    started_before: str | None = None
+    order: str = "desc"
+    limit: int = 100
+    after: tuple[str, str] | None = None
+
+    def matches(self, sandbox: dict[str, Any]) -> bool:
+        return sandbox["state"] in self.states and all(
+            sandbox["metadata"].get(k) == v for k, v in self.metadata) and (
+            self.template is None or sandbox["templateID"] == self.template) and (
+            self.started_after is None or sandbox["startedAt"] >= self.started_after) and (
+            self.started_before is None or sandbox["startedAt"] <= self.started_before)
+
+    @staticmethod
+    def key(sandbox: dict[str, Any]) -> tuple[str, str]:
+        return sandbox["startedAt"], sandbox["sandboxID"]
+
+    @staticmethod
+    def token(sandbox: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(
+            list(E2bListQuery.key(sandbox))).encode()).decode()
+
+    @staticmethod
+    def parse_token(text: str) -> tuple[str, str]:
+        try:
+            key = json.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        except (ValueError, UnicodeError):
+            key = None
+        if not (isinstance(key, list) and len(key) == 2 and all(
+                isinstance(k, str) for k in key)):
+            raise BadRequest("nextToken is not one this server gave", "invalid_argument")
+        return key[0], key[1]
 
 
 class E2bStreamCut(Exception):
@@ -6024,6 +6095,7 @@ class E2b:
         self.deadline_path = os.path.join(config.data_dir, "e2b-deadlines.json")
         self.deadlines: dict[str, float] = {}
         self.save_lock = asyncio.Lock()
+        self.deadlines_changed = asyncio.Event()  # the timeout loop looks again
         self.tasks = Tasks()
 
     async def startup(self) -> None:
@@ -6032,12 +6104,13 @@ class E2b:
         if isinstance(saved, dict):
             self.deadlines = {str(k): float(v) for k, v in saved.items()
                               if isinstance(v, (int, float))}
-        self.tasks.spawn("e2b timeouts", self.expire, every=5.0)
+        self.tasks.spawn("e2b timeouts", self._timeouts, every=0.0)
 
     async def shutdown(self) -> None:
         await self.tasks.close()
 
     async def _save(self) -> None:
+        self.deadlines_changed.set()
         async with self.save_lock:  # in order: a later snapshot never loses to an earlier one
             try:
                 await asyncio.get_running_loop().run_in_executor(
@@ -6123,11 +6196,19 @@ class E2b:
             raise NotFound(f"sandbox {sandbox_id} not found") from None
         return self.spaces.view_inspected(info), (info.get("Config") or {}).get("Labels") or {}
 
-    def _timeout(self, body: dict[str, Any]) -> int:
+    async def is_running(self, sandbox_id: str) -> bool:
+        try:
+            space, _ = await self._find(sandbox_id)
+        except NotFound:
+            return False
+        return space["status"] == "running"
+
+    def _timeout(self, body: dict[str, Any], least: int = 1) -> int:
         timeout = body.get("timeout", E2B_DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= \
-                86400 * 30:
-            raise BadRequest("timeout must be a number of seconds", "invalid_argument")
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not least <= timeout \
+                <= 86400 * 30:
+            raise BadRequest(f"timeout must be {least} to {86400 * 30} seconds",
+                             "invalid_argument")
         return timeout
 
     async def create(self, body: dict[str, Any], actor: Actor) -> dict[str, Any]:
@@ -6158,18 +6239,25 @@ class E2b:
         space, labels = await self._find(sandbox_id)
         return self._sandbox(space, labels)
 
-    async def list_sandboxes(self, states: set[str], wanted: dict[str, str],
-                             limit: int) -> list[dict[str, Any]]:
-        """Sandboxes in one of ``states`` whose metadata has every pair of ``wanted``."""
+    async def list_sandboxes(self, query: E2bListQuery) -> tuple[list[dict[str, Any]],
+                                                                 str | None]:
+        """One page of the sandboxes ``query`` asks for, ordered by start time (then id),
+        and the token of the next page (None on the last)."""
         found = []
         for row in await self.spaces.rows(E2B_TEMPLATE_LABEL):
             labels = row.get("Labels") or {}
             sandbox = self._sandbox(self.spaces.view(row["Id"], labels, row.get("State", "")),
                                     labels, with_token=False)
-            if sandbox["state"] in states and all(
-                    sandbox["metadata"].get(k) == v for k, v in wanted.items()):
+            if query.matches(sandbox):
                 found.append(sandbox)
-        return found[:limit]
+        found.sort(key=E2bListQuery.key, reverse=query.order == "desc")
+        if query.after is not None:
+            found = [s for s in found if (E2bListQuery.key(s) < query.after
+                                          if query.order == "desc"
+                                          else E2bListQuery.key(s) > query.after)]
+        page = found[:query.limit]
+        more = len(found) > query.limit
+        return page, E2bListQuery.token(page[-1]) if more else None
 
     async def kill(self, sandbox_id: str, actor: Actor) -> None:
         await self._find(sandbox_id)
@@ -6179,7 +6267,8 @@ class E2b:
 
     async def set_timeout(self, sandbox_id: str, body: dict[str, Any]) -> None:
         await self._find(sandbox_id)
-        self.deadlines[sandbox_id] = self.activity.clock() + self._timeout(body)
+        # 0 is E2B's "now": the sandbox is paused at once.
+        self.deadlines[sandbox_id] = self.activity.clock() + self._timeout(body, least=0)
         await self._save()
 
     async def pause(self, sandbox_id: str, actor: Actor) -> None:
@@ -6194,25 +6283,46 @@ class E2b:
         resumed = space["status"] != "running"
         if resumed:
             await self.spaces.start(sandbox_id, actor, reason="e2b connect")
-        self.deadlines[sandbox_id] = self.activity.clock() + self._timeout(body)
+        # A connect only ever extends the end time (E2B's rule), never shortens it.
+        self.deadlines[sandbox_id] = max(self.deadlines.get(sandbox_id, 0.0),
+                                         self.activity.clock() + self._timeout(body))
         await self._save()
         space, labels = await self._find(sandbox_id)
         return (201 if resumed else 200), self._sandbox(space, labels)
 
-    async def expire(self) -> None:
-        """Sandboxes past their timeout are paused (never deleted: /workspace survives)."""
+    async def _timeouts(self) -> None:
+        """One round of the timeout loop: pause what is due, then sleep until the next
+        deadline or a change of them (so a timeout fires within a moment of its time)."""
+        self.deadlines_changed.clear()
+        wait = await self.expire()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.deadlines_changed.wait(), wait)
+
+    async def expire(self) -> float:
+        """Sandboxes past their timeout are paused (never deleted: /workspace survives);
+        the seconds until the next look: the next deadline, or E2B_OVERDUE_LOOK for one past
+        its time whose space is still busy (its running commands hold it)."""
         now = self.activity.clock()
+        wait = 60.0
         for name, deadline in list(self.deadlines.items()):
-            if deadline > now or (self.activity.last(name) or 0) > deadline:
+            if deadline > now:
+                wait = min(wait, deadline - now)
+                continue
+            if (self.activity.last(name) or 0) > deadline:
                 continue  # used after its deadline (woken by a call): auto-sleep governs now
             try:
                 space, _ = await self._find(name)
             except NotFound:
                 self.deadlines.pop(name, None)
                 continue
-            if space["status"] == "running" and not self.activity.is_busy(name):
-                with contextlib.suppress(ClawdError):
-                    await self.spaces.pause(name, SYSTEM_ACTOR, reason="e2b timeout")
+            if space["status"] != "running":
+                continue
+            if self.activity.is_busy(name):
+                wait = min(wait, E2B_OVERDUE_LOOK)
+                continue
+            with contextlib.suppress(ClawdError):
+                await self.spaces.pause(name, SYSTEM_ACTOR, reason="e2b timeout")
+        return max(0.01, wait)
 
     # -- envd: processes ------------------------------------------------------------------
 
@@ -6222,6 +6332,8 @@ class E2b:
         process = json_object(message.get("process"), "process")
         cmd, args = process.get("cmd"), process.get("args") or []
         envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
+        if isinstance(cwd, str) and not cwd.startswith("/"):
+            cwd = f"{WORKSPACE}/{cwd}"  # relative to the sandbox user's home, as in envd
         if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
                 isinstance(a, str) for a in args):
             raise BadRequest("process.cmd and args are required", "invalid_argument")
@@ -6378,10 +6490,25 @@ class E2b:
 
     async def _fs_list(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
-        listing = await self.files.list_dir(sandbox, self.rel_path(body.get("path")), 10000,
-                                            actor)
+        depth = body.get("depth", 1)
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 32:
+            raise BadRequest("depth must be 1 to 32", "invalid_argument")
+        entries: list[FileEntry] = []
+        level = [self.rel_path(body.get("path"))]
+        for _ in range(depth):  # breadth first, each directory as the space's user
+            below = []
+            for directory in level:
+                listing = await self.files.list_dir(sandbox, directory, E2B_LIST_LIMIT,
+                                                    actor)
+                entries += listing["entries"]
+                below += [e["path"] for e in listing["entries"] if e["type"] == "dir"]
+                if len(entries) >= E2B_LIST_LIMIT:
+                    break
+            level = below
+            if not level or len(entries) >= E2B_LIST_LIMIT:
+                break
         return {"entries": [self.entry(WORKSPACE + e["path"], e["type"], e["size"],
-                                       e["mtimeMs"] / 1000) for e in listing["entries"]]}
+                                       e["mtimeMs"] / 1000) for e in entries[:E2B_LIST_LIMIT]]}
 
     async def _fs_mkdir(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                         actor: Actor) -> dict[str, Any]:
@@ -6400,7 +6527,7 @@ class E2b:
         if where.rel == "/":
             raise BadRequest("the workspace root cannot be removed", "invalid_argument")
         if where.stat is None:
-            raise NotFound(f"{where.rel}: no such file or directory")
+            return {}  # already gone: envd answers the same
         async with self.spaces.audit.action("space.file.delete", sandbox, {
                 "path": where.rel, "recursive": True, "source": "e2b"}, actor):
             await self._run(info, ["rm", "-rf", "--", where.real])
@@ -6434,7 +6561,7 @@ class E2b:
         if result["exitCode"] != 0:
             raise Conflict(result["stderr"].strip() or f"{argv[0]} failed")
 
-    async def upload(self, sandbox: str, path: Any, size: int, chunks: Iterator[bytes],
+    async def upload(self, sandbox: str, path: Any, size: int | None, chunks: Iterator[bytes],
                      actor: Actor) -> dict[str, str]:
         """Write one uploaded file; its entry as envd's upload answers it."""
         rel = self.rel_path(path)
@@ -6662,17 +6789,31 @@ async def optional_json_body(request: web.Request) -> dict[str, Any]:
     return await json_body(request) if request.can_read_body else {}
 
 
-def body_chunks(request: web.Request) -> Iterator[bytes]:
-    """The request body as a blocking iterator, for a writer thread; it pulls from the loop."""
+def body_chunks(request: web.Request,
+                read: Callable[[], Awaitable[bytes]] | None = None) -> Iterator[bytes]:
+    """The request body (or what ``read`` gives, a part of it) as a blocking iterator, for a
+    writer thread; it pulls from the loop."""
     loop = asyncio.get_running_loop()
     timeout = request.app[CONFIG_KEY].body_timeout
+    read = read or request.content.readany
 
     async def next_chunk() -> bytes:
         try:
-            return await asyncio.wait_for(request.content.readany(), timeout)
+            chunk = await asyncio.wait_for(read(), timeout)
         except asyncio.TimeoutError:
             log.warning("upload from %s stalled for %d s; dropped", request.remote, timeout)
             raise BodyTimeout(f"the request body stopped arriving for {timeout} s") from None
+        except (OSError, aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError,
+                ValueError) as err:
+            # The client went away mid-body (a ConnectionResetError, which the writer would
+            # take for the command's own end): never an end of the body.
+            raise BadRequest(f"the request body was cut short: {err}",
+                             "body_incomplete") from None
+        if not chunk and (request.transport is None or request.transport.is_closing()):
+            # The end of a body whose client is gone: cut short (aiohttp ends a chunked
+            # body that stops midway as if it were whole).
+            raise BadRequest("the request body was cut short", "body_incomplete")
+        return bytes(chunk)
 
     def chunks() -> Iterator[bytes]:
         while True:
@@ -6684,11 +6825,19 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
     return chunks()
 
 
+def body_size(request: web.Request) -> int | None:
+    """The size of the body as a handler reads it: Content-Length, unless the body is sent
+    chunked or encoded (aiohttp decodes gzip, so the length on the wire is not its size)."""
+    encoded = request.headers.get("Content-Encoding", "identity").strip().lower()
+    return request.content_length if encoded in ("", "identity") else None
+
+
 def sized_body(request: web.Request, what: str) -> tuple[int, Iterator[bytes]]:
     """(Content-Length, the body's chunks) of a streamed upload; 411 without a length."""
-    if request.content_length is None:
-        raise LengthRequired(f"{what} need a Content-Length header")
-    return request.content_length, body_chunks(request)
+    size = body_size(request)
+    if size is None:
+        raise LengthRequired(f"{what} need a Content-Length header (and no Content-Encoding)")
+    return size, body_chunks(request)
 
 
 def query_bool(request: web.Request, name: str, default: bool = False) -> bool:
@@ -7673,10 +7822,39 @@ async def e2b_create(request: web.Request) -> web.Response:
 
 
 async def e2b_list(request: web.Request) -> web.Response:
-    states = set((request.query.get("state") or "running,paused").split(","))
-    wanted = dict(urllib.parse.parse_qsl(request.query.get("metadata") or ""))
-    limit = query_int(request, "limit", 100, 1, 100)
-    return json_response(await request.app[E2B_KEY].list_sandboxes(states, wanted, limit))
+    """The sandbox list, a page at a time (``X-Next-Token`` names the next page)."""
+    states = {state for given in request.query.getall("state", ["running,paused"])
+              for state in given.split(",") if state}
+    if not states <= {"running", "paused"}:
+        raise BadRequest("state must be running and/or paused", "invalid_argument")
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be asc or desc", "invalid_argument")
+    token = request.query.get("nextToken")
+    query = E2bListQuery(
+        states=frozenset(states),
+        metadata=tuple(urllib.parse.parse_qsl(request.query.get("metadata") or "")),
+        template=request.query.get("template") or None,
+        started_after=e2b_query_time(request, "startedAfter"),
+        started_before=e2b_query_time(request, "startedBefore"), order=order,
+        limit=query_int(request, "limit", 100, 1, 100),
+        after=E2bListQuery.parse_token(token) if token else None)
+    page, following = await request.app[E2B_KEY].list_sandboxes(query)
+    return json_response(page, headers={"X-Next-Token": following} if following else None)
+
+
+def e2b_query_time(request: web.Request, name: str) -> str | None:
+    """An RFC 3339 time of the query, in E2B's startedAt form (UTC, whole seconds)."""
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an RFC 3339 time", "invalid_argument") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return e2b_time(when.timestamp())
 
 
 async def e2b_get(request: web.Request) -> web.Response:
@@ -7729,7 +7907,11 @@ async def envd_sandbox(request: web.Request) -> str:
 
 
 async def envd_health(request: web.Request) -> web.Response:
-    envd_target(request)
+    """204 for a running sandbox; 502 for a paused, killed or unknown one, as E2B's proxy
+    answers (the SDK's ``is_running`` reads that)."""
+    sandbox = envd_target(request)
+    if not await request.app[E2B_KEY].is_running(sandbox):
+        raise BadGateway(f"sandbox {sandbox} is not running", "sandbox_not_running")
     return web.Response(status=204)
 
 
@@ -7749,12 +7931,12 @@ async def envd_upload(request: web.Request) -> web.Response:
         while (part := await reader.next()) is not None:
             if not isinstance(part, aiohttp.BodyPartReader) or part.name != "file":
                 continue
-            data = bytes(await part.read(decode=False))
-            written.append(await e2b.upload(sandbox, path or part.filename, len(data),
-                                            iter([data]), who))
+            # Streamed, whatever its size (a file object comes chunked, with no length).
+            written.append(await e2b.upload(sandbox, path or part.filename, None,
+                                            body_chunks(request, part.read_chunk), who))
     else:
-        size, chunks = sized_body(request, "uploads")
-        written.append(await e2b.upload(sandbox, path, size, chunks, who))
+        written.append(await e2b.upload(sandbox, path, body_size(request),
+                                        body_chunks(request), who))
     if not written:
         raise BadRequest("no file in the upload", "invalid_argument")
     return json_response(written)

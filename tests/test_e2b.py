@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import gzip
 import io
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -427,8 +429,10 @@ def test_bad_process_rpcs_are_4xx(shared: Shared, e2b_served: Served) -> None:
     headers = {"E2b-Sandbox-Id": shared.sbx.sandbox_id, "X-Access-Token": token,
                "Content-Type": "application/json", "Connect-Protocol-Version": "1"}
     handle = shared.sbx.commands.run("sleep 120", background=True, timeout=120)
-    for body in ({"process": {"pid": handle.pid}, "signal": []},
-                 {"process": {"pid": []}}, {"process": {"tag": {}}}, {"process": []}):
+    bodies: list[dict[str, Any]] = [{"process": {"pid": handle.pid}, "signal": []},
+                                    {"process": {"pid": []}}, {"process": {"tag": {}}},
+                                    {"process": []}]
+    for body in bodies:
         reply = httpx.post(e2b_served.url + "/process.Process/SendSignal", json=body,
                            headers=headers, timeout=60)
         assert 400 <= reply.status_code < 500, (body, reply.status_code, reply.text)
@@ -527,6 +531,56 @@ def test_files_write_and_read_text_bytes_and_file_objects(
     assert file_bytes(docker_api, box, text_path) == b"replaced"
 
 
+def test_uploads_stream_chunked_and_gzip_bodies(shared: Shared, e2b_served: Served,
+                                               docker_api: docker.APIClient) -> None:
+    token = envd_token_of(e2b_served, shared.sbx.sandbox_id)
+    envd = {"E2b-Sandbox-Id": shared.sbx.sandbox_id, "X-Access-Token": token}
+    tag = secrets.token_hex(4)
+    payload = os.urandom(3 << 20)
+
+    def pieces() -> Iterator[bytes]:  # no length known: sent chunked
+        for start in range(0, len(payload), 65536):
+            yield payload[start:start + 65536]
+
+    with open(__file__, "rb") as source:  # a real file object, as the SDK takes it
+        shared.sbx.files.write(f"{WORKSPACE}/object-{tag}.py", source)
+    assert file_bytes(docker_api, shared.container, f"{WORKSPACE}/object-{tag}.py") == \
+        Path(__file__).read_bytes()
+    with httpx.Client(base_url=e2b_served.url, timeout=120, headers=envd) as client:
+        raw = client.post("/files", params={"path": f"{WORKSPACE}/chunked-{tag}.bin"},
+                          content=pieces(),
+                          headers={"Content-Type": "application/octet-stream"})
+        assert raw.status_code == 200, raw.text
+        assert file_bytes(docker_api, shared.container,
+                          f"{WORKSPACE}/chunked-{tag}.bin") == payload
+        multipart = client.post("/files", params={"path": f"{WORKSPACE}/multi-{tag}.bin"},
+                                files={"file": ("x.bin", io.BytesIO(payload))})
+        assert multipart.status_code == 200, multipart.text
+        assert file_bytes(docker_api, shared.container,
+                          f"{WORKSPACE}/multi-{tag}.bin") == payload
+        packed = gzip.compress(b"squeezed " * 10000)
+        zipped = client.post("/files", params={"path": f"{WORKSPACE}/gz-{tag}.txt"},
+                             content=packed, headers={"Content-Encoding": "gzip",
+                                                      "Content-Type": "application/octet-stream"})
+        assert zipped.status_code == 200, zipped.text
+        assert file_bytes(docker_api, shared.container,
+                          f"{WORKSPACE}/gz-{tag}.txt") == b"squeezed " * 10000
+    # A chunked body cut off midway installs nothing and leaves no temporary file.
+    host, _, port = e2b_served.url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port))) as cut:
+        cut.sendall((f"POST /files?path={WORKSPACE}/cut-{tag}.bin HTTP/1.1\r\nHost: x\r\n"
+                     f"E2b-Sandbox-Id: {shared.sbx.sandbox_id}\r\nX-Access-Token: {token}\r\n"
+                     "Content-Type: application/octet-stream\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n10000\r\n").encode() + b"y" * 4096)
+        wait_for(lambda: sh(docker_api, shared.container,
+                            f"ls -a {WORKSPACE} | grep -c clawdspace-upload || true").strip()
+                 != "0", 30, "the upload under way")
+    wait_for(lambda: sh(docker_api, shared.container,
+                        f"ls -a {WORKSPACE} | grep -c clawdspace-upload || true").strip() == "0",
+             30, "the cut upload's temporary file removed")
+    assert not path_exists(docker_api, shared.container, f"{WORKSPACE}/cut-{tag}.bin")
+
+
 def test_files_exists_list_make_dir_rename_remove(shared: Shared,
                                                   docker_api: docker.APIClient) -> None:
     sbx, box = shared.sbx, shared.container
@@ -558,9 +612,17 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
 
     sbx.files.remove(f"{root}/made/b.txt")
     assert not path_exists(docker_api, box, f"{root}/made/b.txt")
+    deep = {e.path for e in sbx.files.list(root, depth=3)}
+    assert {f"{root}/sub", f"{root}/sub/deeper", f"{root}/sub/deep.txt",
+            f"{root}/made/inner"} <= deep, deep
+    assert {e.path for e in sbx.files.list(root, depth=2)} == deep  # nothing below level 2
     sbx.files.remove(f"{root}/sub")  # a directory, with what is in it
     assert not path_exists(docker_api, box, f"{root}/sub")
     assert sbx.files.exists(f"{root}/sub") is False
+    sbx.files.remove(f"{root}/sub")  # already gone: no error, as envd
+    sh(docker_api, box, f"mkdir -p {root}/rel-cwd")
+    assert sbx.commands.run("pwd", cwd=root.removeprefix(f"{WORKSPACE}/") + "/rel-cwd"
+                            ).stdout == f"{root}/rel-cwd\n"
 
 
 def test_files_missing_or_outside_workspace_are_refused(shared: Shared,
@@ -624,6 +686,62 @@ def test_list_set_timeout_pause_connect(sandboxes: Sandboxes, opts: Opts, e2b_se
     assert again.get_info().state == SandboxState.RUNNING
     assert again.commands.run("cat kept.txt").stdout == "kept"
     assert again.commands.run("echo back").stdout == "back\n"
+
+
+def test_pages_of_the_list_filters_and_order(sandboxes: Sandboxes, opts: Opts) -> None:
+    case = f"pages-{secrets.token_hex(4)}"
+    made = [sandboxes.create(metadata={"case": case}).sandbox_id for _ in range(3)]
+    query = SandboxQuery(metadata={"case": case})
+    paginator = Sandbox.list(query=query, limit=2, **opts)
+    first = [s.sandbox_id for s in paginator.next_items()]
+    assert len(first) == 2 and paginator.has_next
+    second = [s.sandbox_id for s in paginator.next_items()]
+    assert len(second) == 1 and not paginator.has_next
+    assert sorted(first + second) == sorted(made)
+    with httpx.Client(base_url=opts["api_url"], timeout=60,
+                      headers={"X-API-Key": opts["api_key"]}) as client:
+        def ids(**params: Any) -> list[str]:
+            reply = client.get("/v2/sandboxes", params={"metadata": f"case={case}", **params})
+            assert reply.status_code == 200, reply.text
+            return [s["sandboxID"] for s in reply.json()]
+
+        ascending = ids(order="asc")
+        assert ascending == list(reversed(ids(order="desc"))) and sorted(ascending) == sorted(
+            made)
+        assert ids(template="base") and not ids(template="no-such-template")
+        assert not ids(startedAfter="2999-01-01T00:00:00Z")
+        assert sorted(ids(startedBefore="2999-01-01T00:00:00Z")) == sorted(made)
+        for bad in ({"order": "sideways"}, {"nextToken": "%%%"}, {"state": "dead"},
+                    {"startedAfter": "yesterday"}):
+            reply = client.get("/v2/sandboxes", params=bad)
+            assert reply.status_code == 400 and reply.json()["code"] == 400, (bad, reply.text)
+
+
+def test_is_running_connect_extends_and_timeouts_fire_on_time(
+        sandboxes: Sandboxes, opts: Opts, e2b_served: Served) -> None:
+    sbx = sandboxes.create(timeout=600)
+    assert sbx.is_running()
+    end = sbx.get_info().end_at
+    Sandbox.connect(sbx.sandbox_id, timeout=30, **opts)  # shorter: the end stays
+    assert sbx.get_info().end_at == end
+    assert sbx.pause() is True
+    assert not sbx.is_running()
+    Sandbox.connect(sbx.sandbox_id, timeout=30, **opts)
+    assert sbx.is_running()
+    sbx.set_timeout(0)  # E2B's "now"
+    wait_for(lambda: sbx.get_info().state == SandboxState.PAUSED, 30, "paused at once")
+    assert not sbx.is_running()
+    timed = sandboxes.create(timeout=2)
+    deadline = json.loads((e2b_served.data_dir / "e2b-deadlines.json").read_text())[
+        timed.sandbox_id]
+    wait_for(lambda: timed.get_info().state == SandboxState.PAUSED, 30, "paused at its time")
+    paused = [e for e in (json.loads(line) for line in audit_text(e2b_served).splitlines())
+              if e["type"] == "space.pause" and e.get("space") == timed.sandbox_id]
+    at = dt.datetime.fromisoformat(paused[0]["ts"].replace("Z", "+00:00")).timestamp()
+    assert deadline <= at < deadline + 1.0, (deadline, at)  # scheduled, not polled
+    killed = sandboxes.create()
+    killed.kill()
+    assert not killed.is_running()
 
 
 def test_envd_call_wakes_a_paused_sandbox(sandboxes: Sandboxes, e2b_served: Served,
