@@ -248,7 +248,10 @@ class GatewayTimeout(ClawdError):
 WORKSPACE = "/workspace"
 CGROUP_ROOT = "/sys/fs/cgroup"
 LABEL = "clawdspace"  # label namespace: clawdspace.<key>
-SPACE_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Space names: what the earlier server accepted (letters of either case, digits, _ and -),
+# up to 128 characters. The engine's names are case-sensitive, so names that differ only by
+# case (or _ and -) never collide; the hostname is derived (``space_hostname``).
+SPACE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MEMORY_RE = re.compile(r"^(\d+)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IMAGE_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
@@ -627,10 +630,14 @@ REPO_DEST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0
 
 def check_space_name(name: Any) -> str:
     if not isinstance(name, str) or not SPACE_NAME_RE.fullmatch(name):
-        raise BadRequest(
-            "invalid space name: use 1-63 lowercase letters, digits and '-', starting and "
-            "ending with a letter or digit", "invalid_name")
+        raise BadRequest("invalid space name: use 1-128 letters, digits, '_' and '-'",
+                         "invalid_name")
     return name
+
+
+def space_hostname(name: str) -> str:
+    """A DNS-safe hostname for a space: lowercase, '_' as '-', at most 63 characters."""
+    return re.sub(r"[^a-z0-9-]", "-", name.lower())[:63].strip("-") or "space"
 
 
 def parse_memory(value: Any, check_host: bool = True) -> int:
@@ -2978,7 +2985,8 @@ class Spaces:
         container_id: str | None = None
         try:
             container_id = await self.engine.create_container(
-                req.image, name=self.container_name(req.name), hostname=req.name, user=user,
+                req.image, name=self.container_name(req.name),
+                hostname=space_hostname(req.name), user=user,
                 labels=labels, environment=req.env,
                 host_config=space_host_config(self.config, req, volume, network_mode, gpu_ids))
             await self.engine.start(container_id)
@@ -7003,7 +7011,7 @@ def json_content(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 NAME_PARAM = {"name": "name", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63}}
+              "schema": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 128}}
 TEMPLATE_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 PROCESS_PARAM = {"name": "id", "in": "path", "required": True,
                  "schema": {"type": "string", "examples": ["p-0123456789ab"]}}
@@ -8030,6 +8038,10 @@ async def envd_filesystem(request: web.Request) -> web.Response:
         actor(request)))
 
 
+# Paths of E2B's control plane: whatever this node does not serve under them is answered in
+# E2B's error shape (the SDK raises its own exceptions, not KeyError).
+E2B_REST_PATHS = ("/sandboxes", "/v2/sandboxes", "/templates", "/v2/templates",
+                  "/v3/templates", "/snapshots", "/v2/snapshots", "/volumes", "/teams")
 E2B_REST_ROUTES: tuple[Route, ...] = (
     Route("POST", "/sandboxes", e2b_create),
     Route("POST", "/v2/sandboxes", e2b_create),
@@ -8056,7 +8068,7 @@ def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b) -> tuple[Surface, Surfa
     rest = Surface("e2b", E2B_REST_ROUTES, lambda _: e2b_rest_error,
                    {NODE_KEY: key_credentials(config)[NODE_KEY]},
                    forward_to_owner(nodes, e2b, lambda r: r.match_info.get("id")),
-                   lambda r: r.path.startswith(("/sandboxes", "/v2/sandboxes")))
+                   lambda r: r.path.startswith(E2B_REST_PATHS))
     envd = Surface("envd", ENVD_ROUTES, envd_error_shape, envd_credentials(config),
                    forward_to_owner(nodes, e2b, lambda r: r.headers.get(E2B_ID_HEADER)),
                    lambda r: E2B_ID_HEADER in r.headers and (
@@ -8107,7 +8119,7 @@ def component_schemas() -> dict[str, Any]:
         "CreateSpace": {
             "type": "object", "required": ["name"], "additionalProperties": False,
             "properties": {
-                "name": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 63},
+                "name": {"type": "string", "pattern": SPACE_NAME_RE.pattern, "maxLength": 128},
                 **{a.field: a.request_schema for a in SPACE_ATTRIBUTES
                    if a.request_schema is not None},
                 "gpus": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 64},

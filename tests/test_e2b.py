@@ -876,6 +876,20 @@ def test_envd_needs_the_sandbox_token(shared: Shared, sandboxes: Sandboxes, e2b_
 # 9. Strictness: status codes, bodies and headers the SDKs rely on
 # ---------------------------------------------------------------------------------------------
 
+def test_every_control_plane_path_answers_in_e2b_shape(e2b_served: Served) -> None:
+    with httpx.Client(base_url=e2b_served.url, timeout=60) as client:
+        for method, path in (("GET", "/templates"), ("POST", "/v2/templates"),
+                             ("POST", "/v3/templates"), ("GET", "/templates/x/builds/y/status"),
+                             ("GET", "/snapshots"), ("GET", "/v2/sandboxes/x/metrics/extra")):
+            reply = client.request(method, path, headers={"X-API-Key": e2b_served.key},
+                                   json={})
+            assert reply.status_code in (404, 405), (path, reply.status_code, reply.text)
+            body = reply.json()
+            assert body["code"] == reply.status_code and body["message"], (path, body)
+            anonymous = client.request(method, path, json={})
+            assert anonymous.status_code == 401 and anonymous.json()["code"] == 401, path
+
+
 def test_raw_http_status_codes_and_shapes(sandboxes: Sandboxes, e2b_served: Served,
                                           docker_api: docker.APIClient) -> None:
     key = {"X-API-Key": e2b_served.key}

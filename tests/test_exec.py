@@ -116,7 +116,7 @@ async def test_bad_exec_fields_are_400(client: Api, shared_space: str,
 async def test_exec_on_missing_or_invalid_space(client: Api) -> None:
     missing = await client.post(f"/api/spaces/{unique_name('none')}/exec", {"command": "true"})
     assert missing.status == 404 and missing.error_code() == "not_found"
-    invalid = await client.post("/api/spaces/Bad_Name/exec", {"command": "true"})
+    invalid = await client.post("/api/spaces/Bad.Name/exec", {"command": "true"})
     assert invalid.status == 400 and invalid.error_code() == "invalid_name"
 
 

@@ -496,7 +496,7 @@ async def test_touch_resets_the_timer_and_wakes(make_client: MakeClient, rounds:
     events = [(e["type"], e.get("meta")) for e in api.audit_lines() if e.get("space") == name]
     assert events[-2:] == [("space.pause", {"reason": "idle"}),
                            ("space.start", {"reason": "auto"})], events
-    for bad, status in ((unique_name("none"), 404), ("Bad_Name", 400)):
+    for bad, status in ((unique_name("none"), 404), ("Bad.Name", 400)):
         reply = await api.post(f"/api/spaces/{bad}/touch")
         assert reply.status == status, reply.body
 

@@ -164,7 +164,7 @@ async def test_stats_of_missing_or_invalid_space(client: Api) -> None:
     for what in ("stats", "observability"):
         missing = await client.get(f"/api/spaces/{unique_name('none')}/{what}")
         assert missing.status == 404 and missing.error_code() == "not_found"
-        invalid = await client.get(f"/api/spaces/Bad_Name/{what}")
+        invalid = await client.get(f"/api/spaces/Bad.Name/{what}")
         assert invalid.status == 400 and invalid.error_code() == "invalid_name"
 
 

@@ -251,7 +251,7 @@ async def test_in_process_shell_exit_cleans_up(client: Api, space: SpaceMaker) -
 async def test_terminal_on_missing_or_invalid_space(client: Api, shared_space: str) -> None:
     status, body = await handshake_status(client, unique_name("none"), auth(client))
     assert status == 404 and body["code"] == "not_found"
-    status, body = await handshake_status(client, "Bad_Name", auth(client))
+    status, body = await handshake_status(client, "Bad.Name", auth(client))
     assert status == 400 and body["code"] == "invalid_name"
     for query, code in (("?cols=0", "invalid_cols"), ("?rows=abc", "invalid_rows")):
         status, body = await handshake_status(client, shared_space, auth(client), query)
