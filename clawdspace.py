@@ -258,6 +258,9 @@ IMAGE_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_MEMORY_BYTES = 16 << 20
 NETWORK_MODES = ("none", "internet")
+# What the earlier server's "lan" mode opens: the private IPv4 ranges (never the tailnet, the
+# metadata service or the node itself, which stay fenced).
+LAN_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 # The Podman default set: Docker's 14 minus NET_RAW, MKNOD, AUDIT_WRITE and SYS_CHROOT.
 SPACE_CAPABILITIES = [
     "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
@@ -1726,8 +1729,9 @@ TEMPLATE_MAX_BYTES = 64 << 10
 TEMPLATE_KEYS: dict[str, Any] = {
     "name": None, "description": None, "idleTimeout": None,
     "resources": {"memory", "cpus", "gpu", "image"},
-    "network": {"mode", "allowCidrs"},
+    "network": {"mode", "allowCidrs", "blockCidrs"},
     "security": {"writableRootfs"},
+    "managed": None,
     "workspace": {"defaultRepoDest"},
 }
 
@@ -1744,10 +1748,16 @@ class Template:
     image: str | None = None
     network: str = "internet"
     allow_cidrs: tuple[str, ...] = ()
+    block_cidrs: tuple[str, ...] = ()  # refused even where allowCidrs would open them
     writable_rootfs: bool = True
     idle_timeout: int | None = None
     default_repo_dest: str = "repo"
     source: str = "builtin"
+    managed: bool = False  # the earlier server's flag (its boot rewrote such templates)
+
+    def fence(self) -> tuple[str, ...]:
+        """The network's CIDR rules: allowed ranges, then refused ones marked with '!'."""
+        return self.allow_cidrs + tuple(f"!{cidr}" for cidr in self.block_cidrs)
 
     def as_dict(self) -> dict[str, Any]:
         resources: dict[str, Any] = {"gpu": self.gpu}
@@ -1759,7 +1769,9 @@ class Template:
             resources["image"] = self.image
         return {
             "name": self.name, "description": self.description, "resources": resources,
-            "network": {"mode": self.network, "allowCidrs": list(self.allow_cidrs)},
+            "network": {"mode": self.network, "allowCidrs": list(self.allow_cidrs),
+                        "blockCidrs": list(self.block_cidrs)},
+            "managed": self.managed,
             "security": {"writableRootfs": self.writable_rootfs},
             "idleTimeout": self.idle_timeout,
             "workspace": {"defaultRepoDest": self.default_repo_dest},
@@ -1832,14 +1844,25 @@ def parse_template(text: str, source: str = "user") -> Template:
         except BadRequest as err:
             raise named(err, "resources.image") from None
     mode = field("network", "mode") or "internet"
-    if mode not in NETWORK_MODES:
-        raise BadRequest(f"network.mode must be one of {', '.join(NETWORK_MODES)}",
-                         "invalid_template")
-    cidrs = field("network", "allowCidrs") or []
-    if not isinstance(cidrs, list) or len(cidrs) > 32:
-        raise BadRequest("network.allowCidrs must be a list of at most 32 CIDRs",
-                         "invalid_template")
-    allow = tuple(sorted({check_cidr(c, "network.allowCidrs") for c in cidrs}))
+    if mode not in (*NETWORK_MODES, "lan"):
+        raise BadRequest(f"network.mode must be one of {', '.join(NETWORK_MODES)} (or the "
+                         "earlier server's lan)", "invalid_template")
+
+    def cidr_list(key: str) -> set[str]:
+        cidrs = field("network", key) or []
+        if not isinstance(cidrs, list) or len(cidrs) > 32:
+            raise BadRequest(f"network.{key} must be a list of at most 32 CIDRs",
+                             "invalid_template")
+        return {check_cidr(c, f"network.{key}") for c in cidrs}
+
+    opened = cidr_list("allowCidrs")
+    if mode == "lan":  # the earlier server's "internet and LAN": the private ranges open
+        mode, opened = "internet", opened | set(LAN_CIDRS)
+    allow = tuple(sorted(opened))
+    block = tuple(sorted(cidr_list("blockCidrs")))
+    managed = data.get("managed", False)
+    if not isinstance(managed, bool):
+        raise BadRequest("managed must be true or false", "invalid_template")
     writable = field("security", "writableRootfs")
     if writable is not None and not isinstance(writable, bool):
         raise BadRequest("security.writableRootfs must be true or false", "invalid_template")
@@ -1851,7 +1874,8 @@ def parse_template(text: str, source: str = "user") -> Template:
     return Template(
         name=name, description=description, memory=memory_bytes,
         cpus=plain_number(cpus) if cpus is not None else None, gpu=bool(gpu), image=image,
-        network=mode, allow_cidrs=allow, writable_rootfs=writable is not False,
+        network=mode, allow_cidrs=allow, block_cidrs=block, managed=managed,
+        writable_rootfs=writable is not False,
         idle_timeout=idle,
         default_repo_dest=check_repo_dest(dest, "workspace.defaultRepoDest")
         if dest is not None else "repo",
@@ -2039,7 +2063,8 @@ async def run_command(argv: list[str], timeout: float = 10,
 class Firewall:
     """Bridge networks for "internet" spaces, and the iptables rules that fence them in.
 
-    Each allow-list (a template's ``network.allowCidrs``) gets its own bridge network with
+    Each allow-list (a template's ``network.allowCidrs``, with its ``blockCidrs`` as entries
+    marked '!', refused before anything is allowed) gets its own bridge network with
     inter-container traffic off. Rules of ours, matched on that bridge's interface only,
     sit in DOCKER-USER (forwarded traffic: private ranges, tailnet, metadata are refused) and
     in INPUT (anything addressed to the node itself is refused). Other containers on the host
@@ -2115,7 +2140,10 @@ class Firewall:
             rules += [["-d", server, "-p", proto, "--dport", "53", "-j", "RETURN"]
                       for server in resolvers if (":" in server) == six
                       for proto in ("udp", "tcp")]
-            rules += [["-d", cidr, "-j", "RETURN"] for cidr in allow if (":" in cidr) == six]
+            refused = [c[1:] for c in allow if c.startswith("!") and (":" in c) == six]
+            rules += [["-d", cidr, "-j", "REJECT", "--reject-with", reject] for cidr in refused]
+            rules += [["-d", cidr, "-j", "RETURN"] for cidr in allow
+                      if not cidr.startswith("!") and (":" in cidr) == six]
             rules += [["-d", cidr, "-j", "REJECT", "--reject-with", reject] for cidr in blocked]
             rules.append(["-j", "RETURN"])
             input_rules = [
@@ -2551,7 +2579,7 @@ class CreateRequest:
     template: str
     gpus: int = 0  # GPUs to assign; -1: all of the node's
     network: str = "internet"
-    allow_cidrs: tuple[str, ...] = ()
+    fence: tuple[str, ...] = ()  # the template's CIDR rules (Template.fence)
     writable_rootfs: bool = True
     idle_timeout: int | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -2638,7 +2666,7 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     repo, branch, dest = parse_repo(body, config, network, template.default_repo_dest)
     return CreateRequest(
         name=name, memory=memory, cpus=cpus, gpu=gpu, gpus=gpus, image=check_image_ref(image),
-        template=template.name, network=network, allow_cidrs=template.allow_cidrs,
+        template=template.name, network=network, fence=template.fence(),
         writable_rootfs=writable, idle_timeout=template.idle_timeout, env=env,
         env_file=parse_env_file(body), repo=repo, repo_branch=branch, repo_dest=dest,
         git_token=token)
@@ -2943,7 +2971,7 @@ class Spaces:
     async def _make(self, req: CreateRequest, actor: Actor,
                     provision: Callable[[dict[str, Any]], Awaitable[None]] | None,
                     user: str, gpu_ids: list[str]) -> SpaceInfo:
-        network_mode = await self.firewall.network_for(req.network, req.allow_cidrs)
+        network_mode = await self.firewall.network_for(req.network, req.fence)
         volume, volume_created = await self._claim_volume(req.name)
         key = f"{req.name}/{os.urandom(4).hex()}"  # two creates of one name are two entries
         try:

@@ -370,3 +370,37 @@ async def test_check_reinstalls_missing_jumps(make_client: MakeClient,
         assert jump_count("DOCKER-USER", bridge, out_chain) == 1
     finally:
         remove_prefix_networks(docker_api, own_prefix)
+
+
+def test_block_cidrs_refuse_what_allow_cidrs_would_open_and_lan_mode_opens_the_lan(
+        node: Served, netns_host: NetnsHost, docker_api: docker.APIClient) -> None:
+    """The earlier server's template fields: blockCidrs (refused first) and mode lan."""
+    listener = netns_host.listener()
+    url = f"http://{netns_host.ip}:{listener.port}/"
+    names = []
+    for label, network in (
+            ("blk", f"  mode: internet\n  allowCidrs: [{netns_host.subnet}]\n"
+                    f"  blockCidrs: [{netns_host.ip}/32]\n"),
+            ("lan", "  mode: lan\n")):
+        template = f"cst-{label}-{secrets.token_hex(2)}"
+        status, body = node.request("PUT", "/api/templates", {
+            "yaml": f"name: {template}\nmanaged: false\nnetwork:\n{network}"})
+        assert status == 200, body
+        name = unique_name(label)
+        create(node, {"name": name, "template": template, "memory": "128m"})
+        names.append((name, template, body["template"]))
+    (blocked, _, shown), (lan, _, lan_shown) = names
+    assert shown["network"]["blockCidrs"] == [f"{netns_host.ip}/32"]
+    assert lan_shown["network"]["mode"] == "internet"
+    assert "10.0.0.0/8" in lan_shown["network"]["allowCidrs"]
+    assert not curl(docker_api, f"{NODE_PREFIX}{blocked}", url), "blockCidrs let it through"
+    assert listener.connections() == 0
+    assert curl(docker_api, f"{NODE_PREFIX}{lan}", url), "lan mode did not open the LAN"
+    for address in (netns_host.link_local, netns_host.cgnat):
+        assert not curl(docker_api, f"{NODE_PREFIX}{lan}", f"http://{address}:{listener.port}/")
+    port = urlsplit(node.url).port
+    assert not curl(docker_api, f"{NODE_PREFIX}{lan}",
+                    f"http://{netns_host.gateway}:{port}/api/health"), "lan opened the node"
+    for name, template, _ in names:
+        node.request("DELETE", f"/api/spaces/{name}?removeVolume=true")
+        node.request("DELETE", f"/api/templates/{template}")

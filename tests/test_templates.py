@@ -155,7 +155,8 @@ async def test_new_template_lifecycle(tpl: Api, dirs: tuple[Path, Path]) -> None
     reply = await put(tpl, "name: team-a\ndescription: for team a\n")
     assert reply.status == 200, reply.body
     template = reply.body["template"]
-    assert template["network"] == {"mode": "internet", "allowCidrs": []}  # schema defaults
+    assert template["network"] == {"mode": "internet", "allowCidrs": [], "blockCidrs": []}
+    assert template["managed"] is False  # schema defaults
     assert template["security"] == {"writableRootfs": True}
     listed = {r["name"]: r for r in (await tpl.get("/api/templates")).body["templates"]}
     assert listed["team-a"] == {"name": "team-a", "description": "for team a", "source": "user"}
@@ -214,7 +215,7 @@ async def test_put_body_shape(tpl: Api) -> None:
     ("name: t1\nresources:\n  image: 'bad image;rm'\n", "resources.image"),
     ("name: t1\nresources:\n  privileged: true\n", "resources.privileged"),
     ("name: t1\nresources: 4g\n", "resources"),
-    ("name: t1\nnetwork:\n  mode: lan\n", "network.mode"),
+    ("name: t1\nnetwork:\n  mode: bridge\n", "network.mode"),
     ("name: t1\nnetwork:\n  mode: host\n", "network.mode"),
     ("name: t1\nnetwork:\n  allowCidrs: [not-a-cidr]\n", "network.allowCidrs"),
     ("name: t1\nnetwork:\n  allowCidrs: ['10.0.0.0/33']\n", "network.allowCidrs"),
