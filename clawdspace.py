@@ -62,6 +62,8 @@ CLAWDSPACE_AUDIT_KEEP       Rotated audit files kept. Default ``5``.
 CLAWDSPACE_NVIDIA_SMI       nvidia-smi command used to detect GPUs. Default ``nvidia-smi``.
 CLAWDSPACE_HISTORY_INTERVAL Seconds between shell history ingestions (0: off). Default ``15``.
 CLAWDSPACE_ALLOWED_ORIGINS  Extra browser origins allowed to open terminals, comma-separated.
+CLAWDSPACE_TRUSTED_PROXIES  Reverse proxies (addresses or CIDRs, comma-separated) whose
+                            X-Forwarded-Host and X-Forwarded-Proto name the page's origin.
 CLAWDSPACE_FILE_READ_LIMIT  Largest JSON (base64) file read, in bytes. Default ``8388608``.
 CLAWDSPACE_SHIPPED_TEMPLATES_DIR  Templates shipped with the program. Default: ``templates/``
                             beside clawdspace.py. Templates written through the API go to
@@ -302,6 +304,19 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def env_networks(name: str) -> tuple[str, ...]:
+    """A comma-separated list of addresses or CIDRs (empty: none)."""
+    found = []
+    for part in os.environ.get(name, "").split(","):
+        if part.strip():
+            try:
+                found.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+            except ValueError:
+                raise ConfigError(f"{name}: {part.strip()!r} is not an address or CIDR") \
+                    from None
+    return tuple(found)
+
+
 def parse_nodes_setting(text: str) -> list[tuple[str, str]]:
     """``name=url,name2=url2``; a URL may itself contain ``=`` (only the first one splits)."""
     nodes = []
@@ -345,6 +360,7 @@ class Config:
     nvidia_smi: str = "nvidia-smi"
     history_interval: int = 15
     allowed_origins: frozenset[str] = frozenset()
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-Host/-Proto are believed
     file_read_limit: int = 8 << 20
     shipped_templates_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                               "templates")
@@ -398,6 +414,7 @@ class Config:
             allowed_origins=frozenset(
                 o.strip().rstrip("/") for o in
                 os.environ.get("CLAWDSPACE_ALLOWED_ORIGINS", "").split(",") if o.strip()),
+            trusted_proxies=env_networks("CLAWDSPACE_TRUSTED_PROXIES"),
             file_read_limit=env_int(
                 "CLAWDSPACE_FILE_READ_LIMIT", cls.file_read_limit, minimum=1024),
             shipped_templates_dir=os.environ.get(
@@ -7360,19 +7377,36 @@ async def delete_file(request: web.Request) -> web.Response:
                                                                  actor(request)))
 
 
-def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
-    """Browsers send Origin on upgrades: only this node's own origin and configured ones pass."""
+def origin_allowed(request: web.Request, allowed: frozenset[str],
+                   proxies: tuple[str, ...] = ()) -> bool:
+    """Browsers send Origin on upgrades: only this node's own origin and configured ones pass.
+    Behind a trusted reverse proxy that rewrites Host, the host the browser asked for is the
+    proxy's X-Forwarded-Host (believed from those peers only)."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser (curl, SDKs): the key is the guard
     if origin in allowed:
         return True
-    return origin in (f"http://{request.host}", f"https://{request.host}")
+    hosts = {request.host}
+    forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if forwarded and peer_in(request.remote, proxies):
+        hosts.add(forwarded)
+    return any(origin in (f"http://{host}", f"https://{host}") for host in hosts)
+
+
+def peer_in(address: str | None, networks: tuple[str, ...]) -> bool:
+    """Whether a peer address lies in one of ``networks``."""
+    try:
+        peer = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(peer in ipaddress.ip_network(network) for network in networks)
 
 
 async def terminal(request: web.Request) -> web.StreamResponse:
     name = check_space_name(request.match_info["name"])
-    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins):
+    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins,
+                          request.app[CONFIG_KEY].trusted_proxies):
         log.warning("terminal: refused upgrade from origin %s", request.headers.get("Origin"))
         raise Forbidden("this Origin may not open terminals (see CLAWDSPACE_ALLOWED_ORIGINS)",
                         "bad_origin")
@@ -7460,7 +7494,8 @@ async def process_attach(request: web.Request) -> web.StreamResponse:
     terminal's. Any number of clients may attach; one that leaves ends nothing."""
     name = check_space_name(request.match_info["name"])
     process_id = request.match_info["id"]
-    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins):
+    if not origin_allowed(request, request.app[CONFIG_KEY].allowed_origins,
+                          request.app[CONFIG_KEY].trusted_proxies):
         raise Forbidden("this Origin may not attach to processes (see "
                         "CLAWDSPACE_ALLOWED_ORIGINS)", "bad_origin")
     offset = query_int(request, "offset", 0, 0, 1 << 62)

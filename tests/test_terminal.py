@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     SESSION_KEY,
     Api,
+    MakeClient,
     Served,
     SpaceMaker,
     Terminal,
@@ -148,6 +149,27 @@ async def test_allowed_and_own_origins_open(tmp_path: Path, prefix: str,
             assert refused.value.status == 403
         opened = served_events(node, shared_space, "terminal.open")
         assert len(opened) == 3
+
+
+async def test_behind_a_trusted_proxy_its_forwarded_host_is_the_origin(
+        make_client: MakeClient, client: Api, shared_space: str) -> None:
+    """A reverse proxy that rewrites Host: its X-Forwarded-Host counts, from it only."""
+    behind = {"Origin": "https://proxy.example", "X-Forwarded-Host": "proxy.example"}
+    status, body = await handshake_status(client, shared_space, {**auth(client), **behind})
+    assert status == 403 and body["code"] == "bad_origin"  # nobody is trusted by default
+    proxied = await make_client(trusted_proxies=("127.0.0.0/8", "::1/128"))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await proxied.client.ws_connect(
+            f"/api/spaces/{shared_space}/terminal", headers={
+                **auth(proxied), "Origin": "https://other.example",
+                "X-Forwarded-Host": "proxy.example"})
+    assert refused.value.status == 403
+    ws = await proxied.client.ws_connect(f"/api/spaces/{shared_space}/terminal",
+                                         headers={**auth(proxied), **behind})
+    term = Terminal(ws)
+    await term.type("echo proxied-$((40+2))\n")
+    await term.expect("proxied-42")
+    await ws.close()
 
 
 # ---------------------------------------------------------------------------------------------
