@@ -4865,6 +4865,10 @@ class FileEntry(TypedDict):
     type: str
     size: int
     mtimeMs: int
+    mode: int  # permission bits
+    owner: str
+    group: str
+    target: str | None  # a symlink's target, as written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4927,16 +4931,27 @@ chmod "$4" -- "$3" || { rm -f -- "$3"; exit 105; }
 if [ -d "$2" ] && [ ! -L "$2" ]; then rm -f -- "$3"; exit 103; fi
 mv -fT -- "$3" "$2" || { rm -f -- "$3"; exit 106; }
 """
+# A directory's entries (or, with $2, that one entry), LIST_FIELDS fields each, every field
+# ended by NUL (names and link targets can hold anything else): type, size, mtime, mode,
+# owner, group, link target, name. Without GNU find, stat gives the type as a hex mode and
+# no link target.
 USER_LIST_SCRIPT = r"""
 cd -P -- "$1" || exit 101
 case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
 if find . -maxdepth 0 -printf '' 2>/dev/null; then
-    exec find . -mindepth 1 -maxdepth 1 -printf '%y\t%s\t%T@\t%f\0'
+    fmt='%y\0%s\0%T@\0%m\0%u\0%g\0%l\0%f\0'
+    [ -n "$2" ] && exec find "./$2" -maxdepth 0 -printf "$fmt"
+    exec find . -mindepth 1 -maxdepth 1 -printf "$fmt"
 fi
-for f in * .[!.]* ..?*; do
-    if [ -e "$f" ] || [ -L "$f" ]; then stat --printf '%f\t%s\t%Y\t%n\0' -- "$f"; fi
+if [ -n "$2" ]; then set -- "$1" "$2"; else set -- "$1" * .[!.]* ..?*; fi
+shift
+for f in "$@"; do
+    if [ -e "$f" ] || [ -L "$f" ]; then
+        stat --printf '%f\0%s\0%Y\0%a\0%U\0%G\0\0%n\0' -- "$f"
+    fi
 done
 """
+LIST_FIELDS = 8
 USER_DELETE_SCRIPT = r"""
 cd -P -- "$1" || exit 101
 case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
@@ -4950,6 +4965,27 @@ NOT_WORKSPACE, NOT_REGULAR, SHORT_BODY = 102, 103, 107
 FILE_OPEN_TIMEOUT = 30  # seconds for a file to open and say its size
 FILE_READ_STALL = 60  # seconds a file being read may go without producing a byte
 STAT_TYPES = {0o040000: "d", 0o100000: "f", 0o120000: "l"}
+LIST_KINDS = {"f": "file", "d": "dir", "l": "symlink"}
+
+
+def parse_listing(output: str, base: str) -> list[FileEntry]:
+    """USER_LIST_SCRIPT's records as entries under ``base`` (malformed ones skipped)."""
+    fields = output.split("\0")
+    entries: list[FileEntry] = []
+    for at in range(0, len(fields) - LIST_FIELDS + 1, LIST_FIELDS):
+        kind, size, mtime, mode, owner, group, target, entry_name = fields[at:at + LIST_FIELDS]
+        if not size.isdigit() or not re.fullmatch(r"[0-7]{1,6}", mode):
+            continue
+        if len(kind) > 1:  # stat's hex mode (the fallback without GNU find)
+            kind = STAT_TYPES.get(int(kind, 16) & 0o170000, "o") if re.fullmatch(
+                r"[0-9a-f]{1,8}", kind) else "o"
+        with contextlib.suppress(ValueError):
+            entries.append({"name": entry_name, "path": f"{base}/{entry_name}",
+                            "type": LIST_KINDS.get(kind, "other"), "size": int(size),
+                            "mtimeMs": int(float(mtime) * 1000), "mode": int(mode, 8),
+                            "owner": owner, "group": group,
+                            "target": target if kind == "l" and target else None})
+    return entries
 
 
 def user_file_error(rel: str, code: int | None, stderr: str) -> ClawdError:
@@ -5156,23 +5192,27 @@ class Files:
             timeout=60), LIST_OUTPUT_LIMIT)
         if result["exitCode"] != 0:
             raise user_file_error(where.rel, result["exitCode"], result["stderr"])
-        base = where.rel.rstrip("/")
-        kinds = {"f": "file", "d": "dir", "l": "symlink"}
-        entries: list[FileEntry] = []
-        for record in result["stdout"].split("\0"):
-            fields = record.split("\t", 3)
-            if len(fields) != 4 or not fields[1].isdigit():
-                continue
-            kind, size, mtime, entry_name = fields
-            if len(kind) > 1:  # stat's hex mode (the fallback without GNU find)
-                kind = STAT_TYPES.get(int(kind, 16) & 0o170000, "o") if all(
-                    c in "0123456789abcdef" for c in kind) else "o"
-            with contextlib.suppress(ValueError):
-                entries.append({"name": entry_name, "path": f"{base}/{entry_name}",
-                                "type": kinds.get(kind, "other"), "size": int(size),
-                                "mtimeMs": int(float(mtime) * 1000)})
+        entries = parse_listing(result["stdout"], where.rel.rstrip("/"))
         entries.sort(key=lambda e: e["name"])
         return {"path": where.rel, "entries": entries[:limit], "truncated": len(entries) > limit}
+
+    async def entry(self, name: str, raw_path: str | None, actor: Actor) -> FileEntry | None:
+        """One path's entry, as a listing of its directory would show it (None: absent)."""
+        info, where = await self._resolved(name, raw_path, actor, follow_last=False)
+        if where.stat is None:
+            return None
+        parent, _, base = where.real.rpartition("/")
+        if where.rel == "/":
+            parent, base = WORKSPACE, "."
+        result = await self.execs.run_internal(info, ExecRequest(
+            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", parent or "/", base], env={},
+            workdir=WORKSPACE, timeout=60), LIST_OUTPUT_LIMIT)
+        found = parse_listing(result["stdout"], where.rel.rpartition("/")[0])
+        if result["exitCode"] != 0 or not found:
+            return None
+        if base == ".":
+            found[0]["name"], found[0]["path"] = "workspace", "/"
+        return found[0]
 
     # -- read -----------------------------------------------------------------------------
 
@@ -6013,7 +6053,6 @@ class Nodes:
 E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
 E2B_LIST_LIMIT = 10000  # entries of one ListDir, at any depth
-E2B_OVERDUE_LOOK = 5.0  # seconds between looks at a sandbox past its time but still busy
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
 
 
@@ -6137,11 +6176,12 @@ class E2b:
     its timeout a deadline in the data directory (timeouts pause; nothing is deleted)."""
 
     def __init__(self, config: Config, spaces: Spaces, execs: Execs, files: Files,
-                 templates: Templates, nodes: Nodes) -> None:
+                 templates: Templates, nodes: Nodes, observer: Observer) -> None:
         self.config = config
         self.spaces = spaces
         self.execs = execs
         self.files = files
+        self.observer = observer
         self.templates = templates
         self.nodes = nodes
         self.activity = spaces.activity
@@ -6249,6 +6289,21 @@ class E2b:
             raise NotFound(f"sandbox {sandbox_id} not found") from None
         return self.spaces.view_inspected(info), (info.get("Config") or {}).get("Labels") or {}
 
+    async def metrics(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """A sandbox's metrics in E2B's shape: one sample, taken now (CPU and memory from its
+        cgroup, disk of its home); a paused sandbox's is all zero but its limits."""
+        space, _ = await self._find(sandbox_id)
+        seen = await self.observer.observe(sandbox_id, 1, 1)
+        stats, disk = seen["stats"], seen["workspaceDisk"] or {}
+        now = self.activity.clock()
+        return [{"timestamp": e2b_time(now), "timestampUnix": int(now),
+                 "cpuCount": max(1, int(space["cpus"])),
+                 "cpuUsedPct": round(float(stats["cpuPercent"]), 2),
+                 "memUsed": int(stats["memoryUsageBytes"]),
+                 "memTotal": int(stats["memoryLimitBytes"]) or host_memory_bytes(),
+                 "memCache": 0, "diskUsed": int(disk.get("usedBytes") or 0),
+                 "diskTotal": int(disk.get("totalBytes") or 0)}]
+
     async def is_running(self, sandbox_id: str) -> bool:
         try:
             space, _ = await self._find(sandbox_id)
@@ -6352,9 +6407,9 @@ class E2b:
             await asyncio.wait_for(self.deadlines_changed.wait(), wait)
 
     async def expire(self) -> float:
-        """Sandboxes past their timeout are paused (never deleted: /workspace survives);
-        the seconds until the next look: the next deadline, or E2B_OVERDUE_LOOK for one past
-        its time whose space is still busy (its running commands hold it)."""
+        """Sandboxes past their timeout are paused (never deleted: /workspace survives), even
+        while commands run in them (E2B ends a sandbox at its time; here they are frozen and
+        resume with it); the seconds until the next deadline."""
         now = self.activity.clock()
         wait = 60.0
         for name, deadline in list(self.deadlines.items()):
@@ -6369,9 +6424,6 @@ class E2b:
                 self.deadlines.pop(name, None)
                 continue
             if space["status"] != "running":
-                continue
-            if self.activity.is_busy(name):
-                wait = min(wait, E2B_OVERDUE_LOOK)
                 continue
             with contextlib.suppress(ClawdError):
                 await self.spaces.pause(name, SYSTEM_ACTOR, reason="e2b timeout")
@@ -6514,14 +6566,27 @@ class E2b:
             raise Forbidden(f"{path} is outside /workspace", "outside_workspace")
         return "/" + path
 
-    def entry(self, real: str, kind: str, size: int, mtime: float) -> dict[str, Any]:
+    @staticmethod
+    def entry(found: FileEntry) -> dict[str, Any]:
+        """envd's EntryInfo of a listed entry: its real mode, owner, group and link target."""
         types = {"dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
-        mode = 0o755 if kind == "dir" else 0o644
-        return {"name": real.rstrip("/").rpartition("/")[2] or real, "path": real,
-                "type": types.get(kind, "FILE_TYPE_FILE"), "size": str(size), "mode": mode,
-                "permissions": ("d" if kind == "dir" else "-") + "".join(
-                    "rwx"[i % 3] if mode & (1 << (8 - i)) else "-" for i in range(9)),
-                "owner": "sandbox", "group": "sandbox", "modifiedTime": e2b_time(mtime)}
+        real = WORKSPACE + found["path"] if found["path"] != "/" else WORKSPACE
+        kind, mode = found["type"], found["mode"]
+        answer = {"name": real.rpartition("/")[2], "path": real,
+                  "type": types.get(kind, "FILE_TYPE_FILE"), "size": str(found["size"]),
+                  "mode": mode, "permissions": {"dir": "d", "symlink": "l"}.get(kind, "-") +
+                  "".join("rwx"[i % 3] if mode & (1 << (8 - i)) else "-" for i in range(9)),
+                  "owner": found["owner"], "group": found["group"],
+                  "modifiedTime": e2b_time(found["mtimeMs"] / 1000)}
+        if found["target"] is not None:
+            answer["symlinkTarget"] = found["target"]
+        return answer
+
+    async def _entry(self, sandbox: str, rel: str, actor: Actor) -> dict[str, Any]:
+        found = await self.files.entry(sandbox, rel, actor)
+        if found is None:
+            raise NotFound(f"{rel}: no such file or directory")
+        return {"entry": self.entry(found)}
 
     async def filesystem(self, method: str, sandbox: str, body: dict[str, Any],
                          actor: Actor) -> dict[str, Any]:
@@ -6536,10 +6601,7 @@ class E2b:
 
     async def _fs_stat(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
-        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
-        if where.stat is None:
-            raise NotFound(f"{where.rel}: no such file or directory")
-        return {"entry": self._stat_entry(where)}
+        return await self._entry(sandbox, self.rel_path(body.get("path")), actor)
 
     async def _fs_list(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
@@ -6560,8 +6622,7 @@ class E2b:
             level = below
             if not level or len(entries) >= E2B_LIST_LIMIT:
                 break
-        return {"entries": [self.entry(WORKSPACE + e["path"], e["type"], e["size"],
-                                       e["mtimeMs"] / 1000) for e in entries[:E2B_LIST_LIMIT]]}
+        return {"entries": [self.entry(e) for e in entries[:E2B_LIST_LIMIT]]}
 
     async def _fs_mkdir(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                         actor: Actor) -> dict[str, Any]:
@@ -6571,7 +6632,7 @@ class E2b:
         async with self.spaces.audit.action("space.file.mkdir", sandbox, {
                 "path": where.rel, "source": "e2b"}, actor):
             await self._run(info, ["mkdir", "-p", "--", where.real])
-        return {"entry": self._stat_entry(await self.files.resolve(info["Id"], where.rel))}
+        return await self._entry(sandbox, where.rel, actor)
 
     async def _fs_remove(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                          actor: Actor) -> dict[str, Any]:
@@ -6598,15 +6659,7 @@ class E2b:
         async with self.spaces.audit.action("space.file.move", sandbox, {
                 "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
             await self._run(info, ["mv", "-f", "--", source.real, target.real])
-        return {"entry": self._stat_entry(await self.files.resolve(info["Id"], target.rel,
-                                                                    follow_last=False))}
-
-    def _stat_entry(self, where: Resolved) -> dict[str, Any]:
-        stat = where.stat or {}
-        mtime = dt.datetime.fromisoformat(str(stat.get("mtime", "1970-01-01T00:00:00"))[:19])
-        return self.entry(where.real, mode_type(int(stat.get("mode", 0))),
-                          int(stat.get("size", 0)),
-                          mtime.replace(tzinfo=dt.timezone.utc).timestamp())
+        return await self._entry(sandbox, target.rel, actor)
 
     async def _run(self, info: dict[str, Any], argv: list[str]) -> None:
         result = await self.execs.run_internal(info, ExecRequest(
@@ -7932,6 +7985,10 @@ async def e2b_get(request: web.Request) -> web.Response:
     return json_response(await request.app[E2B_KEY].get(request.match_info["id"]))
 
 
+async def e2b_metrics(request: web.Request) -> web.Response:
+    return json_response(await request.app[E2B_KEY].metrics(request.match_info["id"]))
+
+
 async def e2b_kill(request: web.Request) -> web.Response:
     await request.app[E2B_KEY].kill(request.match_info["id"], actor(request))
     return web.Response(status=204)
@@ -8114,6 +8171,7 @@ E2B_REST_ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/sandboxes/{id}", e2b_kill),
     Route("POST", "/sandboxes/{id}/timeout", e2b_timeout),
     Route("POST", "/sandboxes/{id}/pause", e2b_pause),
+    Route("GET", "/sandboxes/{id}/metrics", e2b_metrics),
     Route("POST", "/sandboxes/{id}/connect", e2b_connect),
     Route("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
 )
@@ -8298,7 +8356,10 @@ def component_schemas() -> dict[str, Any]:
                     "properties": {"name": {"type": "string"}, "path": {"type": "string"},
                                    "type": {"enum": ["file", "dir", "symlink", "other"]},
                                    "size": {"type": "integer"},
-                                   "mtimeMs": {"type": "integer"}}}},
+                                   "mtimeMs": {"type": "integer"},
+                                   "mode": {"type": "integer"}, "owner": {"type": "string"},
+                                   "group": {"type": "string"},
+                                   "target": {"type": ["string", "null"]}}}},
             },
         },
         "FileContent": {
@@ -8380,7 +8441,8 @@ def create_app(config: Config) -> web.Application:
                           config.templates_dir or os.path.join(config.data_dir, "templates"),
                           audit)
     nodes = Nodes(config, engine)
-    e2b = E2b(config, spaces, execs, files, templates, nodes)
+    observer = Observer(spaces, execs)
+    e2b = E2b(config, spaces, execs, files, templates, nodes, observer)
     housekeeper = Housekeeper(config, spaces, files)
     terminals = Terminals(spaces, execs)
     surfaces = (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b))
@@ -8405,7 +8467,7 @@ def create_app(config: Config) -> web.Application:
     app[E2B_KEY] = e2b
     app[GIT_KEY] = GitOps(config, spaces, execs, files)
     app[TERMINALS_KEY] = terminals
-    app[OBSERVER_KEY] = Observer(spaces, execs)
+    app[OBSERVER_KEY] = observer
     app[HOUSEKEEPER_KEY] = housekeeper
     app[OPENAPI_KEY] = openapi_document()
     for surface in surfaces:

@@ -612,8 +612,14 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
 
     sbx.files.remove(f"{root}/made/b.txt")
     assert not path_exists(docker_api, box, f"{root}/made/b.txt")
+    sh(docker_api, box, f"chmod 640 {root}/sub/deep.txt && ln -s deep.txt {root}/sub/ln")
+    info = sbx.files.get_info(f"{root}/sub/deep.txt")
+    assert (info.owner, info.group, info.mode, info.permissions) == (
+        "sandbox", "sandbox", 0o640, "-rw-r-----"), info
+    link = {e.name: e for e in sbx.files.list(f"{root}/sub")}["ln"]
+    assert link.type == FileType.SYMLINK and link.symlink_target == "deep.txt", link
     deep = {e.path for e in sbx.files.list(root, depth=3)}
-    assert {f"{root}/sub", f"{root}/sub/deeper", f"{root}/sub/deep.txt",
+    assert {f"{root}/sub", f"{root}/sub/deeper", f"{root}/sub/deep.txt", f"{root}/sub/ln",
             f"{root}/made/inner"} <= deep, deep
     assert {e.path for e in sbx.files.list(root, depth=2)} == deep  # nothing below level 2
     sbx.files.remove(f"{root}/sub")  # a directory, with what is in it
@@ -731,7 +737,8 @@ def test_is_running_connect_extends_and_timeouts_fire_on_time(
     sbx.set_timeout(0)  # E2B's "now"
     wait_for(lambda: sbx.get_info().state == SandboxState.PAUSED, 30, "paused at once")
     assert not sbx.is_running()
-    timed = sandboxes.create(timeout=2)
+    timed = sandboxes.create(timeout=3)
+    timed.commands.run("sleep 300", background=True)  # running commands do not hold it
     deadline = json.loads((e2b_served.data_dir / "e2b-deadlines.json").read_text())[
         timed.sandbox_id]
     wait_for(lambda: timed.get_info().state == SandboxState.PAUSED, 30, "paused at its time")
@@ -875,6 +882,17 @@ def test_envd_needs_the_sandbox_token(shared: Shared, sandboxes: Sandboxes, e2b_
 # ---------------------------------------------------------------------------------------------
 # 9. Strictness: status codes, bodies and headers the SDKs rely on
 # ---------------------------------------------------------------------------------------------
+
+def test_get_metrics_samples_cpu_memory_and_disk(shared: Shared) -> None:
+    metrics = shared.sbx.get_metrics()
+    assert len(metrics) == 1, metrics
+    sample = metrics[0]
+    assert sample.cpu_count >= 1 and 0 <= sample.cpu_used_pct
+    assert 0 < sample.mem_used <= sample.mem_total
+    assert 0 < sample.disk_used <= sample.disk_total
+    age = dt.datetime.now(dt.timezone.utc) - sample.timestamp
+    assert abs(age.total_seconds()) < 120, sample
+
 
 def test_every_control_plane_path_answers_in_e2b_shape(e2b_served: Served) -> None:
     with httpx.Client(base_url=e2b_served.url, timeout=60) as client:

@@ -166,13 +166,19 @@ async def test_list_root_shape_sorted_and_lstat(client: Api, files_space: str,
     assert names == sorted(names)
     assert {"a", "etc", "empty", "ten.txt", "link-to-f", "many1"} <= set(names)
     for entry in entries:
-        assert set(entry) == {"name", "path", "type", "size", "mtimeMs"}, entry
+        assert set(entry) == {"name", "path", "type", "size", "mtimeMs", "mode", "owner",
+                              "group", "target"}, entry
+        assert entry["owner"] == "sandbox" and entry["group"] == "sandbox", entry
         assert entry["path"] == f"/{entry['name']}"
         assert isinstance(entry["size"], int) and isinstance(entry["mtimeMs"], int)
     by_name = {e["name"]: e for e in entries}
     assert by_name["a"]["type"] == "dir"
     assert by_name["ten.txt"]["type"] == "file" and by_name["ten.txt"]["size"] == 10
     assert by_name["link-to-f"]["type"] == "symlink"  # lstat: the link, not its target
+    assert by_name["link-to-f"]["target"] == "a/f.txt" and by_name["ten.txt"]["target"] is None
+    modes = sh(docker_api, f"{prefix}{files_space}", "stat -c %a /workspace/ten.txt /workspace/a")
+    assert [by_name["ten.txt"]["mode"], by_name["a"]["mode"]] == [
+        int(m, 8) for m in modes.split()]
     mtime = int(sh(docker_api, f"{prefix}{files_space}", "stat -c %Y /workspace/ten.txt"))
     assert by_name["ten.txt"]["mtimeMs"] // 1000 == mtime
 
