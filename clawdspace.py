@@ -6053,6 +6053,44 @@ class Nodes:
 E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
 E2B_LIST_LIMIT = 10000  # entries of one ListDir, at any depth
+WATCH_EVENTS = 10000  # events a watcher holds for its next GetWatcherEvents (oldest go)
+WATCHERS_PER_SANDBOX = 32
+WATCH_IDLE = 600.0  # seconds a watcher lives without being asked for its events
+WATCH_INTERVAL = 0.5  # seconds between looks
+WATCH_LIFETIME = 3600  # seconds one run of WATCH_SCRIPT lasts (then it is started again)
+# A directory watched by polling, as the space's user, in any image with GNU find: every
+# WATCH_INTERVAL, a sorted listing (path, type, mtime, size, mode) is joined with the last
+# one (kept in the space, so a run that follows another misses nothing) and the differences
+# are printed as "TYPE<TAB>name". A run ends after WATCH_LIFETIME seconds, so one left behind
+# by a service that died stops by itself.
+WATCH_SCRIPT = r"""
+cd -P -- "$1" || exit 101
+case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+find . -maxdepth 0 -printf '' 2>/dev/null || { echo "no GNU find here" >&2; exit 125; }
+recursive=$2
+state=$3
+(umask 077 && mkdir -p -- "${state%/*}") || exit 101
+snap() {
+    if [ "$recursive" = 1 ]; then find . -mindepth 1 -printf '%p\t%y %T@ %s %m\n'
+    else find . -mindepth 1 -maxdepth 1 -printf '%p\t%y %T@ %s %m\n'; fi | LC_ALL=C sort
+}
+[ -f "$state" ] || snap >"$state"
+tab=$(printf '\t')
+end=$(( $(date +%s) + $5 ))
+while [ "$(date +%s)" -lt "$end" ]; do
+    sleep "$4"
+    snap >"$state.new"
+    LC_ALL=C join -t "$tab" -a 1 -a 2 -e - -o 0,1.2,2.2 "$state" "$state.new" | awk -F "$tab" '
+        $2 == $3 { next }
+        { name = substr($1, 3) }
+        $2 == "-" { print "EVENT_TYPE_CREATE\t" name; next }
+        $3 == "-" { print "EVENT_TYPE_REMOVE\t" name; next }
+        { split($2, a, " "); split($3, b, " ")
+          if (a[1] == b[1] && a[2] == b[2] && a[3] == b[3]) print "EVENT_TYPE_CHMOD\t" name
+          else print "EVENT_TYPE_WRITE\t" name }'
+    mv -f -- "$state.new" "$state"
+done
+"""
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
 
 
@@ -6125,6 +6163,27 @@ class E2bListQuery:
         return key[0], key[1]
 
 
+@dataclasses.dataclass
+class Watcher:
+    """An envd directory watcher: WATCH_SCRIPT running in its sandbox, its events held (at most
+    WATCH_EVENTS) until the client asks for them."""
+
+    id: str
+    sandbox: str
+    container_id: str
+    user: str
+    real: str  # the directory, where it really is in the space
+    recursive: bool
+    polled: float  # when the client last asked for its events (or made it)
+    events: collections.deque[dict[str, str]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=WATCH_EVENTS))
+    running: RunningExec | None = None
+    closed: bool = False
+
+    def state_file(self) -> str:
+        return f"/tmp/.clawdspace-watch/{self.id}"  # noqa: S108 - inside the space
+
+
 class E2bStreamCut(Exception):
     """A process stream that must break off, as envd's does when its sandbox goes."""
 
@@ -6189,6 +6248,7 @@ class E2b:
         self.deadlines: dict[str, float] = {}
         self.save_lock = asyncio.Lock()
         self.deadlines_changed = asyncio.Event()  # the timeout loop looks again
+        self.watchers: dict[str, Watcher] = {}
         self.tasks = Tasks()
 
     async def startup(self) -> None:
@@ -6592,7 +6652,9 @@ class E2b:
                          actor: Actor) -> dict[str, Any]:
         """One envd ``filesystem.Filesystem`` call, as the space's user."""
         calls = {"Stat": self._fs_stat, "ListDir": self._fs_list, "MakeDir": self._fs_mkdir,
-                 "Remove": self._fs_remove, "Move": self._fs_move}
+                 "Remove": self._fs_remove, "Move": self._fs_move,
+                 "CreateWatcher": self._fs_watch, "GetWatcherEvents": self._fs_watch_events,
+                 "RemoveWatcher": self._fs_unwatch}
         if method not in calls:
             raise NotFound(f"filesystem.Filesystem/{method[:40]} is not supported")
         info = await self.spaces.running(sandbox, actor)
@@ -6660,6 +6722,107 @@ class E2b:
                 "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
             await self._run(info, ["mv", "-f", "--", source.real, target.real])
         return await self._entry(sandbox, target.rel, actor)
+
+    # -- envd: directory watchers ---------------------------------------------------------
+
+    async def _fs_watch(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                        actor: Actor) -> dict[str, Any]:
+        """CreateWatcher: a directory of the sandbox watched (``recursive`` or not) until
+        RemoveWatcher, or until nobody asked for its events for WATCH_IDLE seconds."""
+        self._sweep_watchers()
+        if sum(w.sandbox == sandbox for w in self.watchers.values()) >= WATCHERS_PER_SANDBOX:
+            raise TooManyProcesses(f"sandbox {sandbox} already has {WATCHERS_PER_SANDBOX} "
+                                   "watchers; remove one first")
+        recursive = body.get("recursive", False)
+        if not isinstance(recursive, bool):
+            raise BadRequest("recursive must be true or false", "invalid_argument")
+        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+        if where.stat is None or mode_type(int(where.stat.get("mode", 0))) != "dir":
+            raise NotFound(f"{where.rel} is not a directory")
+        user = str((info.get("Config") or {}).get("User") or "")
+        watcher = Watcher(f"w-{os.urandom(8).hex()}", sandbox, info["Id"], user, where.real,
+                          recursive, self.activity.clock())
+        await self._start_watching(watcher)
+        self.watchers[watcher.id] = watcher
+        self.tasks.spawn(f"watcher {watcher.id}", functools.partial(self._watch, watcher))
+        return {"watcherId": watcher.id}
+
+    async def _start_watching(self, watcher: Watcher) -> None:
+        watcher.running = await self.execs.open_internal(
+            {"Id": watcher.container_id}, ExecRequest(argv=[
+                "sh", "-c", WATCH_SCRIPT, "sh", watcher.real, "1" if watcher.recursive else "0",
+                watcher.state_file(), str(WATCH_INTERVAL), str(WATCH_LIFETIME)], env={},
+                workdir="/", timeout=0), watcher.user)
+
+    async def _watch(self, watcher: Watcher) -> None:
+        """Read a watcher's events as they come; start it again when a run ends while it is
+        still wanted."""
+        loop = asyncio.get_running_loop()
+        try:
+            while watcher.running is not None:
+                output = ExecStdout(watcher.running.sock, 65536)
+
+                def read(out: ExecStdout = output) -> None:
+                    while (line := out.read_line(8192)) is not None:
+                        kind, _, name = line.decode(errors="replace").partition("\t")
+                        if kind.startswith("EVENT_TYPE_") and name:
+                            loop.call_soon_threadsafe(watcher.events.append,
+                                                      {"type": kind, "name": name})
+
+                await self.execs.engine.stream(read)
+                ended = watcher.running
+                with contextlib.suppress(EngineError, ClawdError):  # (a line too long, too)
+                    await self.execs.kill_exec(ended.container_id, ended.exec_id)
+                ended.sock.close()
+                if watcher.closed or self.activity.clock() - watcher.polled > WATCH_IDLE:
+                    break
+                await asyncio.sleep(WATCH_INTERVAL)
+                try:
+                    await self._start_watching(watcher)
+                except (EngineError, ClawdError) as err:  # its sandbox is gone or stopped
+                    log.info("watcher %s ends: %s", watcher.id, err)
+                    break
+        finally:
+            await asyncio.shield(self._stop_watching(watcher))
+
+    async def _stop_watching(self, watcher: Watcher) -> None:
+        watcher.closed = True
+        self.watchers.pop(watcher.id, None)
+        running, watcher.running = watcher.running, None
+        if running is not None:
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.execs.kill_exec(running.container_id, running.exec_id)
+            running.sock.shutdown(socket.SHUT_RDWR)
+            running.sock.close()
+
+    def _watcher(self, sandbox: str, body: dict[str, Any]) -> Watcher:
+        watcher = self.watchers.get(str(body.get("watcherId") or body.get("watcher_id")))
+        if watcher is None or watcher.sandbox != sandbox or watcher.closed:
+            raise NotFound("watcher not found (removed, or not asked for its events for "
+                           f"{int(WATCH_IDLE)} s)")
+        return watcher
+
+    def _sweep_watchers(self) -> None:
+        horizon = self.activity.clock() - WATCH_IDLE
+        for watcher in list(self.watchers.values()):
+            if watcher.polled < horizon and watcher.running is not None:
+                with contextlib.suppress(OSError):
+                    watcher.running.sock.shutdown(socket.SHUT_RDWR)  # its reader stops it
+
+    async def _fs_watch_events(self, sandbox: str, info: dict[str, Any],
+                               body: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """GetWatcherEvents: what happened since the last call."""
+        self._sweep_watchers()
+        watcher = self._watcher(sandbox, body)
+        watcher.polled = self.activity.clock()
+        events = list(watcher.events)
+        watcher.events.clear()
+        return {"events": events}
+
+    async def _fs_unwatch(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
+                          actor: Actor) -> dict[str, Any]:
+        await self._stop_watching(self._watcher(sandbox, body))
+        return {}
 
     async def _run(self, info: dict[str, Any], argv: list[str]) -> None:
         result = await self.execs.run_internal(info, ExecRequest(

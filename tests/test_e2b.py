@@ -631,6 +631,35 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
                             ).stdout == f"{root}/rel-cwd\n"
 
 
+def test_watch_dir_reports_creates_writes_removes_and_stops(
+        shared: Shared, docker_api: docker.APIClient) -> None:
+    root = f"{WORKSPACE}/watched-{secrets.token_hex(4)}"
+    sh(docker_api, shared.container, f"mkdir -p {root}/sub")
+    flat = shared.sbx.files.watch_dir(root)
+    deep = shared.sbx.files.watch_dir(root, recursive=True)
+    sh(docker_api, shared.container, f"echo a > {root}/a.txt && echo b > {root}/sub/b.txt")
+    seen: dict[str, list[tuple[str, str]]] = {"flat": [], "deep": []}
+
+    def saw(which: str, handle: Any, wanted: tuple[str, str]) -> bool:
+        seen[which] += [(e.type.name, e.name) for e in handle.get_new_events()]
+        return wanted in seen[which]
+
+    wait_for(lambda: saw("deep", deep, ("CREATE", "sub/b.txt")), 30, "the nested create")
+    wait_for(lambda: saw("flat", flat, ("CREATE", "a.txt")), 30, "the create")
+    assert not [name for _, name in seen["flat"] if name.startswith("sub/")], seen
+    sh(docker_api, shared.container, f"echo more >> {root}/a.txt && rm {root}/sub/b.txt")
+    wait_for(lambda: saw("flat", flat, ("WRITE", "a.txt")), 30, "the write")
+    wait_for(lambda: saw("deep", deep, ("REMOVE", "sub/b.txt")), 30, "the nested remove")
+    for handle in (flat, deep):
+        handle.stop()
+        with pytest.raises(SandboxException):
+            handle.get_new_events()
+    wait_for(lambda: "clawdspace-watch" not in " ".join(
+        running_args(docker_api, shared.container)), 30, "the watchers gone from the space")
+    with pytest.raises(SandboxException):
+        shared.sbx.files.watch_dir(f"{root}/no-such-dir")
+
+
 def test_files_missing_or_outside_workspace_are_refused(shared: Shared,
                                                         docker_api: docker.APIClient) -> None:
     sbx, box = shared.sbx, shared.container
