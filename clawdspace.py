@@ -231,6 +231,12 @@ class Unavailable(ClawdError):
     status, code = 503, "unavailable"
 
 
+class NotServed(ClawdError):
+    """A feature this node does not offer (501), said plainly."""
+
+    status, code = 501, "not_implemented"
+
+
 class BadGateway(ClawdError):
     """Another node could not be reached (502)."""
 
@@ -8019,6 +8025,7 @@ E2B_ID_HEADER = "E2b-Sandbox-Id"
 E2B_ENVD_PORT = "49983"
 CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
                  404: "not_found", 405: "unimplemented", 409: "failed_precondition",
+                 501: "unimplemented",
                  411: "invalid_argument", 413: "resource_exhausted", 502: "unavailable",
                  503: "unavailable", 504: "deadline_exceeded", 507: "resource_exhausted"}
 ENVD_INCARNATION_KEY = web.RequestKey("envd_incarnation", str)
@@ -8146,6 +8153,12 @@ def e2b_query_time(request: web.Request, name: str) -> str | None:
 
 async def e2b_get(request: web.Request) -> web.Response:
     return json_response(await request.app[E2B_KEY].get(request.match_info["id"]))
+
+
+async def e2b_template_build(request: web.Request) -> web.Response:
+    raise NotServed("E2B template builds are not served by this node: build the image on the "
+                    "node (docker build) and name it in a Clawdspace template's "
+                    "resources.image, then create sandboxes from that template")
 
 
 async def e2b_metrics(request: web.Request) -> web.Response:
@@ -8335,6 +8348,9 @@ E2B_REST_ROUTES: tuple[Route, ...] = (
     Route("POST", "/sandboxes/{id}/timeout", e2b_timeout),
     Route("POST", "/sandboxes/{id}/pause", e2b_pause),
     Route("GET", "/sandboxes/{id}/metrics", e2b_metrics),
+    Route("POST", "/templates", e2b_template_build),
+    Route("POST", "/v2/templates", e2b_template_build),
+    Route("POST", "/v3/templates", e2b_template_build),
     Route("POST", "/sandboxes/{id}/connect", e2b_connect),
     Route("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
 )

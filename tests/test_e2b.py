@@ -60,6 +60,7 @@ from e2b import (
     SandboxNotFoundException,
     SandboxQuery,
     SandboxState,
+    Template,
     TimeoutException,
 )
 
@@ -925,8 +926,7 @@ def test_get_metrics_samples_cpu_memory_and_disk(shared: Shared) -> None:
 
 def test_every_control_plane_path_answers_in_e2b_shape(e2b_served: Served) -> None:
     with httpx.Client(base_url=e2b_served.url, timeout=60) as client:
-        for method, path in (("GET", "/templates"), ("POST", "/v2/templates"),
-                             ("POST", "/v3/templates"), ("GET", "/templates/x/builds/y/status"),
+        for method, path in (("GET", "/templates"), ("GET", "/templates/x/builds/y/status"),
                              ("GET", "/snapshots"), ("GET", "/v2/sandboxes/x/metrics/extra")):
             reply = client.request(method, path, headers={"X-API-Key": e2b_served.key},
                                    json={})
@@ -935,6 +935,16 @@ def test_every_control_plane_path_answers_in_e2b_shape(e2b_served: Served) -> No
             assert body["code"] == reply.status_code and body["message"], (path, body)
             anonymous = client.request(method, path, json={})
             assert anonymous.status_code == 401 and anonymous.json()["code"] == 401, path
+        for path in ("/templates", "/v2/templates", "/v3/templates"):  # builds: said plainly
+            reply = client.post(path, headers={"X-API-Key": e2b_served.key}, json={})
+            assert reply.status_code == 501 and "not served" in reply.json()["message"], path
+
+
+def test_template_build_is_refused_with_a_clear_e2b_error(opts: Opts) -> None:
+    with pytest.raises(Exception) as refused:  # noqa: PT011 - the SDK's own type is the point
+        Template.build(Template().from_image("clawdspace:latest"), "mine:v1", **opts)
+    assert "not served by this node" in str(refused.value), refused.value
+    assert not isinstance(refused.value, KeyError)
 
 
 def test_raw_http_status_codes_and_shapes(sandboxes: Sandboxes, e2b_served: Served,

@@ -53,7 +53,7 @@ async def test_document_lists_exactly_the_routes(client: Api) -> None:
     assert {path for _, path in served if not path.startswith("/api/")} == {
         "/sandboxes", "/v2/sandboxes", "/sandboxes/{id}", "/sandboxes/{id}/timeout",
         "/sandboxes/{id}/pause", "/sandboxes/{id}/connect", "/v2/sandboxes/{id}/connect",
-        "/sandboxes/{id}/metrics",
+        "/sandboxes/{id}/metrics", "/templates", "/v2/templates", "/v3/templates",
         "/health", "/files", "/process.Process/{method}", "/filesystem.Filesystem/{method}"}
     for path, item in document["paths"].items():
         for method in set(item) & METHODS:
