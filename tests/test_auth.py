@@ -10,6 +10,8 @@ import docker
 import pytest
 from conftest import Api, MakeClient, Served, container_of, router_routes
 
+import clawdspace
+
 PUBLIC = {("GET", "/api/health"), ("GET", "/api/openapi.json"), ("GET", "/health")}
 WRONG_KEY = "wrong-key-0123456789abcdef"
 
@@ -23,7 +25,7 @@ def refused(path: str, reply: Any) -> bool:
     """401 in our error shape, or in E2B's (``{"code": 401, "message"}``) on E2B's paths."""
     if reply.status != 401:
         return False
-    if path.startswith(("/sandboxes", "/v2/sandboxes")):
+    if path.startswith(clawdspace.E2B_REST_PATHS):
         return isinstance(reply.body, dict) and reply.body.get("code") == 401
     return bool(reply.error_code() == "unauthorized")
 
