@@ -4763,8 +4763,9 @@ class StatsReader:
 
 
 OBSERVE_SEPARATOR = "----clawdspace----"
+OBSERVE_DISK = "df -Pk /workspace 2>/dev/null | tail -n 1"
 OBSERVE_SCRIPT = (
-    "df -Pk /workspace 2>/dev/null | tail -n 1; echo {sep}; "
+    OBSERVE_DISK + "; echo {sep}; "
     "du -sk /workspace 2>/dev/null | cut -f1; echo {sep}; "
     "ps -eo pid=,pcpu=,pmem=,etime=,comm= --sort=-pcpu 2>/dev/null | head -n {top}; "
     "echo {sep}; tail -n {lines} /workspace/.bash_history 2>/dev/null"
@@ -4813,6 +4814,17 @@ class Observer:
                     "pids": 0, "networkRxBytes": 0, "networkTxBytes": 0,
                     "blockReadBytes": 0, "blockWriteBytes": 0}
         return await self.reader.read(info["Id"], pid)
+
+    async def disk(self, info: dict[str, Any]) -> dict[str, Any] | None:
+        """The workspace volume's size and use (None while the space does not run): only
+        df, not the rest of OBSERVE_SCRIPT (du walks the whole workspace)."""
+        state = info.get("State") or {}
+        if not state.get("Running") or state.get("Paused"):
+            return None
+        result = await self.execs.run_internal(info, ExecRequest(
+            argv=["sh", "-c", OBSERVE_DISK], env={}, workdir=WORKSPACE, timeout=10), 4096)
+        disk: dict[str, Any] | None = parse_observation(result["stdout"])["workspaceDisk"]
+        return disk
 
     async def observe(self, name: str, top: int, history_lines: int) -> dict[str, Any]:
         info = await self.spaces.inspect(name)
@@ -6347,23 +6359,28 @@ class E2b:
         return container_id is not None and container_id.startswith(incarnation)
 
     async def _find(self, sandbox_id: str) -> tuple[SpaceInfo, dict[str, str]]:
+        info = await self._inspect(sandbox_id)
+        return self.spaces.view_inspected(info), (info.get("Config") or {}).get("Labels") or {}
+
+    async def _inspect(self, sandbox_id: str) -> dict[str, Any]:
+        """A sandbox's container (NotFound for anything that is not one)."""
         if not SPACE_NAME_RE.fullmatch(sandbox_id) or not sandbox_id.startswith("e2b-"):
             raise NotFound(f"sandbox {sandbox_id[:80]} not found")
         try:
-            info = await self.spaces.inspect(sandbox_id)
+            return await self.spaces.inspect(sandbox_id)
         except (NotFound, BadRequest):
             raise NotFound(f"sandbox {sandbox_id} not found") from None
-        return self.spaces.view_inspected(info), (info.get("Config") or {}).get("Labels") or {}
 
     async def metrics(self, sandbox_id: str) -> list[dict[str, Any]]:
         """A sandbox's metrics in E2B's shape: one sample, taken now (CPU and memory from its
         cgroup, disk of its home); a paused sandbox's is all zero but its limits."""
-        space, _ = await self._find(sandbox_id)
-        seen = await self.observer.observe(sandbox_id, 1, 1)
-        stats, disk = seen["stats"], seen["workspaceDisk"] or {}
+        info = await self._inspect(sandbox_id)
+        stats = await self.observer.stats(info)
+        disk = await self.observer.disk(info) or {}
         now = self.activity.clock()
+        cpus = ((info.get("HostConfig") or {}).get("NanoCpus") or 0) / 1e9
         return [{"timestamp": e2b_time(now), "timestampUnix": int(now),
-                 "cpuCount": max(1, int(space["cpus"])),
+                 "cpuCount": max(1, int(cpus)),
                  "cpuUsedPct": round(float(stats["cpuPercent"]), 2),
                  "memUsed": int(stats["memoryUsageBytes"]),
                  "memTotal": int(stats["memoryLimitBytes"]) or host_memory_bytes(),

@@ -256,6 +256,11 @@ class Api:
         return reply.body  # type: ignore[no-any-return]
 
 
+def auth(api: Api) -> dict[str, str]:
+    """The headers that carry ``api``'s key (for calls made with the raw client)."""
+    return {"Authorization": f"Bearer {api.key}"}
+
+
 def router_routes(app: web.Application) -> set[tuple[str, str]]:
     """(METHOD, path template) of every route the app serves, HEAD excluded."""
     return {(route.method, route.resource.canonical) for route in app.router.routes()

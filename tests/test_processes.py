@@ -24,6 +24,7 @@ from conftest import (
     Served,
     SpaceMaker,
     Terminal,
+    auth,
     free_loopback,
     in_container,
     launch,
@@ -35,8 +36,10 @@ from conftest import (
 import clawdspace
 
 
-def auth(api: Api) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api.key}"}
+def running(docker_api: docker.APIClient, container: str, command: str) -> bool:
+    """Whether a process whose command line holds ``command`` runs in the container (the
+    bracket keeps pgrep's own shell from matching)."""
+    return in_container(docker_api, container, f"pgrep -f '[{command[0]}]{command[1:]}'")[0] == 0
 
 
 class Events:
@@ -603,13 +606,13 @@ def test_a_timeout_holds_across_restarts(tmp_path: Path, docker_api: docker.APIC
         getattr(first.process, stop)()  # kill -9, or a clean stop: it runs on either way
         first.process.wait()
         container = f"{prefix}{name}"
-        assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] == 0
+        assert running(docker_api, container, marker)
         second = start()
         assert second.request("GET", base)[1]["process"]["status"] in ("running",
                                                                          "timed-out")
         until(lambda: second.request("GET", base)[1]["process"]["status"] == "timed-out",
               "the process ended by its timeout", 60)
-        assert in_container(docker_api, container, f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] != 0
+        assert not running(docker_api, container, marker)
 
 
 async def test_output_files_swapped_for_an_endless_device_are_read_for_a_bounded_time(
@@ -649,8 +652,7 @@ async def test_a_process_that_cannot_be_recorded_never_starts(
     finally:
         subprocess.run(["umount", "-l", str(spool)], check=True)
     container = f"{client.config.prefix}{shared_space}"
-    assert in_container(docker_api, container,
-                        f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] != 0
+    assert not running(docker_api, container, marker)
     assert not [e for e in client.audit_lines() if e["type"] == "process.start"
                 and e["meta"]["command"] == marker]
     assert not [p for p in await processes(client, shared_space) if p["command"] == marker]
@@ -669,8 +671,7 @@ async def test_a_daemon_the_command_leaves_behind_does_not_hold_it_open(
             return bool((await client.get(base)).body["process"]["status"] == "exited")
 
         await poll(ended, what="the command ended, its daemon still running")
-        assert in_container(docker_api, container,
-                            f"pgrep -f '[{marker[0]}]{marker[1:]}'")[0] == 0
+        assert running(docker_api, container, marker)
         got = (await client.get(base)).body["process"]
         assert got["exitCode"] == 0 and got["stdoutBytes"] == len("started\n")
     finally:
@@ -697,7 +698,7 @@ def test_output_of_a_process_that_ended_while_the_service_was_down_is_kept(
         first.process.kill()
         first.process.wait()
         in_container(docker_api, container, "touch /workspace/go")
-        until(lambda: in_container(docker_api, container, "pgrep -f '[t]ail-end'")[0] != 0,
+        until(lambda: not running(docker_api, container, "tail-end"),
               "the command ended while the service is down")
         second = start()
         until(lambda: second.request("GET", base)[1]["process"]["status"] == "exited",

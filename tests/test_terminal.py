@@ -23,6 +23,7 @@ from conftest import (
     Served,
     SpaceMaker,
     Terminal,
+    auth,
     container_of,
     container_processes,
     in_container,
@@ -35,10 +36,6 @@ from conftest import (
 )
 
 import clawdspace
-
-
-def auth(api: Api) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api.key}"}
 
 
 def ws_base(served: Served) -> str:
