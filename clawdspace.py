@@ -16,6 +16,8 @@ What it serves (``/api/openapi.json`` describes the ``/api`` part)
   request forwarded to another node with ``?node=NAME``. NVIDIA GPUs assigned by UUID.
 * E2B compatibility: E2B's REST control plane and its in-sandbox daemon protocol, so the
   official ``e2b`` SDK works unchanged with ``api_url`` and ``sandbox_url`` set to this node.
+  A sandbox runs as ``user`` with its volume as ``/home/user`` (and ``/workspace``); ``sudo``
+  works only where a template sets ``security.sudo: true``.
 
 Run it
 ------
@@ -765,10 +767,6 @@ def workspace_rel(raw: str | None) -> str:
     return "/" + "/".join(parts)
 
 
-def inside_workspace(path: str) -> bool:
-    return path == WORKSPACE or path.startswith(WORKSPACE + "/")
-
-
 def check_template_name(name: Any) -> str:
     if not isinstance(name, str) or not TEMPLATE_NAME_RE.fullmatch(name):
         raise BadRequest("invalid template name: 1-64 of a-z, 0-9, '.', '_', '-', starting "
@@ -1208,11 +1206,12 @@ class Engine:
 
     async def create_container(self, image: str, name: str, hostname: str, user: str,
                                labels: dict[str, str], environment: dict[str, str],
-                               host_config: dict[str, Any]) -> str:
+                               host_config: dict[str, Any], working_dir: str = WORKSPACE,
+                               ) -> str:
         """A container that only sleeps: everything a space runs is an exec."""
         created = await self.call(
             self.api.create_container, image, name=name, hostname=hostname,
-            user=user, working_dir=WORKSPACE, entrypoint=["sleep", "infinity"], command=[],
+            user=user, working_dir=working_dir, entrypoint=["sleep", "infinity"], command=[],
             environment=environment or None, labels=labels, host_config=host_config)
         return str(created["Id"])
 
@@ -1575,6 +1574,7 @@ class SpaceInfo(TypedDict):
     template: str | None
     network: str
     writableRootfs: bool
+    sudo: bool
     idleTimeout: int | None
     user: str
     lastActivity: str
@@ -1655,6 +1655,9 @@ SPACE_ATTRIBUTES: tuple[SpaceAttribute, ...] = (
     SpaceAttribute("writableRootfs", "writable-rootfs", {"type": "boolean"}, True, read_flag,
                    write_flag, parse=functools.partial(check_bool, "writableRootfs"),
                    template="writable_rootfs", request_schema={"type": "boolean"}),
+    SpaceAttribute("sudo", "sudo", {"type": "boolean"}, False, read_flag, write_flag,
+                   parse=functools.partial(check_bool, "sudo"), template="sudo",
+                   request_schema={"type": "boolean"}),
     SpaceAttribute("idleTimeout", "idle-timeout", {"type": ["integer", "null"]}, None,
                    read_seconds, write_optional, template="idle_timeout"),
     SpaceAttribute("user", "user", {"type": "string"}, ""),
@@ -1753,7 +1756,7 @@ TEMPLATE_KEYS: dict[str, Any] = {
     "name": None, "description": None, "idleTimeout": None,
     "resources": {"memory", "cpus", "gpu", "image"},
     "network": {"mode", "allowCidrs", "blockCidrs"},
-    "security": {"writableRootfs"},
+    "security": {"writableRootfs", "sudo"},
     "managed": None,
     "workspace": {"defaultRepoDest"},
 }
@@ -1773,6 +1776,7 @@ class Template:
     allow_cidrs: tuple[str, ...] = ()
     block_cidrs: tuple[str, ...] = ()  # refused even where allowCidrs would open them
     writable_rootfs: bool = True
+    sudo: bool = False  # setuid programs (sudo) work: no-new-privileges is off
     idle_timeout: int | None = None
     default_repo_dest: str = "repo"
     source: str = "builtin"
@@ -1795,7 +1799,7 @@ class Template:
             "network": {"mode": self.network, "allowCidrs": list(self.allow_cidrs),
                         "blockCidrs": list(self.block_cidrs)},
             "managed": self.managed,
-            "security": {"writableRootfs": self.writable_rootfs},
+            "security": {"writableRootfs": self.writable_rootfs, "sudo": self.sudo},
             "idleTimeout": self.idle_timeout,
             "workspace": {"defaultRepoDest": self.default_repo_dest},
             "source": self.source,
@@ -1889,6 +1893,9 @@ def parse_template(text: str, source: str = "user") -> Template:
     writable = field("security", "writableRootfs")
     if writable is not None and not isinstance(writable, bool):
         raise BadRequest("security.writableRootfs must be true or false", "invalid_template")
+    sudo = field("security", "sudo")
+    if sudo is not None and not isinstance(sudo, bool):
+        raise BadRequest("security.sudo must be true or false", "invalid_template")
     idle = data.get("idleTimeout")
     if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int) or idle < 0):
         raise BadRequest("idleTimeout must be a whole number of seconds (0: never)",
@@ -1898,7 +1905,7 @@ def parse_template(text: str, source: str = "user") -> Template:
         name=name, description=description, memory=memory_bytes,
         cpus=plain_number(cpus) if cpus is not None else None, gpu=bool(gpu), image=image,
         network=mode, allow_cidrs=allow, block_cidrs=block, managed=managed,
-        writable_rootfs=writable is not False,
+        writable_rootfs=writable is not False, sudo=sudo is True,
         idle_timeout=idle,
         default_repo_dest=check_repo_dest(dest, "workspace.defaultRepoDest")
         if dest is not None else "repo",
@@ -2604,6 +2611,7 @@ class CreateRequest:
     network: str = "internet"
     fence: tuple[str, ...] = ()  # the template's CIDR rules (Template.fence)
     writable_rootfs: bool = True
+    sudo: bool = False
     idle_timeout: int | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     env_file: tuple[str, bytes] | None = dataclasses.field(default=None, repr=False)
@@ -2612,6 +2620,8 @@ class CreateRequest:
     repo_dest: str = "repo"
     git_token: str | None = dataclasses.field(default=None, repr=False)
     labels: dict[str, str] = dataclasses.field(default_factory=dict)  # extra, e.g. E2B's
+    user: str | None = None  # the account the space runs as; None: the image's
+    home: str | None = None  # a second mount point of the volume, and the working directory
 
 
 TOKEN_ENV_KEYS = ("GITHUB_TOKEN", "GH_TOKEN")  # used for the clone, never stored in the space
@@ -2673,7 +2683,7 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     gpu, gpus = parse_gpus(body, values["gpu"])
     image = values.get("image") or ((config.gpu_image or config.image) if gpu else config.image)
     network, writable = values["network"], values["writableRootfs"]
-    for field in ("memory", "cpus", "gpu", "network", "writableRootfs"):
+    for field in ("memory", "cpus", "gpu", "network", "writableRootfs", "sudo"):
         check = ATTRIBUTES_BY_FIELD[field].parse
         if field in body and field not in asked and check is not None:
             check(body[field])  # null or "" is no value of these: the error says why
@@ -2683,6 +2693,9 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     if writable and not template.writable_rootfs:
         raise BadRequest(f"template {template.name!r} has a read-only root file system; a "
                          "request cannot make it writable", "rootfs_loosening")
+    if values["sudo"] and not template.sudo:
+        raise BadRequest(f"template {template.name!r} does not allow sudo; a request cannot "
+                         "allow it", "sudo_loosening")
     env = check_env(body.get("env", {}))
     token = next((env[k].strip() for k in TOKEN_ENV_KEYS if env.get(k, "").strip()), None)
     env = {k: v for k, v in env.items() if k not in TOKEN_ENV_KEYS}
@@ -2690,7 +2703,8 @@ def parse_create(body: dict[str, Any], config: Config, template: Template) -> Cr
     return CreateRequest(
         name=name, memory=memory, cpus=cpus, gpu=gpu, gpus=gpus, image=check_image_ref(image),
         template=template.name, network=network, fence=template.fence(),
-        writable_rootfs=writable, idle_timeout=template.idle_timeout, env=env,
+        writable_rootfs=writable, sudo=values["sudo"], idle_timeout=template.idle_timeout,
+        env=env,
         env_file=parse_env_file(body), repo=repo, repo_branch=branch, repo_dest=dest,
         git_token=token)
 
@@ -2735,8 +2749,10 @@ def space_host_config(config: Config, req: CreateRequest, volume: str, network_m
         "MemorySwap": req.memory,  # no swap beyond the memory limit
         "NanoCpus": int(req.cpus * 1e9),
         "CapDrop": ["ALL"],
-        "CapAdd": SPACE_CAPABILITIES,
-        "SecurityOpt": ["no-new-privileges:true"],
+        # sudo (a template's choice) needs setuid, and AUDIT_WRITE for its audit record;
+        # every other space has setuid off.
+        "CapAdd": [*SPACE_CAPABILITIES, "AUDIT_WRITE"] if req.sudo else SPACE_CAPABILITIES,
+        "SecurityOpt": [] if req.sudo else ["no-new-privileges:true"],
         "PidsLimit": config.pids_limit,
         "Init": True,
         # No core dumps; nofile stays the engine's (raising it fails where dockerd's own hard
@@ -2744,8 +2760,10 @@ def space_host_config(config: Config, req: CreateRequest, volume: str, network_m
         "Ulimits": [{"Name": "core", "Soft": 0, "Hard": 0}],
         "RestartPolicy": {"Name": "unless-stopped"},
         "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
-        "Mounts": [{"Target": WORKSPACE, "Source": volume, "Type": "volume",
-                    "ReadOnly": False}],
+        # The home (E2B's /home/user) is the same volume again, first: a fresh volume takes
+        # the ownership and files of the image's directory at the first mount point.
+        "Mounts": [{"Target": target, "Source": volume, "Type": "volume", "ReadOnly": False}
+                   for target in (req.home, WORKSPACE) if target],
         "NetworkMode": network_mode,
         "ReadonlyRootfs": not req.writable_rootfs,
     }
@@ -2918,7 +2936,7 @@ class Spaces:
         if image is None:
             raise BadRequest(f"image {req.image!r} is not present on this node; build or load "
                              "it first", "image_not_found")
-        user = str((image.get("Config") or {}).get("User") or "")
+        user = req.user or str((image.get("Config") or {}).get("User") or "")
         async with self.gpu_lock if req.gpus else contextlib.nullcontext():
             gpu_ids = await self.assign_gpus(req.gpus) if req.gpus else []
             return await self._create(req, actor, provision, user, gpu_ids)
@@ -2951,7 +2969,8 @@ class Spaces:
         async with self.audit.action("space.create", req.name, {
                 "memory": req.memory, "cpus": req.cpus, "gpu": req.gpu, "image": req.image,
                 "template": req.template, "network": req.network,
-                "writableRootfs": req.writable_rootfs, "envKeys": sorted(req.env),
+                "writableRootfs": req.writable_rootfs, "sudo": req.sudo,
+                "envKeys": sorted(req.env),
                 "repoUrl": req.repo.url if req.repo else None,
                 "repoDest": req.repo_dest if req.repo else None}, actor):
             return await self._make(req, actor, provision, user, gpu_ids)
@@ -3028,7 +3047,8 @@ class Spaces:
             **encode_labels({
                 "image": req.image, "memory": req.memory, "cpus": req.cpus,
                 "gpu": bool(gpu_ids), "gpus": gpu_ids, "network": req.network,
-                "writableRootfs": req.writable_rootfs, "idleTimeout": req.idle_timeout,
+                "writableRootfs": req.writable_rootfs, "sudo": req.sudo,
+                "idleTimeout": req.idle_timeout,
                 "template": req.template, "user": user, "created": now_iso(),
                 "createdBy": actor.key_id}),
             **req.labels,
@@ -3039,7 +3059,8 @@ class Spaces:
                 req.image, name=self.container_name(req.name),
                 hostname=space_hostname(req.name), user=user,
                 labels=labels, environment=req.env,
-                host_config=space_host_config(self.config, req, volume, network_mode, gpu_ids))
+                host_config=space_host_config(self.config, req, volume, network_mode, gpu_ids),
+                working_dir=req.home or WORKSPACE)
             await self.engine.start(container_id)
             info = await self.engine.inspect_container(container_id)
             if info is None:
@@ -3054,6 +3075,10 @@ class Spaces:
             if isinstance(err, EngineError):
                 if err.status == 409 and container_id is None:
                     raise Conflict("Space already exists", "space_exists") from None
+                if "unable to find user" in err.message:
+                    raise BadRequest(f"image {req.image!r} has no account {user!r} (E2B "
+                                     "sandboxes run as `user`: add it to the image with "
+                                     "`useradd -m -u 1000 user`)", "invalid_image") from None
                 if gpu_ids and "device driver" in err.message:
                     raise Unavailable(f"Docker could not attach the GPU: {err.message}; "
                                       "install and configure the NVIDIA Container Toolkit",
@@ -4853,6 +4878,8 @@ class Observer:
                 "template": values["template"],
                 "network": values["network"],
                 "writableRootfs": not host.get("ReadonlyRootfs", False),
+                # What the engine enforces, not what the labels say.
+                "sudo": "no-new-privileges:true" not in (host.get("SecurityOpt") or []),
                 "image": values["image"],
                 "user": values["user"],
                 "memory": int(host.get("Memory") or 0),
@@ -4893,7 +4920,7 @@ class FileEntry(TypedDict):
 class Resolved:
     """Where a workspace path really lands inside the container, checked component by component.
 
-    ``real`` is the absolute in-container path (symlinks resolved, always under /workspace);
+    ``real`` is the absolute in-container path (symlinks resolved, always in the tree);
     ``stat`` is the engine's stat of it, or None when it does not exist; ``missing`` lists the
     components below the deepest existing directory ``parent`` that a write has to create.
     """
@@ -4903,10 +4930,6 @@ class Resolved:
     stat: dict[str, Any] | None
     parent: str
     missing: tuple[str, ...]
-
-
-def to_rel(real: str) -> str:
-    return real[len(WORKSPACE):] or "/"
 
 
 def mode_type(mode: int) -> str:
@@ -4922,22 +4945,32 @@ def mode_type(mode: int) -> str:
 # Every byte a file call moves goes through a process of the space's own user, which opens
 # the path itself: the kernel then allows exactly what that user could do, whatever the space
 # does to its tree meanwhile (there is no check-then-use as root). The scripts also hold the
-# result to /workspace: they check the directory they are in, or the file they opened, after
-# opening it. POSIX sh and coreutils only (the image may have no python3 or bash).
-USER_READ_SCRIPT = r"""
+# result to the tree of the call, $CLAWDSPACE_ROOT (/workspace unless set; "/" for E2B's
+# daemon, where the container is the boundary): they check the directory they are in, or the
+# file they opened, after opening it. POSIX sh and coreutils only (the image may have no
+# python3 or bash).
+INSIDE_ROOT = r"""
+inside() {
+    tree=${CLAWDSPACE_ROOT:-/workspace}
+    [ "$tree" = / ] && return 0
+    case $1 in "$tree"|"$tree"/*) return 0 ;; esac
+    return 1
+}
+"""
+USER_READ_SCRIPT = INSIDE_ROOT + r"""
 [ -p "$1" ] && exit 103
 exec <"$1" || exit 101
-case $(readlink -f /proc/self/fd/0) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+inside "$(readlink -f /proc/self/fd/0)" || exit 102
 [ -f /proc/self/fd/0 ] || exit 103
 stat -L -c %s /proc/self/fd/0 || exit 104
 [ "$3" -gt 0 ] && head -c "$3" /proc/self/fd/0
 [ "$2" -eq 0 ] && exec cat
 exec tail -c "+$(($2 + 1))" /proc/self/fd/0
 """
-USER_WRITE_SCRIPT = r"""
+USER_WRITE_SCRIPT = INSIDE_ROOT + r"""
 mkdir -p -- "$1" || exit 101
 cd -P -- "$1" || exit 101
-case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+inside "$(pwd -P)" || exit 102
 [ "$6" = discard ] && exec rm -f -- "$3"
 if [ "$6" = write ]; then
     set -C
@@ -4953,9 +4986,9 @@ mv -fT -- "$3" "$2" || { rm -f -- "$3"; exit 106; }
 # ended by NUL (names and link targets can hold anything else): type, size, mtime, mode,
 # owner, group, link target, name. Without GNU find, stat gives the type as a hex mode and
 # no link target.
-USER_LIST_SCRIPT = r"""
+USER_LIST_SCRIPT = INSIDE_ROOT + r"""
 cd -P -- "$1" || exit 101
-case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+inside "$(pwd -P)" || exit 102
 if find . -maxdepth 0 -printf '' 2>/dev/null; then
     fmt='%y\0%s\0%T@\0%m\0%u\0%g\0%l\0%f\0'
     [ -n "$2" ] && exec find "./$2" -maxdepth 0 -printf "$fmt"
@@ -4970,9 +5003,9 @@ for f in "$@"; do
 done
 """
 LIST_FIELDS = 8
-USER_DELETE_SCRIPT = r"""
+USER_DELETE_SCRIPT = INSIDE_ROOT + r"""
 cd -P -- "$1" || exit 101
-case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
+inside "$(pwd -P)" || exit 102
 case $3 in
     tree) exec rm -rf -- "$2" ;;
     dir) exec rmdir -- "$2" ;;
@@ -5135,27 +5168,42 @@ def while_busy(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
 
 
 class Files:
-    """The files API: everything under /workspace, through processes of the space's user.
+    """The files API: everything under one tree of a space (``root``: /workspace for /api,
+    ``/`` for E2B's daemon), through processes of the space's user.
 
     No host path of a volume is ever touched. A path is first resolved one component at a time
     with the engine's stat (metadata only, which resolves symlinks inside the container), and
-    anything whose real location is outside /workspace is refused with 403. The access itself,
+    anything whose real location is outside the tree is refused with 403. The access itself,
     reading, writing, listing or deleting, is then done by a process of the space's user that
     opens the path itself and checks again where it landed, so a space racing its own tree
     gets at most what its user could read or write anyway.
     """
 
-    def __init__(self, spaces: Spaces, execs: Execs) -> None:
+    def __init__(self, spaces: Spaces, execs: Execs, root: str = WORKSPACE) -> None:
         self.spaces = spaces
         self.execs = execs
         self.engine = spaces.engine
+        self.root = root
+        self.env = {"CLAWDSPACE_ROOT": root}  # the tree the file scripts hold to
+
+    def real_of(self, rel: str) -> str:
+        """Where a path of the tree (``/a/b``) is in the container."""
+        if self.root == "/":
+            return rel
+        return self.root if rel == "/" else self.root + rel
+
+    def rel_of(self, real: str) -> str:
+        return real if self.root == "/" else real[len(self.root):] or "/"
+
+    def inside(self, real: str) -> bool:
+        return self.root == "/" or real == self.root or real.startswith(self.root + "/")
 
     async def stat(self, container_id: str, path: str) -> dict[str, Any] | None:
         """The engine's stat of a path in a space (metadata only); None: it does not exist."""
         try:
             return await self.engine.archive_stat(container_id, path)
         except EngineError as err:
-            raise Conflict(f"cannot stat {to_rel(path)}: HTTP {err.status}",
+            raise Conflict(f"cannot stat {self.rel_of(path)}: HTTP {err.status}",
                            "stat_failed") from None
 
     # -- resolution -----------------------------------------------------------------------
@@ -5164,19 +5212,19 @@ class Files:
                       follow_last: bool = True) -> Resolved:
         rel = workspace_rel(raw_path)
         components = [c for c in rel.split("/") if c]
-        current = WORKSPACE
-        stat = await self.stat(container_id, WORKSPACE)
+        current = self.root
+        stat = await self.stat(container_id, self.root)
         for index, component in enumerate(components):
             last = index == len(components) - 1
-            candidate = f"{current}/{component}"
+            candidate = f"{current.rstrip('/')}/{component}"
             stat = await self.stat(container_id, candidate)
             if stat is None:
-                return Resolved(rel, f"{current}/{'/'.join(components[index:])}", None, current,
-                                tuple(components[index:]))
+                return Resolved(rel, f"{current.rstrip('/')}/{'/'.join(components[index:])}",
+                                None, current, tuple(components[index:]))
             if stat["mode"] & MODE_SYMLINK and (follow_last or not last):
                 target = stat.get("linkTarget") or ""
-                if not inside_workspace(target):
-                    raise Forbidden(f"{rel} leads outside /workspace", "outside_workspace")
+                if not target.startswith("/") or not self.inside(target):
+                    raise Forbidden(f"{rel} leads outside {self.root}", "outside_workspace")
                 stat = await self.stat(container_id, target)
                 if stat is None:
                     if not last:
@@ -5185,7 +5233,8 @@ class Files:
                     return Resolved(rel, target, None, parent or "/", (base,))
                 candidate = target
             if not last and not stat["mode"] & MODE_DIR:
-                raise BadRequest(f"{rel}: {to_rel(candidate)} is not a directory", "not_a_dir")
+                raise BadRequest(f"{rel}: {self.rel_of(candidate)} is not a directory",
+                                 "not_a_dir")
             current = candidate
         return Resolved(rel, current, stat, current.rpartition("/")[0] or "/", ())
 
@@ -5206,8 +5255,8 @@ class Files:
         if not where.stat["mode"] & MODE_DIR:
             raise BadRequest(f"{where.rel} is not a directory", "not_a_dir")
         result = await self.execs.run_internal(info, ExecRequest(
-            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", where.real], env={}, workdir=WORKSPACE,
-            timeout=60), LIST_OUTPUT_LIMIT)
+            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", where.real], env=self.env,
+            workdir=WORKSPACE, timeout=60), LIST_OUTPUT_LIMIT)
         if result["exitCode"] != 0:
             raise user_file_error(where.rel, result["exitCode"], result["stderr"])
         entries = parse_listing(result["stdout"], where.rel.rstrip("/"))
@@ -5221,15 +5270,16 @@ class Files:
             return None
         parent, _, base = where.real.rpartition("/")
         if where.rel == "/":
-            parent, base = WORKSPACE, "."
+            parent, base = self.root, "."
         result = await self.execs.run_internal(info, ExecRequest(
-            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", parent or "/", base], env={},
+            argv=["sh", "-c", USER_LIST_SCRIPT, "sh", parent or "/", base], env=self.env,
             workdir=WORKSPACE, timeout=60), LIST_OUTPUT_LIMIT)
         found = parse_listing(result["stdout"], where.rel.rpartition("/")[0])
         if result["exitCode"] != 0 or not found:
             return None
         if base == ".":
-            found[0]["name"], found[0]["path"] = "workspace", "/"
+            found[0]["name"] = self.root.rpartition("/")[2] or "/"
+            found[0]["path"] = "/"
         return found[0]
 
     # -- read -----------------------------------------------------------------------------
@@ -5240,8 +5290,8 @@ class Files:
 
         The stream is ``head`` bytes from the start, then everything from ``offset``."""
         running = await self.execs.open_internal(info, ExecRequest(
-            argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)], env={},
-            workdir=WORKSPACE, timeout=0))
+            argv=["sh", "-c", USER_READ_SCRIPT, "sh", real, str(offset), str(head)],
+            env=self.env, workdir=WORKSPACE, timeout=0))
         opened = UserFile(self.execs, running, rel)
         try:
             await opened.start()
@@ -5293,7 +5343,7 @@ class Files:
         arrived whole."""
         info, where = await self._resolved(name, raw_path, actor)
         if where.rel == "/":
-            raise BadRequest("path must name a file inside /workspace", "invalid_path")
+            raise BadRequest(f"path must name a file inside {self.root}", "invalid_path")
         if where.stat is not None and mode_type(where.stat["mode"]) != "file":
             raise Conflict(f"{where.rel} exists and is not a regular file", "not_a_file")
         missing = list(where.missing) if where.stat is None else [where.real.rpartition("/")[2]]
@@ -5313,7 +5363,7 @@ class Files:
             def step(how: str, known: int | None) -> ExecRequest:
                 return ExecRequest(argv=["sh", "-c", USER_WRITE_SCRIPT, "sh", directory, final,
                                          temp, f"{mode:o}", "-" if known is None else str(
-                                             known), how], env={}, workdir=WORKSPACE,
+                                             known), how], env=self.env, workdir=WORKSPACE,
                                    timeout=self.spaces.config.exec_max_timeout)
 
             try:
@@ -5340,7 +5390,7 @@ class Files:
                      actor: Actor) -> dict[str, Any]:
         info, where = await self._resolved(name, raw_path, actor, follow_last=False)
         if where.rel == "/":
-            raise BadRequest("the workspace root cannot be deleted", "invalid_path")
+            raise BadRequest(f"{self.root} itself cannot be deleted", "invalid_path")
         if where.stat is None:
             raise NotFound(f"{where.rel}: no such file or directory")
         is_dir = mode_type(where.stat["mode"]) == "dir"
@@ -5350,7 +5400,7 @@ class Files:
         async with self.spaces.audit.action("space.file.delete", name,
                                             {"path": where.rel, "recursive": recursive}, actor):
             result = await self.execs.run_internal(info, ExecRequest(
-                argv=argv, env={}, workdir=WORKSPACE, timeout=300), 65536)
+                argv=argv, env=self.env, workdir=WORKSPACE, timeout=300), 65536)
             if result["exitCode"] == NOT_WORKSPACE:
                 raise user_file_error(where.rel, NOT_WORKSPACE, result["stderr"])
             if result["exitCode"] != 0:
@@ -6070,30 +6120,62 @@ class Nodes:
 # here, and 0.5.7 has every feature this node serves.
 E2B_ENVD_VERSION = "0.5.7"
 E2B_DEFAULT_TIMEOUT = 300
+# E2B's base template's world: sandboxes run as `user`, whose home is the persistent volume
+# (mounted at /workspace too, so the /api files and everything of the service see it there).
+E2B_USER = "user"
+E2B_HOME = "/home/user"
+E2B_VOLUME_ROOTS = ("/", WORKSPACE, E2B_HOME)  # never removed or moved through envd
 E2B_LIST_LIMIT = 10000  # entries of one ListDir, at any depth
 WATCH_EVENTS = 10000  # events a watcher holds for its next GetWatcherEvents (oldest go)
 WATCHERS_PER_SANDBOX = 32
 WATCH_IDLE = 600.0  # seconds a watcher lives without being asked for its events
 WATCH_INTERVAL = 0.5  # seconds between looks
 WATCH_LIFETIME = 3600  # seconds one run of WATCH_SCRIPT lasts (then it is started again)
-# A directory watched by polling, as the space's user, in any image with GNU find: every
-# WATCH_INTERVAL, a sorted listing (path, type, mtime, size, mode) is joined with the last
-# one (kept in the space, so a run that follows another misses nothing) and the differences
-# are printed as "TYPE<TAB>name". A run ends after WATCH_LIFETIME seconds, so one left behind
-# by a service that died stops by itself.
-WATCH_SCRIPT = r"""
+WATCH_READY = 30.0  # seconds a new run may take to say READY (a big recursive tree)
+# A directory watched as the space's user, printing its events as "TYPE<TAB>name" lines:
+# - with inotifywait in the image, from inotify (a rename is RENAME of the old name and CREATE
+#   of the new, as envd's fsnotify reports it);
+# - else by polling, in any image with GNU find: every WATCH_INTERVAL, a sorted listing (path,
+#   type, mtime, size, mode) is joined with the last one (kept in the space, so a run that
+#   follows another misses nothing) and the differences are printed (a rename shows as REMOVE
+#   and CREATE; changes within one look merge).
+# "READY" comes once the directory is being watched ("NOTE" lines before it say why not). A
+# run ends after WATCH_LIFETIME seconds, so one left behind by a service that died stops by
+# itself; the service starts the next.
+WATCH_SCRIPT = INSIDE_ROOT + r"""
 cd -P -- "$1" || exit 101
-case $(pwd -P) in /workspace|/workspace/*) ;; *) exit 102 ;; esac
-find . -maxdepth 0 -printf '' 2>/dev/null || { echo "no GNU find here" >&2; exit 125; }
+inside "$(pwd -P)" || exit 102
 recursive=$2
 state=$3
+tab=$(printf '\t')
+if command -v inotifywait >/dev/null 2>&1; then
+    [ "$recursive" = 1 ] && r=-r || r=
+    # A shell loop, not awk: mawk reads a pipe in blocks, so events would wait for 4 KiB more.
+    timeout --foreground "$5" inotifywait -m $r --format "%e$tab%w%f" -e create -e modify \
+        -e delete -e moved_from -e moved_to -e attrib . 2>&1 |
+    while IFS="$tab" read -r event name; do
+        case $event in "Watches established"*) echo READY; continue ;; esac
+        [ -n "$name" ] || { printf 'NOTE\t%s\n' "$event"; continue; }
+        case ${event%%,*} in
+            CREATE|MOVED_TO) kind=CREATE ;;
+            MODIFY) kind=WRITE ;;
+            DELETE) kind=REMOVE ;;
+            MOVED_FROM) kind=RENAME ;;
+            ATTRIB) kind=CHMOD ;;
+            *) continue ;;
+        esac
+        printf 'EVENT_TYPE_%s\t%s\n' "$kind" "${name#./}"
+    done
+    exit 0
+fi
+find . -maxdepth 0 -printf '' 2>/dev/null || { echo "no GNU find here" >&2; exit 125; }
 (umask 077 && mkdir -p -- "${state%/*}") || exit 101
 snap() {
     if [ "$recursive" = 1 ]; then find . -mindepth 1 -printf '%p\t%y %T@ %s %m\n'
     else find . -mindepth 1 -maxdepth 1 -printf '%p\t%y %T@ %s %m\n'; fi | LC_ALL=C sort
 }
 [ -f "$state" ] || snap >"$state"
-tab=$(printf '\t')
+echo READY
 end=$(( $(date +%s) + $5 ))
 while [ "$(date +%s)" -lt "$end" ]; do
     sleep "$4"
@@ -6110,6 +6192,21 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 """
 ENVD_TOKEN_RE = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{64})")
+
+
+def e2b_home(user: str) -> str:
+    """The home of a sandbox's user: E2B's /home/user for `user`; /workspace for a sandbox
+    of another user (made before E2B's base world was served here)."""
+    return E2B_HOME if user == E2B_USER else WORKSPACE
+
+
+def e2b_path(home: str, path: Any) -> str:
+    """An envd path, absolute or relative to the home, in normal form."""
+    if not isinstance(path, str) or not path:
+        raise BadRequest("path is required", "invalid_argument")
+    if "\x00" in path:
+        raise BadRequest("path must not contain NUL bytes", "invalid_argument")
+    return "/" + os.path.normpath(os.path.join(home, path)).lstrip("/")
 
 
 def envd_token(config: Config, sandbox_id: str, container_id: str) -> str:
@@ -6196,6 +6293,7 @@ class Watcher:
     events: collections.deque[dict[str, str]] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=WATCH_EVENTS))
     running: RunningExec | None = None
+    output: ExecStdout | None = None  # the running one's
     closed: bool = False
 
     def state_file(self) -> str:
@@ -6249,8 +6347,10 @@ class E2bRun:
 
 class E2b:
     """E2B's REST control plane over spaces, and envd emulated with ``docker exec`` and the
-    files API. A sandbox is a space named ``e2b-<hex>``; its metadata and template are labels,
-    its timeout a deadline in the data directory (timeouts pause; nothing is deleted)."""
+    files API. A sandbox is a space named ``e2b-<hex>``, run as E2B_USER with its volume also
+    at E2B_HOME; its metadata and template are labels, its timeout a deadline in the data
+    directory (timeouts pause; nothing is deleted). ``files`` is rooted at ``/``: envd may
+    reach whatever the sandbox's user may."""
 
     def __init__(self, config: Config, spaces: Spaces, execs: Execs, files: Files,
                  templates: Templates, nodes: Nodes, observer: Observer) -> None:
@@ -6419,7 +6519,7 @@ class E2b:
         timeout = self._timeout(body)
         name = f"e2b-{os.urandom(8).hex()}"
         request = parse_create({"name": name, "env": env}, self.config, template)
-        request = dataclasses.replace(request, labels={
+        request = dataclasses.replace(request, user=E2B_USER, home=E2B_HOME, labels={
             E2B_TEMPLATE_LABEL: template_id, E2B_METADATA_LABEL: encoded})
         space = await self.spaces.create(request, actor)
         self.deadlines[name] = self.activity.clock() + timeout
@@ -6519,9 +6619,8 @@ class E2b:
         """Start an envd ``Process/Start`` message's command; the caller relays its events."""
         process = json_object(message.get("process"), "process")
         cmd, args = process.get("cmd"), process.get("args") or []
-        envs, cwd = process.get("envs") or {}, process.get("cwd") or WORKSPACE
-        if isinstance(cwd, str) and not cwd.startswith("/"):
-            cwd = f"{WORKSPACE}/{cwd}"  # relative to the sandbox user's home, as in envd
+        envs, cwd = process.get("envs") or {}, process.get("cwd") or "."
+        cwd = e2b_path(await self.home(sandbox, actor), cwd)  # relative to the home, as in envd
         if not isinstance(cmd, str) or not cmd or not isinstance(args, list) or not all(
                 isinstance(a, str) for a in args):
             raise BadRequest("process.cmd and args are required", "invalid_argument")
@@ -6638,24 +6737,24 @@ class E2b:
 
     # -- envd: files ----------------------------------------------------------------------
 
-    @staticmethod
-    def rel_path(path: Any) -> str:
-        """An envd path (absolute, or relative to the home, here /workspace) for the files API."""
-        if not isinstance(path, str) or not path:
-            raise BadRequest("path is required", "invalid_argument")
-        if path == WORKSPACE or path.startswith(WORKSPACE + "/"):
-            return path[len(WORKSPACE):] or "/"
-        if path.startswith("/"):
-            raise Forbidden(f"{path} is outside /workspace", "outside_workspace")
-        return "/" + path
+    async def home(self, sandbox: str, actor: Actor) -> str:
+        """The home of a sandbox's user (relative envd paths start there)."""
+        _, user = await self.spaces.exec_target(sandbox, actor)
+        return e2b_home(user)
+
+    async def path(self, sandbox: str, given: Any, actor: Actor) -> str:
+        """An envd path of a sandbox, absolute (``files`` is rooted at ``/``)."""
+        if isinstance(given, str) and given.startswith("/"):
+            return e2b_path("/", given)
+        return e2b_path(await self.home(sandbox, actor), given)
 
     @staticmethod
     def entry(found: FileEntry) -> dict[str, Any]:
         """envd's EntryInfo of a listed entry: its real mode, owner, group and link target."""
         types = {"dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
-        real = WORKSPACE + found["path"] if found["path"] != "/" else WORKSPACE
+        real = found["path"]
         kind, mode = found["type"], found["mode"]
-        answer = {"name": real.rpartition("/")[2], "path": real,
+        answer = {"name": real.rpartition("/")[2] or "/", "path": real,
                   "type": types.get(kind, "FILE_TYPE_FILE"), "size": str(found["size"]),
                   "mode": mode, "permissions": {"dir": "d", "symlink": "l"}.get(kind, "-") +
                   "".join("rwx"[i % 3] if mode & (1 << (8 - i)) else "-" for i in range(9)),
@@ -6664,6 +6763,12 @@ class E2b:
         if found["target"] is not None:
             answer["symlinkTarget"] = found["target"]
         return answer
+
+    async def _where(self, sandbox: str, info: dict[str, Any], given: Any, actor: Actor,
+                     follow_last: bool = True) -> Resolved:
+        """Where an envd path of a running sandbox really is."""
+        return await self.files.resolve(info["Id"], await self.path(sandbox, given, actor),
+                                        follow_last)
 
     async def _entry(self, sandbox: str, rel: str, actor: Actor) -> dict[str, Any]:
         found = await self.files.entry(sandbox, rel, actor)
@@ -6686,7 +6791,8 @@ class E2b:
 
     async def _fs_stat(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
-        return await self._entry(sandbox, self.rel_path(body.get("path")), actor)
+        return await self._entry(sandbox, await self.path(sandbox, body.get("path"), actor),
+                                 actor)
 
     async def _fs_list(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
@@ -6694,7 +6800,7 @@ class E2b:
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 32:
             raise BadRequest("depth must be 1 to 32", "invalid_argument")
         entries: list[FileEntry] = []
-        level = [self.rel_path(body.get("path"))]
+        level = [await self.path(sandbox, body.get("path"), actor)]
         for _ in range(depth):  # breadth first, each directory as the space's user
             below = []
             for directory in level:
@@ -6711,7 +6817,7 @@ class E2b:
 
     async def _fs_mkdir(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                         actor: Actor) -> dict[str, Any]:
-        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+        where = await self._where(sandbox, info, body.get("path"), actor)
         if where.stat is not None:
             raise E2bExists(f"{where.rel} already exists")
         async with self.spaces.audit.action("space.file.mkdir", sandbox, {
@@ -6721,10 +6827,10 @@ class E2b:
 
     async def _fs_remove(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                          actor: Actor) -> dict[str, Any]:
-        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")),
-                                         follow_last=False)
-        if where.rel == "/":
-            raise BadRequest("the workspace root cannot be removed", "invalid_argument")
+        where = await self._where(sandbox, info, body.get("path"), actor, follow_last=False)
+        if where.real in E2B_VOLUME_ROOTS:
+            raise BadRequest(f"{where.real} holds the sandbox's volume and cannot be removed",
+                             "invalid_argument")
         if where.stat is None:
             return {}  # already gone: envd answers the same
         async with self.spaces.audit.action("space.file.delete", sandbox, {
@@ -6734,13 +6840,13 @@ class E2b:
 
     async def _fs_move(self, sandbox: str, info: dict[str, Any], body: dict[str, Any],
                        actor: Actor) -> dict[str, Any]:
-        source = await self.files.resolve(info["Id"], self.rel_path(body.get("source")),
-                                          follow_last=False)
-        target = await self.files.resolve(info["Id"], self.rel_path(body.get("destination")))
+        source = await self._where(sandbox, info, body.get("source"), actor, follow_last=False)
+        target = await self._where(sandbox, info, body.get("destination"), actor)
         if source.stat is None:
             raise NotFound(f"{source.rel}: no such file or directory")
-        if source.rel == "/":
-            raise BadRequest("the workspace root cannot be moved", "invalid_argument")
+        if source.real in E2B_VOLUME_ROOTS:
+            raise BadRequest(f"{source.real} holds the sandbox's volume and cannot be moved",
+                             "invalid_argument")
         async with self.spaces.audit.action("space.file.move", sandbox, {
                 "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
             await self._run(info, ["mv", "-f", "--", source.real, target.real])
@@ -6759,7 +6865,7 @@ class E2b:
         recursive = body.get("recursive", False)
         if not isinstance(recursive, bool):
             raise BadRequest("recursive must be true or false", "invalid_argument")
-        where = await self.files.resolve(info["Id"], self.rel_path(body.get("path")))
+        where = await self._where(sandbox, info, body.get("path"), actor)
         if where.stat is None or mode_type(int(where.stat.get("mode", 0))) != "dir":
             raise NotFound(f"{where.rel} is not a directory")
         user = str((info.get("Config") or {}).get("User") or "")
@@ -6771,21 +6877,48 @@ class E2b:
         return {"watcherId": watcher.id}
 
     async def _start_watching(self, watcher: Watcher) -> None:
-        watcher.running = await self.execs.open_internal(
+        """A run of WATCH_SCRIPT, once it watches (so nothing done after this is missed)."""
+        running = await self.execs.open_internal(
             {"Id": watcher.container_id}, ExecRequest(argv=[
                 "sh", "-c", WATCH_SCRIPT, "sh", watcher.real, "1" if watcher.recursive else "0",
-                watcher.state_file(), str(WATCH_INTERVAL), str(WATCH_LIFETIME)], env={},
+                watcher.state_file(), str(WATCH_INTERVAL), str(WATCH_LIFETIME)],
+                env=self.files.env,
                 workdir="/", timeout=0), watcher.user)
+        output = ExecStdout(running.sock, 65536)
+        notes: list[bytes] = []
+
+        def ready() -> bool:
+            while len(notes) < 16 and (line := output.read_line(1024)) is not None:
+                if line == b"READY":
+                    return True
+                notes.append(line.removeprefix(b"NOTE\t"))
+            return False
+
+        try:
+            is_ready = await asyncio.wait_for(self.execs.engine.stream(ready), WATCH_READY)
+        except asyncio.TimeoutError:
+            is_ready = False
+        if not is_ready:
+            with contextlib.suppress(EngineError, ClawdError):
+                await self.execs.kill_exec(running.container_id, running.exec_id)
+            running.sock.close()
+            why = b"; ".join([*notes, bytes(output.stderr)]).decode(
+                "utf-8", "replace").strip()[-300:]
+            if "no GNU find" in why:
+                raise NotServed("watching a directory needs inotifywait (inotify-tools) "
+                                    "or GNU find in the sandbox's image")
+            raise Conflict(f"{watcher.real} could not be watched: {why or 'no answer'}",
+                           "watch_failed")
+        watcher.running, watcher.output = running, output
 
     async def _watch(self, watcher: Watcher) -> None:
         """Read a watcher's events as they come; start it again when a run ends while it is
         still wanted."""
         loop = asyncio.get_running_loop()
         try:
-            while watcher.running is not None:
-                output = ExecStdout(watcher.running.sock, 65536)
+            while watcher.running is not None and watcher.output is not None:
 
-                def read(out: ExecStdout = output) -> None:
+                def read(out: ExecStdout = watcher.output) -> None:
                     while (line := out.read_line(8192)) is not None:
                         kind, _, name = line.decode(errors="replace").partition("\t")
                         if kind.startswith("EVENT_TYPE_") and name:
@@ -6793,7 +6926,7 @@ class E2b:
                                                       {"type": kind, "name": name})
 
                 await self.execs.engine.stream(read)
-                ended = watcher.running
+                ended, watcher.running, watcher.output = watcher.running, None, None
                 with contextlib.suppress(EngineError, ClawdError):  # (a line too long, too)
                     await self.execs.kill_exec(ended.container_id, ended.exec_id)
                 ended.sock.close()
@@ -6856,9 +6989,13 @@ class E2b:
     async def upload(self, sandbox: str, path: Any, size: int | None, chunks: Iterator[bytes],
                      actor: Actor) -> dict[str, str]:
         """Write one uploaded file; its entry as envd's upload answers it."""
-        rel = self.rel_path(path)
-        await self.files.write(sandbox, rel, size, chunks, actor)
-        return {"name": rel.rpartition("/")[2], "type": "file", "path": WORKSPACE + rel}
+        where = await self.path(sandbox, path, actor)
+        await self.files.write(sandbox, where, size, chunks, actor)
+        return {"name": where.rpartition("/")[2], "type": "file", "path": where}
+
+    async def download(self, sandbox: str, path: Any, actor: Actor) -> FileStream:
+        return await self.files.open_stream(sandbox, await self.path(sandbox, path, actor),
+                                            None, actor)
 
 
 class E2bExists(Conflict):
@@ -8238,9 +8375,8 @@ async def envd_health(request: web.Request) -> web.Response:
 
 async def envd_download(request: web.Request) -> web.StreamResponse:
     sandbox = await envd_sandbox(request)
-    path = E2b.rel_path(request.query.get("path"))
-    return await send_file(request, await request.app[FILES_KEY].open_stream(
-        sandbox, path, None, actor(request)))
+    return await send_file(request, await request.app[E2B_KEY].download(
+        sandbox, request.query.get("path"), actor(request)))
 
 
 async def envd_upload(request: web.Request) -> web.Response:
@@ -8638,7 +8774,8 @@ def create_app(config: Config) -> web.Application:
                           audit)
     nodes = Nodes(config, engine)
     observer = Observer(spaces, execs)
-    e2b = E2b(config, spaces, execs, files, templates, nodes, observer)
+    e2b = E2b(config, spaces, execs, Files(spaces, execs, root="/"), templates, nodes,
+              observer)
     housekeeper = Housekeeper(config, spaces, files)
     terminals = Terminals(spaces, execs)
     surfaces = (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b))

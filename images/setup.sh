@@ -1,30 +1,49 @@
 #!/bin/sh
 # Clawdspace sandbox setup, shared by images/Dockerfile (CPU) and images/Dockerfile.gpu (CUDA):
-# packages, the `sandbox` user (uid/gid 1001) owning /workspace, and shell history capture.
+# packages, the `sandbox` user (uid/gid 1001) owning /workspace, E2B's `user` (uid/gid 1000,
+# home /home/user), sudo for both (inert unless a template allows it), and shell history capture.
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
 apt-get update
 apt-get install -y --no-install-recommends \
-    bash ca-certificates coreutils curl git less nano passwd procps python3 tini
+    bash ca-certificates coreutils curl git inotify-tools less nano passwd procps python3 \
+    sudo tini
 apt-get clean
 rm -rf /var/lib/apt/lists/*
 
-# User and group `sandbox`, uid/gid 1001. Whatever else a base image put on 1001 is removed
-# first; a `sandbox` user or group that already exists is moved to 1001.
-other_user="$(getent passwd 1001 | cut -d: -f1)"
-if [ -n "$other_user" ] && [ "$other_user" != sandbox ]; then userdel "$other_user"; fi
-other_group="$(getent group 1001 | cut -d: -f1)"
-if [ -n "$other_group" ] && [ "$other_group" != sandbox ]; then groupdel "$other_group"; fi
-if getent group sandbox >/dev/null; then groupmod -g 1001 sandbox; else groupadd -g 1001 sandbox; fi
-if getent passwd sandbox >/dev/null; then
-    usermod -u 1001 -g 1001 -d /home/sandbox -s /bin/bash sandbox
-else
-    useradd -u 1001 -g 1001 -d /home/sandbox -m -s /bin/bash sandbox
-fi
-# Docker copies the image's /workspace ownership into a fresh named volume, so the user can
-# write there without helper containers.
-install -d -o 1001 -g 1001 -m 0755 /home/sandbox /workspace
+# account NAME ID: user and group NAME with uid/gid ID and home /home/NAME. Whatever else a base
+# image put on ID is removed first; a NAME user or group that already exists is moved to ID.
+account() {
+    other_user="$(getent passwd "$2" | cut -d: -f1)"
+    if [ -n "$other_user" ] && [ "$other_user" != "$1" ]; then userdel "$other_user"; fi
+    other_group="$(getent group "$2" | cut -d: -f1)"
+    if [ -n "$other_group" ] && [ "$other_group" != "$1" ]; then groupdel "$other_group"; fi
+    if getent group "$1" >/dev/null; then groupmod -g "$2" "$1"; else groupadd -g "$2" "$1"; fi
+    if getent passwd "$1" >/dev/null; then
+        usermod -u "$2" -g "$2" -d "/home/$1" -s /bin/bash "$1"
+    else
+        useradd -u "$2" -g "$2" -d "/home/$1" -m -s /bin/bash "$1"
+    fi
+    install -d -o "$2" -g "$2" -m 0755 "/home/$1"
+}
+
+# The space user: `sandbox`, 1001. Docker copies the image's /workspace ownership into a fresh
+# named volume, so the user can write there without helper containers.
+account sandbox 1001
+install -d -o 1001 -g 1001 -m 0755 /workspace
+
+# E2B's base template's user: `user`, 1000. An E2B sandbox runs as it with the volume mounted
+# on /home/user (first, so a fresh volume takes this directory's ownership and skeleton files)
+# and on /workspace.
+account user 1000
+
+# sudo without a password for both users. It works only in a space whose template sets
+# `security.sudo: true`: every other space runs with no-new-privileges, under which the kernel
+# ignores sudo's setuid bit and sudo refuses to run.
+printf '%s\n' 'sandbox ALL=(ALL:ALL) NOPASSWD: ALL' 'user ALL=(ALL:ALL) NOPASSWD: ALL' \
+    > /etc/sudoers.d/clawdspace
+chmod 0440 /etc/sudoers.d/clawdspace
 
 # Shell history: every interactive bash (login or not) appends each command to
 # /workspace/.bash_history as soon as it runs, with timestamps, keeping commands that start with
@@ -48,7 +67,8 @@ fi
 HISTORY
 chmod 0644 /etc/profile.d/clawdspace-history.sh
 hook='if [ -r /etc/profile.d/clawdspace-history.sh ]; then . /etc/profile.d/clawdspace-history.sh; fi'
-for rc in /etc/bash.bashrc /home/sandbox/.bashrc /root/.bashrc; do
+for rc in /etc/bash.bashrc /home/sandbox/.bashrc /home/user/.bashrc /root/.bashrc; do
     printf '\n%s\n' "$hook" >> "$rc"
 done
 chown 1001:1001 /home/sandbox/.bashrc
+chown 1000:1000 /home/user/.bashrc

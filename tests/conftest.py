@@ -485,14 +485,13 @@ NOPY_DOCKERFILE = (
 )
 
 
-@pytest.fixture(scope="session")
-def nopy_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
-    """A local image like the suite's (TEST_IMAGE) but without python3, bash and GNU find."""
+@contextlib.contextmanager
+def derived_image(docker_api: docker.APIClient, tag: str, dockerfile: str) -> Iterator[str]:
+    """An image built from ``dockerfile`` (on the suite's image), removed afterwards."""
     import io
 
-    tag = f"{prefix}nopy:latest"
     log: list[str] = []
-    for chunk in docker_api.build(fileobj=io.BytesIO(NOPY_DOCKERFILE.encode()), tag=tag,
+    for chunk in docker_api.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag,
                                   rm=True, forcerm=True, decode=True):
         if "error" in chunk:
             raise AssertionError(f"building {tag} failed: {chunk['error']}\n{''.join(log)}")
@@ -502,6 +501,13 @@ def nopy_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(docker.errors.APIError):
             docker_api.remove_image(tag, force=True)
+
+
+@pytest.fixture(scope="session")
+def nopy_image(docker_api: docker.APIClient, prefix: str) -> Iterator[str]:
+    """A local image like the suite's (TEST_IMAGE) but without python3, bash and GNU find."""
+    with derived_image(docker_api, f"{prefix}nopy:latest", NOPY_DOCKERFILE) as tag:
+        yield tag
 
 
 async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 30,

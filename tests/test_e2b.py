@@ -39,9 +39,11 @@ import pytest
 from conftest import (
     ROOT,
     SESSION_KEY,
+    TEST_IMAGE,
     Instances,
     Served,
     container_exists,
+    derived_image,
     http_json,
     in_container,
     port_free_on,
@@ -67,8 +69,9 @@ from e2b import (
 T = TypeVar("T")
 Opts = dict[str, Any]
 
-WORKSPACE = "/workspace"
-SANDBOX_UID = "1001"
+WORKSPACE = "/workspace"  # the same volume as the home, where /api sees it
+HOME = "/home/user"  # E2B's base template's home: its user is `user`, uid 1000
+USER_UID = "1000"
 PASSWD_MARK = "root:x:0:0"  # a line of the container's /etc/passwd: must never come back
 SANDBOX_ID_RE = re.compile(r"e2b-[0-9a-f]{16}")
 OLD_E2B = "2.50.0"  # the last release that creates with POST /sandboxes
@@ -112,6 +115,11 @@ def owner_uid(docker_api: docker.APIClient, container: str, path: str) -> str:
 def path_exists(docker_api: docker.APIClient, container: str, path: str) -> bool:
     code, _ = in_container(docker_api, container, f"test -e '{path}' || test -L '{path}'", "0")
     return code == 0
+
+
+def commands(docker_api: docker.APIClient, container: str) -> list[str]:
+    """The program name of every process in the container."""
+    return sh(docker_api, container, "ps -eo comm=", "0").split()
 
 
 def running_args(docker_api: docker.APIClient, container: str) -> list[str]:
@@ -198,8 +206,8 @@ class Sandboxes:
         self.opts = opts
         self.ids: list[tuple[str, Opts]] = []
 
-    def create(self, **kwargs: Any) -> Sandbox:
-        sbx: Sandbox = Sandbox.create("base", **{"timeout": 300, **kwargs}, **self.opts)
+    def create(self, template: str = "base", **kwargs: Any) -> Sandbox:
+        sbx: Sandbox = Sandbox.create(template, **{"timeout": 300, **kwargs}, **self.opts)
         self.adopt(sbx.sandbox_id)
         return sbx
 
@@ -290,9 +298,9 @@ def test_run_separates_stdout_stderr_and_sees_sandbox_env(shared: Shared,
     assert result.exit_code == 0
     assert result.error is None
     # The command ran in the container, as the image's user, in /workspace
-    assert file_bytes(docker_api, shared.container, f"{WORKSPACE}/{marker}") == \
+    assert file_bytes(docker_api, shared.container, f"{HOME}/{marker}") == \
         f"{marker}\n".encode()
-    assert owner_uid(docker_api, shared.container, f"{WORKSPACE}/{marker}") == SANDBOX_UID
+    assert owner_uid(docker_api, shared.container, f"{HOME}/{marker}") == USER_UID
 
 
 def test_failing_command_raises_with_its_exit_code(shared: Shared) -> None:
@@ -304,7 +312,7 @@ def test_failing_command_raises_with_its_exit_code(shared: Shared) -> None:
 
 
 def test_cwd_and_per_command_envs(shared: Shared, docker_api: docker.APIClient) -> None:
-    assert shared.sbx.commands.run("pwd").stdout == f"{WORKSPACE}\n"
+    assert shared.sbx.commands.run("pwd").stdout == f"{HOME}\n"
     assert shared.sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     name = f"cwd-{secrets.token_hex(4)}"
     shared.sbx.commands.run(f"touch {name}", cwd="/tmp")
@@ -472,7 +480,7 @@ def test_on_stdout_receives_chunks_before_the_command_ends(shared: Shared,
     """Order, not time: the command prints its first line, then waits for a file that only
     the on_stdout callback writes (through the engine) once that line has arrived; so the
     command cannot end before the first chunk reached the client."""
-    gate = f"{WORKSPACE}/.cst-stream-{secrets.token_hex(4)}"
+    gate = f"{HOME}/.cst-stream-{secrets.token_hex(4)}"
     arrivals: list[tuple[bool, str]] = []  # (the gate was open when the chunk came, chunk)
     errors: list[str] = []
     opened = threading.Event()
@@ -503,30 +511,30 @@ def test_files_write_and_read_text_bytes_and_file_objects(
         shared: Shared, docker_api: docker.APIClient) -> None:
     sbx, box = shared.sbx, shared.container
     tag = secrets.token_hex(4)
-    text_path = f"{WORKSPACE}/text-{tag}.txt"
+    text_path = f"{HOME}/text-{tag}.txt"
     info = sbx.files.write(text_path, "hello ✓\n")  # multipart
     assert info.path == text_path and info.name == f"text-{tag}.txt"
     assert sbx.files.read(text_path) == "hello ✓\n"
     assert file_bytes(docker_api, box, text_path) == "hello ✓\n".encode()
-    assert owner_uid(docker_api, box, text_path) == SANDBOX_UID
+    assert owner_uid(docker_api, box, text_path) == USER_UID
 
     raw = bytes(range(256)) + b"\xff\xfe\x80 not utf-8"
-    bin_path = f"{WORKSPACE}/nested-{tag}/bytes.bin"  # parents are made
+    bin_path = f"{HOME}/nested-{tag}/bytes.bin"  # parents are made
     sbx.files.write(bin_path, raw)
     assert bytes(sbx.files.read(bin_path, format="bytes")) == raw
     assert file_bytes(docker_api, box, bin_path) == raw
-    assert owner_uid(docker_api, box, bin_path) == SANDBOX_UID
-    assert owner_uid(docker_api, box, f"{WORKSPACE}/nested-{tag}") == SANDBOX_UID
+    assert owner_uid(docker_api, box, bin_path) == USER_UID
+    assert owner_uid(docker_api, box, f"{HOME}/nested-{tag}") == USER_UID
 
-    obj_path = f"{WORKSPACE}/object-{tag}.bin"
+    obj_path = f"{HOME}/object-{tag}.bin"
     sbx.files.write(obj_path, io.BytesIO(b"\x00\xff" * 1000))  # octet-stream
     assert bytes(sbx.files.read(obj_path, format="bytes")) == b"\x00\xff" * 1000
     assert file_bytes(docker_api, box, obj_path) == b"\x00\xff" * 1000
-    assert owner_uid(docker_api, box, obj_path) == SANDBOX_UID
+    assert owner_uid(docker_api, box, obj_path) == USER_UID
 
-    relative = f"relative-{tag}.txt"  # relative to the home, /workspace here
+    relative = f"relative-{tag}.txt"  # relative to the home
     sbx.files.write(relative, "rel")
-    assert file_bytes(docker_api, box, f"{WORKSPACE}/{relative}") == b"rel"
+    assert file_bytes(docker_api, box, f"{HOME}/{relative}") == b"rel"
 
     sbx.files.write(text_path, "replaced")  # an overwrite, not an append
     assert file_bytes(docker_api, box, text_path) == b"replaced"
@@ -544,32 +552,32 @@ def test_uploads_stream_chunked_and_gzip_bodies(shared: Shared, e2b_served: Serv
             yield payload[start:start + 65536]
 
     with open(__file__, "rb") as source:  # a real file object, as the SDK takes it
-        shared.sbx.files.write(f"{WORKSPACE}/object-{tag}.py", source)
-    assert file_bytes(docker_api, shared.container, f"{WORKSPACE}/object-{tag}.py") == \
+        shared.sbx.files.write(f"{HOME}/object-{tag}.py", source)
+    assert file_bytes(docker_api, shared.container, f"{HOME}/object-{tag}.py") == \
         Path(__file__).read_bytes()
     with httpx.Client(base_url=e2b_served.url, timeout=120, headers=envd) as client:
-        raw = client.post("/files", params={"path": f"{WORKSPACE}/chunked-{tag}.bin"},
+        raw = client.post("/files", params={"path": f"{HOME}/chunked-{tag}.bin"},
                           content=pieces(),
                           headers={"Content-Type": "application/octet-stream"})
         assert raw.status_code == 200, raw.text
         assert file_bytes(docker_api, shared.container,
-                          f"{WORKSPACE}/chunked-{tag}.bin") == payload
-        multipart = client.post("/files", params={"path": f"{WORKSPACE}/multi-{tag}.bin"},
+                          f"{HOME}/chunked-{tag}.bin") == payload
+        multipart = client.post("/files", params={"path": f"{HOME}/multi-{tag}.bin"},
                                 files={"file": ("x.bin", io.BytesIO(payload))})
         assert multipart.status_code == 200, multipart.text
         assert file_bytes(docker_api, shared.container,
-                          f"{WORKSPACE}/multi-{tag}.bin") == payload
+                          f"{HOME}/multi-{tag}.bin") == payload
         packed = gzip.compress(b"squeezed " * 10000)
-        zipped = client.post("/files", params={"path": f"{WORKSPACE}/gz-{tag}.txt"},
+        zipped = client.post("/files", params={"path": f"{HOME}/gz-{tag}.txt"},
                              content=packed, headers={"Content-Encoding": "gzip",
                                                       "Content-Type": "application/octet-stream"})
         assert zipped.status_code == 200, zipped.text
         assert file_bytes(docker_api, shared.container,
-                          f"{WORKSPACE}/gz-{tag}.txt") == b"squeezed " * 10000
+                          f"{HOME}/gz-{tag}.txt") == b"squeezed " * 10000
     # A chunked body cut off midway installs nothing and leaves no temporary file.
     host, _, port = e2b_served.url.removeprefix("http://").rpartition(":")
     with socket.create_connection((host, int(port))) as cut:
-        cut.sendall((f"POST /files?path={WORKSPACE}/cut-{tag}.bin HTTP/1.1\r\nHost: x\r\n"
+        cut.sendall((f"POST /files?path={HOME}/cut-{tag}.bin HTTP/1.1\r\nHost: x\r\n"
                      f"E2b-Sandbox-Id: {shared.sbx.sandbox_id}\r\nX-Access-Token: {token}\r\n"
                      "Content-Type: application/octet-stream\r\n"
                      "Transfer-Encoding: chunked\r\n\r\n10000\r\n").encode() + b"y" * 4096)
@@ -579,13 +587,13 @@ def test_uploads_stream_chunked_and_gzip_bodies(shared: Shared, e2b_served: Serv
     wait_for(lambda: sh(docker_api, shared.container,
                         f"ls -a {WORKSPACE} | grep -c clawdspace-upload || true").strip() == "0",
              30, "the cut upload's temporary file removed")
-    assert not path_exists(docker_api, shared.container, f"{WORKSPACE}/cut-{tag}.bin")
+    assert not path_exists(docker_api, shared.container, f"{HOME}/cut-{tag}.bin")
 
 
 def test_files_exists_list_make_dir_rename_remove(shared: Shared,
                                                   docker_api: docker.APIClient) -> None:
     sbx, box = shared.sbx, shared.container
-    root = f"{WORKSPACE}/tree-{secrets.token_hex(4)}"
+    root = f"{HOME}/tree-{secrets.token_hex(4)}"
     sh(docker_api, box, f"mkdir -p {root}/sub/deeper && printf abc > {root}/a.txt && "
                         f"printf x > {root}/sub/deep.txt")
     assert sbx.files.exists(f"{root}/a.txt") is True
@@ -604,7 +612,7 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
     assert sbx.files.make_dir(made) is True
     assert sbx.files.make_dir(made) is False  # already exists
     sh(docker_api, box, f"test -d {made}")
-    assert owner_uid(docker_api, box, made) == SANDBOX_UID
+    assert owner_uid(docker_api, box, made) == USER_UID
 
     moved = sbx.files.rename(f"{root}/a.txt", f"{root}/made/b.txt")
     assert moved.path == f"{root}/made/b.txt"
@@ -616,7 +624,7 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
     sh(docker_api, box, f"chmod 640 {root}/sub/deep.txt && ln -s deep.txt {root}/sub/ln")
     info = sbx.files.get_info(f"{root}/sub/deep.txt")
     assert (info.owner, info.group, info.mode, info.permissions) == (
-        "sandbox", "sandbox", 0o640, "-rw-r-----"), info
+        "user", "user", 0o640, "-rw-r-----"), info
     link = {e.name: e for e in sbx.files.list(f"{root}/sub")}["ln"]
     assert link.type == FileType.SYMLINK and link.symlink_target == "deep.txt", link
     deep = {e.path for e in sbx.files.list(root, depth=3)}
@@ -628,13 +636,13 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
     assert sbx.files.exists(f"{root}/sub") is False
     sbx.files.remove(f"{root}/sub")  # already gone: no error, as envd
     sh(docker_api, box, f"mkdir -p {root}/rel-cwd")
-    assert sbx.commands.run("pwd", cwd=root.removeprefix(f"{WORKSPACE}/") + "/rel-cwd"
+    assert sbx.commands.run("pwd", cwd=root.removeprefix(f"{HOME}/") + "/rel-cwd"
                             ).stdout == f"{root}/rel-cwd\n"
 
 
 def test_watch_dir_reports_creates_writes_removes_and_stops(
         shared: Shared, docker_api: docker.APIClient) -> None:
-    root = f"{WORKSPACE}/watched-{secrets.token_hex(4)}"
+    root = f"{HOME}/watched-{secrets.token_hex(4)}"
     sh(docker_api, shared.container, f"mkdir -p {root}/sub")
     flat = shared.sbx.files.watch_dir(root)
     deep = shared.sbx.files.watch_dir(root, recursive=True)
@@ -651,6 +659,13 @@ def test_watch_dir_reports_creates_writes_removes_and_stops(
     sh(docker_api, shared.container, f"echo more >> {root}/a.txt && rm {root}/sub/b.txt")
     wait_for(lambda: saw("flat", flat, ("WRITE", "a.txt")), 30, "the write")
     wait_for(lambda: saw("deep", deep, ("REMOVE", "sub/b.txt")), 30, "the nested remove")
+    # From inotify (the image has inotifywait): a rename is a rename, as envd reports it.
+    assert "inotifywait" in commands(docker_api, shared.container)
+    sh(docker_api, shared.container, f"mv {root}/a.txt {root}/renamed.txt && "
+                                     f"chmod 600 {root}/renamed.txt")
+    wait_for(lambda: saw("flat", flat, ("RENAME", "a.txt")), 30, "the rename")
+    wait_for(lambda: saw("flat", flat, ("CREATE", "renamed.txt")), 30, "the renamed name")
+    wait_for(lambda: saw("flat", flat, ("CHMOD", "renamed.txt")), 30, "the chmod")
     for handle in (flat, deep):
         handle.stop()
         with pytest.raises(SandboxException):
@@ -661,30 +676,134 @@ def test_watch_dir_reports_creates_writes_removes_and_stops(
         shared.sbx.files.watch_dir(f"{root}/no-such-dir")
 
 
-def test_files_missing_or_outside_workspace_are_refused(shared: Shared,
-                                                        docker_api: docker.APIClient) -> None:
-    sbx, box = shared.sbx, shared.container
-    with pytest.raises(FileNotFoundException):
-        sbx.files.read(f"{WORKSPACE}/no-such-{secrets.token_hex(4)}")
+NO_INOTIFY_DOCKERFILE = (
+    f"FROM {TEST_IMAGE}\n"
+    "USER root\n"
+    "RUN rm -f /usr/bin/inotifywait /usr/bin/inotifywatch\n"
+    "USER sandbox\n"
+)
 
-    link = f"{WORKSPACE}/link-{secrets.token_hex(4)}"
-    sh(docker_api, box, f"ln -s /etc/passwd {link}")  # planted by the sandbox user
-    for path in ("/etc/passwd", link, f"{WORKSPACE}/../etc/passwd", "../etc/passwd"):
+
+def test_watch_dir_polls_where_the_image_has_no_inotifywait(
+        sandboxes: Sandboxes, e2b_served: Served, docker_api: docker.APIClient,
+        prefix: str) -> None:
+    name = f"cst-poll-{secrets.token_hex(3)}"
+    with derived_image(docker_api, f"{prefix}noinotify:latest", NO_INOTIFY_DOCKERFILE) as image:
+        status, body = e2b_served.request("PUT", "/api/templates", {"yaml": (
+            f"name: {name}\nnetwork:\n  mode: none\nresources:\n  image: {image}\n")})
+        assert status in (200, 201), body
+        try:
+            sbx = sandboxes.create(template=name, timeout=120)
+            box = container_name(e2b_served, sbx.sandbox_id)
+            sh(docker_api, box, f"mkdir -p {HOME}/w")
+            handle = sbx.files.watch_dir(f"{HOME}/w")
+            seen: list[tuple[str, str]] = []
+
+            def saw(wanted: tuple[str, str]) -> bool:
+                seen.extend((e.type.name, e.name) for e in handle.get_new_events())
+                return wanted in seen
+
+            sh(docker_api, box, f"echo a > {HOME}/w/a.txt")
+            wait_for(lambda: saw(("CREATE", "a.txt")), 30, "the polled create")
+            assert "inotifywait" not in commands(docker_api, box)
+            sh(docker_api, box, f"mv {HOME}/w/a.txt {HOME}/w/b.txt")
+            wait_for(lambda: saw(("REMOVE", "a.txt")), 30, "the polled remove")
+            wait_for(lambda: saw(("CREATE", "b.txt")), 30, "the polled create of the new name")
+            handle.stop()
+            sbx.kill()
+        finally:
+            e2b_served.request("DELETE", f"/api/templates/{name}")
+
+
+def test_base_world_user_home_volume_and_no_sudo(shared: Shared, e2b_served: Served,
+                                                 docker_api: docker.APIClient) -> None:
+    """E2B's base template: the user is `user`, its home /home/user is the persistent volume
+    (the same one /api sees at /workspace), and sudo is refused unless a template allows it."""
+    sbx, box = shared.sbx, shared.container
+    assert sbx.commands.run("whoami; echo $HOME; pwd; id -u").stdout == \
+        f"user\n{HOME}\n{HOME}\n{USER_UID}\n"
+    tag = secrets.token_hex(4)
+    sbx.commands.run(f"echo 'print(6 * 7)' > ~/x-{tag}.py")
+    assert sbx.commands.run(f"python3 /home/user/x-{tag}.py").stdout == "42\n"
+    assert sbx.files.read(f"x-{tag}.py") == "print(6 * 7)\n"
+    status, body = e2b_served.request("GET",
+                                      f"/api/spaces/{sbx.sandbox_id}/file?path=/x-{tag}.py")
+    assert status == 200 and base64.b64decode(body["contentBase64"]) == b"print(6 * 7)\n"
+    mounts = {m["Destination"]: m["Name"]
+              for m in docker_api.inspect_container(box)["Mounts"]}
+    assert mounts[HOME] == mounts[WORKSPACE], mounts
+    assert owner_uid(docker_api, box, HOME) == USER_UID
+    assert sbx.files.exists(".bashrc")  # the image's skeleton came with the fresh volume
+    with pytest.raises(CommandExitException) as refused:
+        sbx.commands.run("sudo -n id -u")
+    assert "no new privileges" in refused.value.stderr
+    status, body = e2b_served.request("GET", f"/api/spaces/{sbx.sandbox_id}")
+    assert status == 200 and body["space"]["user"] == "user", body
+    assert body["space"]["sudo"] is False, body
+
+
+def test_files_reach_what_the_user_may_and_api_stays_in_workspace(
+        shared: Shared, e2b_served: Served, docker_api: docker.APIClient) -> None:
+    """envd's files go wherever the sandbox's user may (the container is the boundary), as
+    that user; /api's files stay under /workspace."""
+    sbx, box = shared.sbx, shared.container
+    tag = secrets.token_hex(4)
+    with pytest.raises(FileNotFoundException):
+        sbx.files.read(f"{HOME}/no-such-{tag}")
+    assert PASSWD_MARK in sbx.files.read("/etc/passwd")
+    assert PASSWD_MARK in sbx.files.read("../../etc/passwd")  # relative to the home
+    assert sbx.files.get_info("/etc/passwd").owner == "root"
+    assert "passwd" in {e.name for e in sbx.files.list("/etc")}
+    sbx.files.write(f"/tmp/outside-{tag}", "anywhere the user may")
+    assert owner_uid(docker_api, box, f"/tmp/outside-{tag}") == USER_UID
+    assert sbx.commands.run(f"cat /tmp/outside-{tag}").stdout == "anywhere the user may"
+
+    shadow_link = f"{HOME}/shadow-{tag}"
+    sh(docker_api, box, f"ln -s /etc/shadow {shadow_link}")  # planted by the sandbox user
+    for path in ("/etc/shadow", shadow_link):
         with pytest.raises(SandboxException) as caught:
             content = sbx.files.read(path)
             raise AssertionError(f"{path} was read: {content[:80]!r}")
-        assert PASSWD_MARK not in str(caught.value), (path, caught.value)
-
-    outside = f"/tmp/outside-{secrets.token_hex(4)}"
+        assert "root:" not in str(caught.value), (path, caught.value)
     with pytest.raises(SandboxException):
-        sbx.files.write(outside, "nope")
-    assert not path_exists(docker_api, box, outside)
-    with pytest.raises(SandboxException):
-        sbx.files.write(f"{link}", "overwrite through the link")
-    assert PASSWD_MARK in sh(docker_api, box, "cat /etc/passwd", "0")
+        sbx.files.write(f"/etc/planted-{tag}", "nope")  # root's directory
+    assert not path_exists(docker_api, box, f"/etc/planted-{tag}")
     with pytest.raises(SandboxException):
         sbx.files.remove("/etc/hostname")
     assert path_exists(docker_api, box, "/etc/hostname")
+    for volume_root in (HOME, WORKSPACE):  # the volume's mount points stay, and its files
+        with pytest.raises(SandboxException):
+            sbx.files.remove(volume_root)
+    assert path_exists(docker_api, box, f"{HOME}/.bashrc")
+    with pytest.raises(SandboxException):
+        sbx.files.make_dir(f"/root/made-{tag}")
+    assert not path_exists(docker_api, box, f"/root/made-{tag}")
+
+    passwd_link = f"{WORKSPACE}/passwd-{tag}"
+    sh(docker_api, box, f"ln -s /etc/passwd {passwd_link}")
+    for path in (f"/passwd-{tag}", "/../etc/passwd"):
+        status, body = e2b_served.request(
+            "GET", f"/api/spaces/{sbx.sandbox_id}/file?path={path}")
+        assert status == 403 and PASSWD_MARK not in json.dumps(body), (path, status, body)
+
+
+def test_sudo_works_where_a_template_allows_it(sandboxes: Sandboxes, e2b_served: Served,
+                                               docker_api: docker.APIClient) -> None:
+    name = f"cst-sudo-{secrets.token_hex(3)}"
+    status, body = e2b_served.request("PUT", "/api/templates", {"yaml": (
+        f"name: {name}\nnetwork:\n  mode: none\nsecurity:\n  sudo: true\n")})
+    assert status in (200, 201), body
+    try:
+        sbx = sandboxes.create(template=name, timeout=120)
+        assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
+        assert sbx.commands.run("whoami").stdout == "user\n"
+        host = docker_api.inspect_container(container_name(e2b_served, sbx.sandbox_id))
+        assert "no-new-privileges:true" not in (host["HostConfig"]["SecurityOpt"] or [])
+        status, body = e2b_served.request("GET", f"/api/spaces/{sbx.sandbox_id}")
+        assert status == 200 and body["space"]["sudo"] is True, body
+        sbx.kill()
+    finally:
+        e2b_served.request("DELETE", f"/api/templates/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +815,7 @@ def test_list_set_timeout_pause_connect(sandboxes: Sandboxes, opts: Opts, e2b_se
     case = f"lifecycle-{secrets.token_hex(4)}"
     sbx = sandboxes.create(timeout=120, metadata={"k": "v", "case": case})
     box = container_name(e2b_served, sbx.sandbox_id)
-    sbx.files.write(f"{WORKSPACE}/kept.txt", "kept")
+    sbx.files.write(f"{HOME}/kept.txt", "kept")
 
     assert sbx.sandbox_id in all_listed(opts)
     assert all_listed(opts, SandboxQuery(metadata={"case": case})) == [sbx.sandbox_id]
@@ -785,12 +904,12 @@ def test_envd_call_wakes_a_paused_sandbox(sandboxes: Sandboxes, e2b_served: Serv
                                           docker_api: docker.APIClient) -> None:
     sbx = sandboxes.create()
     box = container_name(e2b_served, sbx.sandbox_id)
-    sbx.files.write(f"{WORKSPACE}/wake.txt", "awake")
+    sbx.files.write(f"{HOME}/wake.txt", "awake")
     reply = httpx.post(f"{e2b_served.url}/sandboxes/{sbx.sandbox_id}/pause", json={},
                        headers={"X-API-Key": e2b_served.key}, timeout=60)
     assert reply.status_code == 204, reply.text
     assert docker_state(docker_api, box)["Paused"] is True
-    assert sbx.files.read(f"{WORKSPACE}/wake.txt") == "awake"
+    assert sbx.files.read(f"{HOME}/wake.txt") == "awake"
     assert docker_state(docker_api, box)["Paused"] is False
     assert sbx.get_info().state == SandboxState.RUNNING
 
@@ -799,7 +918,7 @@ def test_timeout_pauses_and_never_deletes(sandboxes: Sandboxes, opts: Opts, e2b_
                                           docker_api: docker.APIClient) -> None:
     sbx = sandboxes.create(timeout=2)
     box = container_name(e2b_served, sbx.sandbox_id)
-    sbx.files.write(f"{WORKSPACE}/survives.txt", "still here")
+    sbx.files.write(f"{HOME}/survives.txt", "still here")
     volume = docker_api.inspect_container(box)["Config"]["Labels"]["clawdspace.volume"]
     deadlines = json.loads((e2b_served.data_dir / "e2b-deadlines.json").read_text())
     assert sbx.sandbox_id in deadlines  # the deadline survives a restart
@@ -812,8 +931,8 @@ def test_timeout_pauses_and_never_deletes(sandboxes: Sandboxes, opts: Opts, e2b_
 
     again = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)
     assert docker_state(docker_api, box)["Paused"] is False
-    assert again.files.read(f"{WORKSPACE}/survives.txt") == "still here"
-    assert file_bytes(docker_api, box, f"{WORKSPACE}/survives.txt") == b"still here"
+    assert again.files.read(f"{HOME}/survives.txt") == "still here"
+    assert file_bytes(docker_api, box, f"{HOME}/survives.txt") == b"still here"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,14 +981,14 @@ def test_wrong_api_key_is_an_authentication_error(opts: Opts, shared: Shared,
 def test_envd_needs_the_sandbox_token(shared: Shared, sandboxes: Sandboxes, e2b_served: Served,
                                       docker_api: docker.APIClient) -> None:
     secret = f"secret-{secrets.token_hex(8)}"
-    shared.sbx.files.write(f"{WORKSPACE}/secret.txt", secret)
+    shared.sbx.files.write(f"{HOME}/secret.txt", secret)
     other = sandboxes.create()
     sandbox_id = shared.sbx.sandbox_id
     token = envd_token_of(e2b_served, sandbox_id)
     other_token = envd_token_of(e2b_served, other.sandbox_id)
     assert token and other_token and token != other_token
 
-    pwned = f"{WORKSPACE}/pwned-{secrets.token_hex(4)}"
+    pwned = f"{HOME}/pwned-{secrets.token_hex(4)}"
     start = envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", f"touch {pwned}"]}})
     stream = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"}
     with httpx.Client(base_url=e2b_served.url, timeout=60) as client:
@@ -878,23 +997,23 @@ def test_envd_needs_the_sandbox_token(shared: Shared, sandboxes: Sandboxes, e2b_
                              ("the API key as", {"X-Access-Token": e2b_served.key})):
             headers = {"E2b-Sandbox-Id": sandbox_id, **extra}
             replies = [
-                client.get("/files", params={"path": f"{WORKSPACE}/secret.txt"},
+                client.get("/files", params={"path": f"{HOME}/secret.txt"},
                            headers=headers),
-                client.post("/files", params={"path": f"{WORKSPACE}/planted.txt"},
+                client.post("/files", params={"path": f"{HOME}/planted.txt"},
                             content=b"x", headers={**headers,
                                                    "Content-Type": "application/octet-stream"}),
                 client.post("/process.Process/Start", content=start,
                             headers={**headers, **stream}),
                 client.post("/process.Process/List", json={}, headers=headers),
                 client.post("/filesystem.Filesystem/ListDir",
-                            json={"path": WORKSPACE, "depth": 1}, headers=headers),
+                            json={"path": HOME, "depth": 1}, headers=headers),
             ]
             for reply in replies:
                 assert reply.status_code == 401, (label, reply.request.url, reply.text)
                 assert reply.json()["code"] == "unauthenticated", reply.text
                 assert secret not in reply.text and "secret.txt" not in reply.text
         # the API key is no substitute for the token either
-        reply = client.get("/files", params={"path": f"{WORKSPACE}/secret.txt"},
+        reply = client.get("/files", params={"path": f"{HOME}/secret.txt"},
                            headers={"E2b-Sandbox-Id": sandbox_id,
                                     "X-API-Key": e2b_served.key,
                                     "Authorization": f"Bearer {e2b_served.key}"})
@@ -902,11 +1021,11 @@ def test_envd_needs_the_sandbox_token(shared: Shared, sandboxes: Sandboxes, e2b_
 
         health = client.get("/health", headers={"E2b-Sandbox-Id": sandbox_id})
         assert health.status_code == 204, health.text
-        good = client.get("/files", params={"path": f"{WORKSPACE}/secret.txt"},
+        good = client.get("/files", params={"path": f"{HOME}/secret.txt"},
                           headers={"E2b-Sandbox-Id": sandbox_id, "X-Access-Token": token})
         assert good.status_code == 200 and good.text == secret
     assert not path_exists(docker_api, shared.container, pwned)
-    assert not path_exists(docker_api, shared.container, f"{WORKSPACE}/planted.txt")
+    assert not path_exists(docker_api, shared.container, f"{HOME}/planted.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1006,16 +1125,16 @@ def test_raw_http_status_codes_and_shapes(sandboxes: Sandboxes, e2b_served: Serv
         ends = [m["event"]["end"] for flags, m in frames[:-1] if "end" in m.get("event", {})]
         assert ends and ends[-1]["exitCode"] == 4, frames
 
-        upload = client.post("/files", params={"path": f"{WORKSPACE}/raw.bin"},
+        upload = client.post("/files", params={"path": f"{HOME}/raw.bin"},
                              content=b"\x00raw\xff",
                              headers={**envd, "Content-Type": "application/octet-stream"})
         assert upload.status_code == 200, upload.text
         assert upload.json() == [{"name": "raw.bin", "type": "file",
-                                  "path": f"{WORKSPACE}/raw.bin"}]
-        assert file_bytes(docker_api, box, f"{WORKSPACE}/raw.bin") == b"\x00raw\xff"
+                                  "path": f"{HOME}/raw.bin"}]
+        assert file_bytes(docker_api, box, f"{HOME}/raw.bin") == b"\x00raw\xff"
 
         missing = client.post("/filesystem.Filesystem/Stat",
-                              json={"path": f"{WORKSPACE}/nothing-here"}, headers=envd)
+                              json={"path": f"{HOME}/nothing-here"}, headers=envd)
         assert missing.status_code == 404, missing.text
         assert missing.json()["code"] == "not_found"
 
@@ -1068,7 +1187,7 @@ def test_environment_variables_path(monkeypatch: pytest.MonkeyPatch, e2b_served:
     assert container_exists(docker_api, box)
     assert sbx.commands.run("echo env-path > via-env.txt; cat via-env.txt").stdout == \
         "env-path\n"
-    assert file_bytes(docker_api, box, f"{WORKSPACE}/via-env.txt") == b"env-path\n"
+    assert file_bytes(docker_api, box, f"{HOME}/via-env.txt") == b"env-path\n"
     assert sbx.kill() is True
     assert not container_exists(docker_api, box)
 
@@ -1138,8 +1257,8 @@ def test_older_sdk_uses_the_old_create_path(old_e2b_python: Path, e2b_served: Se
     labels = docker_api.inspect_container(box)["Config"]["Labels"]
     assert labels["clawdspace.e2b-template"] == "base"
     assert json.loads(labels["clawdspace.e2b-metadata"]) == {"sdk": "old"}
-    assert file_bytes(docker_api, box, f"{WORKSPACE}/old.txt") == b"from the old sdk"
-    assert owner_uid(docker_api, box, f"{WORKSPACE}/old.txt") == SANDBOX_UID
+    assert file_bytes(docker_api, box, f"{HOME}/old.txt") == b"from the old sdk"
+    assert owner_uid(docker_api, box, f"{HOME}/old.txt") == USER_UID
 
     killed = run_old_sdk(old_e2b_python, "kill", e2b_served.url, e2b_served.key, sandbox_id)
     assert (killed["first"], killed["second"]) == (True, False)
@@ -1188,12 +1307,12 @@ def test_other_nodes_sandbox_through_one_url(instances: Instances, prefix: str,
         assert sbx.get_info().metadata == {"node": "b"}
         result = sbx.commands.run("echo via-a | tee forwarded.txt; echo e >&2")
         assert (result.stdout, result.stderr, result.exit_code) == ("via-a\n", "e\n", 0)
-        assert file_bytes(docker_api, on_b, f"{WORKSPACE}/forwarded.txt") == b"via-a\n"
-        sbx.files.write(f"{WORKSPACE}/written-via-a.bin", b"\x00\x01forwarded\xff")
-        assert file_bytes(docker_api, on_b, f"{WORKSPACE}/written-via-a.bin") == \
+        assert file_bytes(docker_api, on_b, f"{HOME}/forwarded.txt") == b"via-a\n"
+        sbx.files.write(f"{HOME}/written-via-a.bin", b"\x00\x01forwarded\xff")
+        assert file_bytes(docker_api, on_b, f"{HOME}/written-via-a.bin") == \
             b"\x00\x01forwarded\xff"
-        assert sbx.files.read(f"{WORKSPACE}/forwarded.txt") == "via-a\n"
-        assert {e.name for e in sbx.files.list(WORKSPACE)} >= {"forwarded.txt",
+        assert sbx.files.read(f"{HOME}/forwarded.txt") == "via-a\n"
+        assert {e.name for e in sbx.files.list(HOME)} >= {"forwarded.txt",
                                                               "written-via-a.bin"}
         assert not container_exists(docker_api, f"{node_a.prefix}{created.sandbox_id}")
 

@@ -16,7 +16,7 @@ from clawdspace import ATTRIBUTES_BY_FIELD, SCHEMA_LABEL, decode_labels, encode_
 FULL: dict[str, Any] = {
     "image": "ghcr.io/example/sandbox:1.2", "memory": 512 << 20, "cpus": 1.5, "gpu": True,
     "gpus": ["GPU-a", "GPU-b"], "template": "default", "network": "none",
-    "writableRootfs": False, "idleTimeout": 300, "user": "sandbox",
+    "writableRootfs": False, "sudo": True, "idleTimeout": 300, "user": "sandbox",
     "created": "2024-05-01T12:00:00.000Z", "createdBy": "k-abc",
 }
 DEFAULTS = {a.field: a.default for a in clawdspace.SPACE_ATTRIBUTES}
@@ -36,7 +36,7 @@ def test_full_covers_every_attribute_and_labels_are_distinct() -> None:
 
 @pytest.mark.parametrize("changes", [
     {}, {"idleTimeout": None}, {"idleTimeout": 0}, {"createdBy": None}, {"gpus": []},
-    {"gpu": False, "writableRootfs": True, "cpus": 0.25, "memory": 0, "user": ""},
+    {"gpu": False, "writableRootfs": True, "sudo": False, "cpus": 0.25, "memory": 0, "user": ""},
     {"template": None},
 ])
 def test_round_trip(changes: dict[str, Any]) -> None:
@@ -57,7 +57,7 @@ def test_encode_always_writes_the_schema() -> None:
     ("cpus", "nan"), ("cpus", "inf"), ("cpus", "-inf"), ("cpus", "1e999"), ("cpus", "two"),
     ("idleTimeout", "-5"), ("idleTimeout", "²"), ("idleTimeout", "1.5"), ("idleTimeout", " 5"),
     ("idleTimeout", "٣"), ("memory", "-5"), ("memory", "٣"), ("cpus", "-2"),
-    ("writableRootfs", "maybe"), ("gpu", "yes"), ("gpu", "TRUE"),
+    ("writableRootfs", "maybe"), ("sudo", "yes"), ("gpu", "yes"), ("gpu", "TRUE"),
 ])
 def test_a_malformed_label_reads_as_its_default_and_is_reported(field: str, text: str) -> None:
     values, problems = decode_labels({**SCHEMA, label(field): text})

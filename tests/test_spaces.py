@@ -30,8 +30,8 @@ import clawdspace
 ALLOWED_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
                 "SETFCAP", "SETGID", "SETPCAP", "SETUID"}
 SPACE_FIELDS = {"name", "id", "status", "created", "createdBy", "started", "image", "memory",
-                "cpus", "gpu", "gpus", "template", "network", "writableRootfs", "idleTimeout",
-                "user", "lastActivity", "volume"}
+                "cpus", "gpu", "gpus", "template", "network", "writableRootfs", "sudo",
+                "idleTimeout", "user", "lastActivity", "volume"}
 
 
 def iso(value: str) -> dt.datetime:

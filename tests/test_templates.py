@@ -157,7 +157,7 @@ async def test_new_template_lifecycle(tpl: Api, dirs: tuple[Path, Path]) -> None
     template = reply.body["template"]
     assert template["network"] == {"mode": "internet", "allowCidrs": [], "blockCidrs": []}
     assert template["managed"] is False  # schema defaults
-    assert template["security"] == {"writableRootfs": True}
+    assert template["security"] == {"writableRootfs": True, "sudo": False}
     listed = {r["name"]: r for r in (await tpl.get("/api/templates")).body["templates"]}
     assert listed["team-a"] == {"name": "team-a", "description": "for team a", "source": "user"}
     assert (await tpl.delete("/api/templates/team-a")).status == 200
@@ -223,6 +223,7 @@ async def test_put_body_shape(tpl: Api) -> None:
     ("name: t1\nnetwork:\n  dns: [1.1.1.1]\n", "network.dns"),
     ("name: t1\nsecurity:\n  writableRootfs: perhaps\n", "security.writableRootfs"),
     ("name: t1\nsecurity:\n  privileged: true\n", "security.privileged"),
+    ("name: t1\nsecurity:\n  sudo: perhaps\n", "security.sudo"),
     ("name: t1\nidleTimeout: -5\n", "idleTimeout"),
     ("name: t1\nidleTimeout: soon\n", "idleTimeout"),
     ("name: t1\nworkspace:\n  defaultRepoDest: ../x\n", "workspace.defaultRepoDest"),
@@ -449,6 +450,8 @@ async def test_user_default_wins_and_a_request_may_tighten(
     ("readonly", {"writableRootfs": True}, "rootfs_loosening"),
     ("offline", {"network": "lan"}, "invalid_network"),
     ("default", {"writableRootfs": "yes"}, "invalid_writableRootfs"),
+    ("default", {"sudo": True}, "sudo_loosening"),
+    ("default", {"sudo": "yes"}, "invalid_sudo"),
 ])
 async def test_a_request_cannot_loosen_the_template(
         tpl: Api, docker_api: docker.APIClient, prefix: str, template: str,
@@ -459,6 +462,33 @@ async def test_a_request_cannot_loosen_the_template(
     assert reply.error_code() == code
     assert not container_exists(docker_api, f"{prefix}{name}")
     assert not volume_exists(docker_api, f"{prefix}vol-{name}")
+
+
+async def test_sudo_only_where_the_template_allows_it(
+        tpl: Api, space: SpaceMaker, docker_api: docker.APIClient, prefix: str) -> None:
+    name = unique_name("sudo")
+    reply = await put(tpl, f"name: {name}\nnetwork: {{mode: none}}\nsecurity: {{sudo: true}}\n")
+    assert reply.status in (200, 201), reply.body
+    made = await space(api=tpl, template=name)
+    assert made["sudo"] is True
+    info = container_of(docker_api, prefix, made["name"])
+    assert "no-new-privileges:true" not in (info["HostConfig"]["SecurityOpt"] or [])
+    assert "AUDIT_WRITE" in info["HostConfig"]["CapAdd"]
+    assert labels_of(info)["clawdspace.sudo"] == "true"
+    done = await tpl.exec(made["name"], "sudo -n id -u && id -un")
+    assert (done["exitCode"], done["stdout"]) == (0, "0\nsandbox\n"), done
+
+    tight = await space(api=tpl, template=name, sudo=False)  # a request may tighten it
+    assert tight["sudo"] is False
+    done = await tpl.exec(tight["name"], "sudo -n id -u")
+    assert done["exitCode"] != 0 and "no new privileges" in done["stderr"], done
+    plain = await space(api=tpl, network="none")  # the default template: no sudo
+    assert plain["sudo"] is False
+    done = await tpl.exec(plain["name"], "sudo -n id -u")
+    assert done["exitCode"] != 0 and "no new privileges" in done["stderr"], done
+    observed = await tpl.get(f"/api/spaces/{plain['name']}/observability")
+    assert observed.status == 200, observed.body
+    assert observed.body["observability"]["settings"]["sudo"] is False
 
 
 async def test_readonly_template(tpl: Api, space: SpaceMaker, docker_api: docker.APIClient,
