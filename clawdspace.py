@@ -111,10 +111,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import functools
 import hashlib
 import hmac
+import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -127,11 +130,13 @@ import signal
 import socket
 import struct
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypedDict, TypeVar, cast
+from typing import IO, Any, TypedDict, TypeVar, cast
 
 import aiohttp
 import docker
@@ -207,6 +212,12 @@ class TooManyProcesses(ClawdError):
     """A space already runs as many client processes as it may (429)."""
 
     status, code = 429, "too_many_processes"
+
+
+class PayloadTooLarge(ClawdError):
+    """A streamed body past its cap."""
+
+    status, code = 413, "too_large"
 
 
 class InsufficientStorage(ClawdError):
@@ -1091,6 +1102,7 @@ def reversed_lines(path: str, block: int = 65536) -> Iterator[bytes]:
 ###############################################################################
 
 DOCKER_API_VERSION = "1.41"  # Engine 20.10+; pinned so building the client never blocks
+BUILD_STALL = 600  # seconds an image build may go without a line of output
 
 
 class EngineError(Exception):
@@ -1136,6 +1148,21 @@ class ExecSocket:
             self.sock.close()
 
 
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """docker-py's exceptions as the service's: EngineNotFound, EngineError, Unavailable."""
+    try:
+        yield
+    except docker.errors.NotFound as err:
+        raise EngineNotFound(404, engine_message(err)) from err
+    except docker.errors.APIError as err:
+        raise EngineError(int(err.status_code or 500), engine_message(err)) from err
+    except (docker.errors.DockerException, requests.exceptions.RequestException,
+            ConnectionError) as err:
+        raise Unavailable(f"the Docker engine is not answering: {err}",
+                          "docker_unavailable") from err
+
+
 class Engine:
     """The one door to the Docker engine: a named method for each thing the service asks of
     it. Engine refusals arrive as EngineError (EngineNotFound for a missing object, which
@@ -1162,16 +1189,8 @@ class Engine:
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        try:
+        with engine_errors():
             return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
-        except docker.errors.NotFound as err:
-            raise EngineNotFound(404, engine_message(err)) from err
-        except docker.errors.APIError as err:
-            raise EngineError(int(err.status_code or 500), engine_message(err)) from err
-        except (docker.errors.DockerException, requests.exceptions.RequestException,
-                ConnectionError) as err:
-            raise Unavailable(f"the Docker engine is not answering: {err}",
-                              "docker_unavailable") from err
 
     async def _lookup(self, fn: Callable[..., T], *args: Any) -> T | None:
         try:
@@ -1256,6 +1275,28 @@ class Engine:
 
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
         await self.call(self.api.create_volume, name, labels=labels)
+
+    async def build_image(self, context: IO[bytes], tag: str, memory: int | None,
+                          nocache: bool, each: Callable[[dict[str, Any]], None]) -> None:
+        """Build an image from a tar context, with no network and nothing pulled; every
+        line of the engine's output goes to ``each`` (on the reading thread). A build whose
+        output stops for BUILD_STALL seconds is cut off (the engine cancels it)."""
+        limits = {"memory": memory, "memswap": memory} if memory else None
+
+        def run() -> None:
+            for chunk in self.api.build(
+                    fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True,
+                    pull=False, network_mode="none", nocache=nocache, decode=True,
+                    container_limits=limits, timeout=BUILD_STALL):
+                each(chunk)
+
+        with engine_errors():
+            await self.stream(run)
+
+    async def remove_image(self, ref: str) -> None:
+        """Remove an image (not forced: one a container uses stays, EngineError 409)."""
+        with contextlib.suppress(EngineNotFound):
+            await self.call(self.api.remove_image, ref)
 
     async def remove_volume(self, name: str) -> None:
         """Remove a volume; one that is already gone is no error (in use: EngineError 409)."""
@@ -6113,7 +6154,7 @@ class Nodes:
 
 
 ###############################################################################
-# E2B compatibility: sandboxes and their daemon ###############################
+# E2B compatibility: sandboxes, their daemon, template builds #################
 ###############################################################################
 
 # The daemon version sandboxes report: E2B's SDK enables features by the version it reads
@@ -7003,6 +7044,451 @@ class E2bExists(Conflict):
 
     code = "already_exists"
 
+# E2B template builds: what the SDK's Template.build sends, built on this node from what it
+# already has (a base image on the node, files the client uploads; nothing is pulled, and the
+# build's RUN steps have no network), then served as a Clawdspace template of the same name.
+E2B_BASE_IMAGE = "e2bdev/base"  # Template().from_base_image(): here, this node's sandbox image
+E2B_BUILD_LOGS = 10000  # log entries one build keeps (the oldest go)
+E2B_BUILD_PAGE = 100  # log entries one status call returns, as E2B's API
+E2B_BUILDS_KEPT = 100  # finished builds remembered
+E2B_BUILD_UPLOAD_MAX = 4 << 30  # bytes of one uploaded file archive
+E2B_BUILD_LINK_TTL = 3600  # seconds an upload link works
+E2B_FILES_HASH_RE = re.compile(r"[0-9a-f]{64}")
+E2B_BUILD_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+                               r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?")  # user[:group]
+# One COPY step, as root in the build: the uploaded archive (extracted by ADD into $1) holds
+# the matches of the step's pattern $2 (relative paths); each goes to $3 (a directory when
+# it ends with "/" or there is more than one match, as Docker's COPY), owned by $4, mode $5.
+E2B_COPY_SCRIPT = r"""
+set -e
+cd "$1"
+found=$(find . -path "./$2" -prune -print | sort)
+[ -n "$found" ] || { echo "COPY $2: nothing in the upload matches" >&2; exit 1; }
+count=$(printf '%s\n' "$found" | wc -l)
+case $3 in */) into=1 ;; *) [ "$count" -gt 1 ] && into=1 || into= ;; esac
+printf '%s\n' "$found" | while IFS= read -r match; do
+    if [ -d "$match" ]; then target=$3; mkdir -p -- "$target"; cp -a -- "$match/." "$target"
+    elif [ -n "$into" ]; then
+        target=${3%/}/${match##*/}; mkdir -p -- "${3%/}"; cp -a -- "$match" "$target"
+    else
+        target=$3; mkdir -p -- "$(dirname -- "$target")"; cp -a -- "$match" "$target"
+    fi
+    [ -z "$4" ] || chown -R -- "$4" "$target"
+    [ -z "$5" ] || chmod -R -- "$5" "$target"
+done
+rm -rf -- "$1"
+"""
+
+
+def dockerfile_quoted(value: str) -> str:
+    """A value for inside a Dockerfile's double quotes (variables still expand, as Docker's)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@dataclasses.dataclass
+class E2bBuild:
+    """One template build: its steps' progress and log, and how it ended."""
+
+    id: str
+    template: str
+    cpus: float | None
+    memory: int | None
+    status: str = "waiting"  # waiting, building, ready, error
+    logs: collections.deque[dict[str, str]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=E2B_BUILD_LOGS))
+    dropped: int = 0  # log entries that fell out of the front
+    reason: dict[str, str] | None = None
+    started: bool = False
+
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
+        if len(self.logs) == self.logs.maxlen:
+            self.dropped += 1
+        entry = {"timestamp": now_iso(), "level": level, "message": message[:4096]}
+        if step is not None:
+            entry["step"] = step
+        self.logs.append(entry)
+
+    def fail(self, message: str, step: str | None = None) -> None:
+        self.status = "error"
+        self.reason = {"message": message, **({"step": step} if step else {})}
+        self.log(message, "error", step)
+
+    def view(self, offset: int) -> dict[str, Any]:
+        """E2B's TemplateBuildInfo: up to E2B_BUILD_PAGE log entries from ``offset``."""
+        start = max(0, offset - self.dropped)
+        entries = list(itertools.islice(self.logs, start, start + E2B_BUILD_PAGE))
+        answer: dict[str, Any] = {
+            "templateID": self.template, "buildID": self.id, "status": self.status,
+            "logEntries": entries, "logs": [e["message"] for e in entries]}
+        if self.reason is not None:
+            answer["reason"] = {**self.reason, "logEntries": list(self.logs)[-20:]}
+        return answer
+
+
+class E2bBuilds:
+    """E2B's template build protocol over the engine's image builds: a build request names
+    the template, the client uploads the files its COPY steps need (to links signed with the
+    node's key), then starts the build with its steps; the image is built on this node (the
+    base must be here already; the build has no network), and the template that names it is
+    written as any Clawdspace template (resources from the request)."""
+
+    def __init__(self, config: Config, engine: Engine, templates: Templates,
+                 audit: AuditLog) -> None:
+        self.config = config
+        self.engine = engine
+        self.templates = templates
+        self.audit = audit
+        self.files_dir = os.path.join(config.data_dir, "e2b-build-files")
+        self.builds: dict[str, E2bBuild] = {}
+        self.lock = asyncio.Lock()  # one build at a time on a node
+        self.tasks = Tasks()
+
+    async def shutdown(self) -> None:
+        await self.tasks.close()
+
+    def _build(self, template: str, build_id: str) -> E2bBuild:
+        build = self.builds.get(build_id)
+        if build is None or build.template != template:
+            raise NotFound(f"build {build_id[:80]} of template {template[:80]} not found (a "
+                           "build is remembered until the service restarts)")
+        return build
+
+    # -- request, files, start ------------------------------------------------------------
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v3/templates: a build of the template ``name`` (``name:tag``; the tag is
+        kept in the answer only), with ``cpuCount`` and ``memoryMB`` for its sandboxes."""
+        given = body.get("name") or body.get("alias")
+        if not isinstance(given, str) or not given:
+            raise BadRequest("name is required", "invalid_argument")
+        name, _, tag = given.partition(":")
+        try:
+            name = check_template_name(name)
+        except BadRequest as err:
+            raise BadRequest(f"template name {name[:80]!r}: {err.message}",
+                             "invalid_argument") from None
+        cpus, memory_mb = body.get("cpuCount"), body.get("memoryMB")
+        for field, value, most in (("cpuCount", cpus, 1024), ("memoryMB", memory_mb, 1 << 24)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= most):
+                raise BadRequest(f"{field} must be a whole number from 1 to {most}",
+                                 "invalid_argument")
+        tags = body.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise BadRequest("tags must be a list of strings", "invalid_argument")
+        if memory_mb is not None and memory_mb < MIN_MEMORY_BYTES >> 20:
+            raise BadRequest(f"memoryMB must be at least {MIN_MEMORY_BYTES >> 20}",
+                             "invalid_argument")
+        digits = os.urandom(16).hex()  # a build id in E2B's form, a UUID
+        build = E2bBuild("-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20],
+                                   digits[20:])), name, float(cpus) if cpus else None,
+                         memory_mb << 20 if memory_mb else None)
+        self.builds[build.id] = build
+        finished = [b for b in self.builds.values() if b.status in ("ready", "error")]
+        for old in finished[:-E2B_BUILDS_KEPT]:
+            self.builds.pop(old.id, None)
+        return {"templateID": name, "buildID": build.id, "public": False, "names": [name],
+                "aliases": [name], "tags": [tag or "latest", *tags]}
+
+    def _file_path(self, files_hash: str) -> str:
+        if not E2B_FILES_HASH_RE.fullmatch(files_hash):
+            raise BadRequest("a files hash is 64 hex digits", "invalid_argument")
+        return os.path.join(self.files_dir, f"{files_hash}.tar")
+
+    def _link_mac(self, template: str, files_hash: str, expires: int) -> str:
+        secret = (self.config.api_key or "clawdspace-auth-disabled").encode(
+            "utf-8", "surrogateescape")
+        return hmac.new(secret, f"e2b-build-file:{template}:{files_hash}:{expires}".encode(),
+                        hashlib.sha256).hexdigest()
+
+    def file_link(self, template: str, files_hash: str, base_url: str) -> dict[str, Any]:
+        """GET /templates/{id}/files/{hash}: present already, or where to upload it."""
+        check_template_name(template)
+        if os.path.isfile(self._file_path(files_hash)):
+            return {"present": True}
+        expires = int(time.time()) + E2B_BUILD_LINK_TTL
+        query = urllib.parse.urlencode({"expires": expires, "signature": self._link_mac(
+            template, files_hash, expires)})
+        return {"present": False,
+                "url": f"{base_url}/templates/{template}/files/{files_hash}?{query}"}
+
+    def link_valid(self, template: str, files_hash: str, expires: str, signature: str) -> bool:
+        """Whether an upload link is one this node signed, and has not expired."""
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(signature.encode(), self._link_mac(
+            template, files_hash, int(expires)).encode())
+
+    async def store_file(self, template: str, files_hash: str, chunks: Iterator[bytes],
+                         actor: Actor) -> int:
+        """An uploaded file archive, written whole or not at all; its size."""
+        path = self._file_path(files_hash)
+
+        def store() -> int:
+            os.makedirs(self.files_dir, mode=0o700, exist_ok=True)
+            temp = os.path.join(self.files_dir, f".{files_hash}.tar{TEMP_INFIX}"
+                                f"{os.urandom(6).hex()}")  # swept at start if left
+            size = 0
+            try:
+                with open(temp, "xb") as out:
+                    for chunk in chunks:
+                        size += len(chunk)
+                        if size > E2B_BUILD_UPLOAD_MAX:
+                            raise PayloadTooLarge(f"a build's file archive is at most "
+                                                  f"{E2B_BUILD_UPLOAD_MAX >> 20} MiB")
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+            return size
+
+        async with self.audit.action("template.upload", meta={
+                "template": template, "filesHash": files_hash}, actor=actor):
+            try:
+                return await asyncio.get_running_loop().run_in_executor(None, store)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise InsufficientStorage("no space left for the build's files") from None
+                raise Unavailable(f"the build's files could not be stored: "
+                                  f"{err.strerror or err}", "disk_unavailable") from None
+
+
+    async def start(self, template: str, build_id: str, body: dict[str, Any],
+                    actor: Actor) -> None:
+        """POST /v2/templates/{id}/builds/{build}: check the steps and the base, then build
+        in the background (the client polls the status)."""
+        build = self._build(template, build_id)
+        if build.started:
+            raise Conflict(f"build {build_id} was started already", "build_started")
+        if body.get("fromImageRegistry"):
+            raise BadRequest("this node pulls nothing, so registry credentials cannot be used: "
+                             "docker pull (or load) the image on the node and build from it "
+                             "by name", "invalid_argument")
+        for field in ("startCmd", "readyCmd"):
+            if body.get(field):
+                raise BadRequest(f"{field} is not served by this node (a sandbox here starts "
+                                 "with nothing running): start it with commands.run("
+                                 "background=True) after create", "invalid_argument")
+        base, default_user, image_user = await self._base(body)
+        steps = body.get("steps") or []
+        if not isinstance(steps, list) or len(steps) > 1000:
+            raise BadRequest("steps must be a list of at most 1000", "invalid_argument")
+        dockerfile, files, step_of = self._dockerfile(base, default_user, image_user, steps)
+        await self.audit.record("template.build", meta={  # before anything is built
+            "template": template, "buildId": build_id, "base": base, "steps": len(steps)},
+            actor=actor)
+        build.started = True
+        self.tasks.spawn(f"e2b build {build_id}", functools.partial(
+            self._run, build, base, dockerfile, files, step_of, body.get("force") is True,
+            actor))
+
+    async def _base(self, body: dict[str, Any]) -> tuple[str, str, str]:
+        """(the image a build starts from, the user its steps run as by default, the image's
+        own user): a local image, E2B's base (this node's sandbox image), or the image of a
+        template."""
+        image, from_template = body.get("fromImage"), body.get("fromTemplate")
+        if from_template:
+            if not isinstance(from_template, str):
+                raise BadRequest("fromTemplate must be a template name", "invalid_argument")
+            image = (await self.templates.for_space(
+                "default" if from_template == "base" else from_template)).image \
+                or self.config.image
+        elif not isinstance(image, str) or not image:
+            raise BadRequest("fromImage or fromTemplate is required", "invalid_argument")
+        elif image.partition(":")[0] == E2B_BASE_IMAGE:
+            image = self.config.image
+        check_image_ref(image)
+        found = await self.engine.inspect_image(image)
+        if found is None:
+            raise BadRequest(f"image {image!r} is not on this node, and this node pulls "
+                             "nothing: docker pull (or load) it on the node first",
+                             "invalid_argument")
+        config = found.get("Config") or {}
+        ours = (config.get("Labels") or {}).get("org.opencontainers.image.title") == \
+            "clawdspace"
+        user = str(config.get("User") or "root")
+        return image, E2B_USER if ours else user, user
+
+    @staticmethod
+    def _dockerfile(base: str, default_user: str, image_user: str, steps: list[Any],
+                    ) -> tuple[str, list[str], list[str]]:
+        """The Dockerfile of a build's steps, the uploaded archives it needs, and which E2B
+        step each Dockerfile instruction belongs to (for the log and a failure's step)."""
+        lines = [f"FROM {base}"]
+        step_of = ["base"]
+        files: list[str] = []
+        user = default_user
+
+        def emit(line: str, step: int) -> None:
+            lines.append(line)
+            step_of.append(str(step))
+
+        for number, step in enumerate(steps, 1):
+            step = json_object(step, f"steps[{number - 1}]")
+            kind, args = step.get("type"), step.get("args") or []
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or any(
+                    "\n" in a or "\r" in a or "\x00" in a for a in args[1:] if kind != "RUN"):
+                raise BadRequest(f"step {number}: args must be strings on one line",
+                                 "invalid_argument")
+            if kind == "RUN" and args:
+                run_as = args[1] if len(args) > 1 and args[1] else user
+                if not E2B_BUILD_USER_RE.fullmatch(run_as):
+                    raise BadRequest(f"step {number}: {run_as[:64]!r} is not a user name",
+                                     "invalid_argument")
+                emit(f"USER {run_as}", number)
+                emit("RUN " + json.dumps(["/bin/sh", "-c", args[0]]), number)
+            elif kind == "COPY" and len(args) >= 2:
+                files_hash = step.get("filesHash")
+                if not isinstance(files_hash, str) or not E2B_FILES_HASH_RE.fullmatch(
+                        files_hash):
+                    raise BadRequest(f"step {number}: COPY needs its filesHash",
+                                     "invalid_argument")
+                owner, mode = (args + ["", ""])[2:4]
+                if owner and not E2B_BUILD_USER_RE.fullmatch(owner) or mode and not \
+                        re.fullmatch(r"[0-7]{3,4}", mode):
+                    raise BadRequest(f"step {number}: a COPY's user or mode is malformed",
+                                     "invalid_argument")
+                if not args[1].startswith("/"):
+                    args[1] = f"{E2B_HOME}/{args[1]}"  # relative: to the home, as E2B's
+                staging = f"/tmp/.e2b-build-{number}"  # noqa: S108 - inside the build
+                files.append(files_hash)
+                emit("USER root", number)
+                emit(f"ADD files/{files_hash}.tar {staging}/", number)
+                emit("RUN " + json.dumps(["/bin/sh", "-c", E2B_COPY_SCRIPT, "sh", staging,
+                                          args[0], args[1], owner, mode]), number)
+            elif kind == "ENV" and len(args) % 2 == 0 and args:
+                pairs = list(zip(args[::2], args[1::2], strict=True))
+                if not all(ENV_KEY_RE.fullmatch(k) for k, _ in pairs):
+                    raise BadRequest(f"step {number}: an ENV name is not a variable name",
+                                     "invalid_argument")
+                emit("ENV " + " ".join(f'{k}="{dockerfile_quoted(v)}"' for k, v in pairs),
+                     number)
+            elif kind == "WORKDIR" and len(args) == 1 and args[0].startswith("/"):
+                emit(f"WORKDIR {args[0]}", number)
+            elif kind == "USER" and len(args) == 1 and E2B_BUILD_USER_RE.fullmatch(args[0]):
+                user = args[0]
+            else:
+                raise BadRequest(f"step {number}: {str(kind)[:16]} with {len(args)} args is "
+                                 "not a step this node builds (RUN, COPY, ENV, WORKDIR, USER)",
+                                 "invalid_argument")
+        emit(f"USER {image_user}", len(steps))  # spaces of the template run as the image's
+        return "\n".join(lines) + "\n", files, step_of
+
+    def _context(self, dockerfile: str, files: list[str]) -> IO[bytes]:
+        """The build context, spooled to disk: the Dockerfile and the archives it adds."""
+        out = tempfile.TemporaryFile()  # noqa: SIM115 - the caller closes it
+        try:
+            with tarfile.open(fileobj=out, mode="w") as tar:
+                data = dockerfile.encode()
+                entry = tarfile.TarInfo("Dockerfile")
+                entry.size = len(data)
+                tar.addfile(entry, io.BytesIO(data))
+                for files_hash in sorted(set(files)):
+                    tar.add(self._file_path(files_hash), arcname=f"files/{files_hash}.tar")
+            out.seek(0)
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    async def _run(self, build: E2bBuild, base: str, dockerfile: str, files: list[str],
+                   step_of: list[str], nocache: bool, actor: Actor) -> None:
+        try:
+            await self._build_image(build, base, dockerfile, files, step_of, nocache, actor)
+        finally:
+            if build.status in ("waiting", "building"):  # an error of ours, or a shutdown
+                build.fail("the build stopped before its end (see the service's log)")
+            if build.status == "error":
+                with contextlib.suppress(ClawdError):
+                    await self.audit.record("template.build.failed", meta={
+                        "template": build.template, "buildId": build.id,
+                        "error": (build.reason or {}).get("message", "")[:500]}, actor=actor)
+
+    async def _build_image(self, build: E2bBuild, base: str, dockerfile: str,
+                           files: list[str], step_of: list[str], nocache: bool,
+                           actor: Actor) -> None:
+        """Build the image (one build at a time), then write the template that names it."""
+        loop = asyncio.get_running_loop()
+        tag = f"{self.config.prefix}e2b-{build.template}:{build.id[:12]}"
+        async with self.lock:
+            build.status = "building"
+            build.log(f"building {build.template} from {base} (no network, nothing pulled)")
+            missing = [h for h in files if not os.path.isfile(self._file_path(h))]
+            if missing:
+                build.fail(f"the files of a COPY step were not uploaded ({missing[0][:12]})")
+                return
+            context = await loop.run_in_executor(None, self._context, dockerfile, files)
+            step = ["base"]
+            failure: list[str] = []
+
+            def each(chunk: dict[str, Any]) -> None:
+                text = str(chunk.get("stream") or chunk.get("status") or "")
+                numbered = re.match(r"Step (\d+)/\d+ :", text)
+                if numbered and int(numbered.group(1)) <= len(step_of):
+                    step[0] = step_of[int(numbered.group(1)) - 1]
+                if chunk.get("error"):
+                    failure.append(str(chunk["error"]))
+                for line in text.splitlines():
+                    if line.strip():
+                        loop.call_soon_threadsafe(build.log, line, "info", step[0])
+
+            try:
+                await self.engine.build_image(context, tag, build.memory, nocache, each)
+            except (EngineError, ClawdError) as err:
+                failure.append(getattr(err, "message", str(err)))
+            finally:
+                context.close()
+            await asyncio.sleep(0)  # the log lines scheduled by the reader land first
+            if failure:
+                build.fail(f"step {step[0]} failed: {failure[-1].strip()}", step[0])
+                return
+            try:
+                await self._install(build, tag, actor)
+            except ClawdError as err:
+                build.fail(f"the template could not be written: {err.message}")
+                return
+            build.status = "ready"
+            build.log(f"built {tag}; Sandbox.create({build.template!r}) uses it")
+
+    async def _install(self, build: E2bBuild, image: str, actor: Actor) -> None:
+        """The template of a built image: the network posture of the node's default
+        template, the request's resources; the image it replaces goes if nothing uses it."""
+        try:
+            previous: Template | None = (await self.templates.get(build.template))[0]
+        except NotFound:
+            previous = None
+        default = await self.templates.for_space("default")
+        resources: dict[str, Any] = {"image": image}
+        if build.cpus:
+            resources["cpus"] = build.cpus
+        if build.memory:
+            resources["memory"] = build.memory
+        await self.templates.put(yaml.safe_dump({
+            "name": build.template,
+            "description": f"E2B template, built {now_iso()[:19]}Z"[:200],
+            "resources": resources,
+            "network": {"mode": default.network, "allowCidrs": list(default.allow_cidrs),
+                        "blockCidrs": list(default.block_cidrs)},
+        }, sort_keys=False), actor)
+        old = previous.image if previous is not None else None
+        if old and old != image and old.startswith(f"{self.config.prefix}e2b-{build.template}:"):
+            try:
+                await self.engine.remove_image(old)
+            except EngineError as err:  # in use by a sandbox: it stays until removed by hand
+                build.log(f"the previous image {old} stays: {err.message}", "warn")
+
+    def status(self, template: str, build_id: str, offset: int) -> dict[str, Any]:
+        return self._build(template, build_id).view(offset)
+
+    async def alias(self, name: str) -> dict[str, Any]:
+        """GET /templates/aliases/{alias}: a template of that name exists here."""
+        await self.templates.get(check_template_name(name))
+        return {"templateID": name, "public": False}
+
 
 ###############################################################################
 # HTTP: requests, errors, surfaces, forwarding ################################
@@ -7028,6 +7514,7 @@ TEMPLATES_KEY = web.AppKey("templates", Templates)
 FIREWALL_KEY = web.AppKey("firewall", Firewall)
 NODES_KEY = web.AppKey("nodes", Nodes)
 E2B_KEY = web.AppKey("e2b", E2b)
+BUILDS_KEY = web.AppKey("e2b_builds", E2bBuilds)
 GIT_KEY = web.AppKey("git", GitOps)
 OPENAPI_KEY = web.AppKey("openapi", dict)  # the document, built once per app
 ACTOR_KEY = web.RequestKey("actor", Actor)
@@ -7041,6 +7528,7 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 # headers a request happens to carry. A request no route matches (404, 405) needs the key.
 PUBLIC = "public"  # nothing (GET and HEAD only)
 NODE_KEY = "key"  # the node's API key
+BUILD_LINK = "build-link"  # an upload link E2bBuilds signed (its query), for that file only
 ENVD_TOKEN = "envd"  # noqa: S105 - a route kind; one E2B sandbox's daemon token, for that sandbox only
 
 
@@ -8310,9 +8798,44 @@ async def e2b_get(request: web.Request) -> web.Response:
 
 
 async def e2b_template_build(request: web.Request) -> web.Response:
-    raise NotServed("E2B template builds are not served by this node: build the image on the "
-                    "node (docker build) and name it in a Clawdspace template's "
-                    "resources.image, then create sandboxes from that template")
+    raise NotServed("this version of E2B's template build API is not served by this node: "
+                    "use the SDK's Template.build (e2b 2.x), or build the image on the node "
+                    "(docker build) and name it in a Clawdspace template's resources.image")
+
+
+async def e2b_build_request(request: web.Request) -> web.Response:
+    return json_response(request.app[BUILDS_KEY].request(await json_body(request)),
+                         status=202)
+
+
+async def e2b_build_file(request: web.Request) -> web.Response:
+    base = f"{request.scheme}://{request.host}"
+    return json_response(request.app[BUILDS_KEY].file_link(
+        request.match_info["template"], request.match_info["hash"], base), status=201)
+
+
+async def e2b_build_upload(request: web.Request) -> web.Response:
+    size = await request.app[BUILDS_KEY].store_file(
+        request.match_info["template"], request.match_info["hash"], body_chunks(request),
+        actor(request))
+    return json_response({"bytes": size}, status=201)
+
+
+async def e2b_build_start(request: web.Request) -> web.Response:
+    await request.app[BUILDS_KEY].start(request.match_info["template"],
+                                        request.match_info["build"], await json_body(request),
+                                        actor(request))
+    return web.Response(status=202)
+
+
+async def e2b_build_status(request: web.Request) -> web.Response:
+    offset = query_int(request, "logsOffset", 0, 0, 1 << 40)
+    return json_response(request.app[BUILDS_KEY].status(
+        request.match_info["template"], request.match_info["build"], offset))
+
+
+async def e2b_template_alias(request: web.Request) -> web.Response:
+    return json_response(await request.app[BUILDS_KEY].alias(request.match_info["alias"]))
 
 
 async def e2b_metrics(request: web.Request) -> web.Response:
@@ -8503,7 +9026,15 @@ E2B_REST_ROUTES: tuple[Route, ...] = (
     Route("GET", "/sandboxes/{id}/metrics", e2b_metrics),
     Route("POST", "/templates", e2b_template_build),
     Route("POST", "/v2/templates", e2b_template_build),
-    Route("POST", "/v3/templates", e2b_template_build),
+    Route("POST", "/v3/templates", e2b_build_request, node_local=True),
+    Route("GET", "/templates/aliases/{alias}", e2b_template_alias, node_local=True),
+    Route("GET", "/templates/{template}/files/{hash}", e2b_build_file, node_local=True),
+    Route("PUT", "/templates/{template}/files/{hash}", e2b_build_upload, BUILD_LINK,
+          node_local=True),
+    Route("POST", "/v2/templates/{template}/builds/{build}", e2b_build_start,
+          node_local=True),
+    Route("GET", "/templates/{template}/builds/{build}/status", e2b_build_status,
+          node_local=True),
     Route("POST", "/sandboxes/{id}/connect", e2b_connect),
     Route("POST", "/v2/sandboxes/{id}/connect", e2b_connect),
 )
@@ -8516,10 +9047,28 @@ ENVD_ROUTES: tuple[Route, ...] = (
 )
 
 
-def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b) -> tuple[Surface, Surface]:
-    """E2B's control plane (the node's key) and the sandboxes' daemon (their tokens)."""
+def build_link_credentials(builds: E2bBuilds) -> Credentials:
+    """An upload route takes the link E2bBuilds signed for that template and file."""
+
+    def link(request: web.Request) -> Actor:
+        if not builds.link_valid(request.match_info.get("template", ""),
+                                 request.match_info.get("hash", ""),
+                                 request.query.get("expires", ""),
+                                 request.query.get("signature", "")):
+            log.warning("auth: rejected build upload %s from %s", request.path, request.remote)
+            raise Unauthorized("Unauthorized (the upload link is wrong or has expired)")
+        return Actor(key_id=None, addr=request.remote)
+
+    return link
+
+
+def e2b_surfaces(config: Config, nodes: Nodes, e2b: E2b,
+                 builds: E2bBuilds) -> tuple[Surface, Surface]:
+    """E2B's control plane (the node's key; uploads of build files their signed links) and
+    the sandboxes' daemon (their tokens)."""
     rest = Surface("e2b", E2B_REST_ROUTES, lambda _: e2b_rest_error,
-                   {NODE_KEY: key_credentials(config)[NODE_KEY]},
+                   {NODE_KEY: key_credentials(config)[NODE_KEY],
+                    BUILD_LINK: build_link_credentials(builds)},
                    forward_to_owner(nodes, e2b, lambda r: r.match_info.get("id")),
                    lambda r: r.path.startswith(E2B_REST_PATHS))
     envd = Surface("envd", ENVD_ROUTES, envd_error_shape, envd_credentials(config),
@@ -8776,9 +9325,10 @@ def create_app(config: Config) -> web.Application:
     observer = Observer(spaces, execs)
     e2b = E2b(config, spaces, execs, Files(spaces, execs, root="/"), templates, nodes,
               observer)
+    builds = E2bBuilds(config, engine, templates, audit)
     housekeeper = Housekeeper(config, spaces, files)
     terminals = Terminals(spaces, execs)
-    surfaces = (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b))
+    surfaces = (api_surface(config, nodes), *e2b_surfaces(config, nodes, e2b, builds))
     app = web.Application(
         middlewares=[unmatched_middleware(config, surfaces)],
         client_max_size=config.max_body_bytes,
@@ -8798,6 +9348,7 @@ def create_app(config: Config) -> web.Application:
     app[TEMPLATES_KEY] = templates
     app[NODES_KEY] = nodes
     app[E2B_KEY] = e2b
+    app[BUILDS_KEY] = builds
     app[GIT_KEY] = GitOps(config, spaces, execs, files)
     app[TERMINALS_KEY] = terminals
     app[OBSERVER_KEY] = observer
@@ -8809,7 +9360,7 @@ def create_app(config: Config) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         """Start the services in order at start; stop them in reverse at shutdown."""
         audit.open()
-        for directory in (config.data_dir, templates.user_dir):
+        for directory in (config.data_dir, templates.user_dir, builds.files_dir):
             if remove_temp_files(directory):
                 log.info("removed temporary files of interrupted writes in %s", directory)
         await spaces.startup()
@@ -8822,6 +9373,7 @@ def create_app(config: Config) -> web.Application:
         yield
         await housekeeper.shutdown()
         await execs.shutdown()
+        await builds.shutdown()
         await e2b.shutdown()
         await nodes.shutdown()
         await spaces.shutdown()

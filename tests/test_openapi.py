@@ -54,6 +54,8 @@ async def test_document_lists_exactly_the_routes(client: Api) -> None:
         "/sandboxes", "/v2/sandboxes", "/sandboxes/{id}", "/sandboxes/{id}/timeout",
         "/sandboxes/{id}/pause", "/sandboxes/{id}/connect", "/v2/sandboxes/{id}/connect",
         "/sandboxes/{id}/metrics", "/templates", "/v2/templates", "/v3/templates",
+        "/templates/aliases/{alias}", "/templates/{template}/files/{hash}",
+        "/v2/templates/{template}/builds/{build}", "/templates/{template}/builds/{build}/status",
         "/health", "/files", "/process.Process/{method}", "/filesystem.Filesystem/{method}"}
     for path, item in document["paths"].items():
         for method in set(item) & METHODS:
