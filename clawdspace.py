@@ -7184,8 +7184,8 @@ class E2bBuilds:
                                    digits[20:])), name, float(cpus) if cpus else None,
                          memory_mb << 20 if memory_mb else None)
         self.builds[build.id] = build
-        finished = [b for b in self.builds.values() if b.status in ("ready", "error")]
-        for old in finished[:-E2B_BUILDS_KEPT]:
+        idle = [b for b in self.builds.values() if b.status != "building"]  # oldest first
+        for old in idle[:-E2B_BUILDS_KEPT]:
             self.builds.pop(old.id, None)
         return {"templateID": name, "buildID": build.id, "public": False, "names": [name],
                 "aliases": [name], "tags": [tag or "latest", *tags]}
@@ -7264,6 +7264,11 @@ class E2bBuilds:
         build = self._build(template, build_id)
         if build.started:
             raise Conflict(f"build {build_id} was started already", "build_started")
+        with contextlib.suppress(NotFound):
+            existing = (await self.templates.get(template))[0]
+            if not (existing.image or "").startswith(f"{self.config.prefix}e2b-{template}:"):
+                raise Conflict(f"template {template!r} exists and was not made by "
+                               "Template.build; build under another name", "template_exists")
         if body.get("fromImageRegistry"):
             raise BadRequest("this node pulls nothing, so registry credentials cannot be used: "
                              "docker pull (or load) the image on the node and build from it "
@@ -7330,8 +7335,9 @@ class E2bBuilds:
         for number, step in enumerate(steps, 1):
             step = json_object(step, f"steps[{number - 1}]")
             kind, args = step.get("type"), step.get("args") or []
+            one_line = args[1:] if kind == "RUN" else args  # a RUN's command is JSON-quoted
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or any(
-                    "\n" in a or "\r" in a or "\x00" in a for a in args[1:] if kind != "RUN"):
+                    "\n" in a or "\r" in a or "\x00" in a for a in one_line):
                 raise BadRequest(f"step {number}: args must be strings on one line",
                                  "invalid_argument")
             if kind == "RUN" and args:
@@ -7421,6 +7427,9 @@ class E2bBuilds:
             if missing:
                 build.fail(f"the files of a COPY step were not uploaded ({missing[0][:12]})")
                 return
+            # Held to the memory its sandboxes get (or a default sandbox's).
+            limit = build.memory or (await self.templates.for_space("default")).memory \
+                or 2 << 30
             context = await loop.run_in_executor(None, self._context, dockerfile, files)
             step = ["base"]
             failure: list[str] = []
@@ -7437,7 +7446,7 @@ class E2bBuilds:
                         loop.call_soon_threadsafe(build.log, line, "info", step[0])
 
             try:
-                await self.engine.build_image(context, tag, build.memory, nocache, each)
+                await self.engine.build_image(context, tag, limit, nocache, each)
             except (EngineError, ClawdError) as err:
                 failure.append(getattr(err, "message", str(err)))
             finally:
@@ -9359,26 +9368,29 @@ def create_app(config: Config) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         """Start the services in order at start; stop them in reverse at shutdown."""
-        audit.open()
-        for directory in (config.data_dir, templates.user_dir, builds.files_dir):
-            if remove_temp_files(directory):
-                log.info("removed temporary files of interrupted writes in %s", directory)
-        await spaces.startup()
-        await execs.startup()
-        if not await firewall.check():
-            log.warning("egress firewall inactive: %s", firewall.error)
-        await nodes.startup()
-        await e2b.startup()
-        await housekeeper.startup()
-        yield
-        await housekeeper.shutdown()
-        await execs.shutdown()
-        await builds.shutdown()
-        await e2b.shutdown()
-        await nodes.shutdown()
-        await spaces.shutdown()
-        audit.close()
-        await engine.close()
+        try:
+            audit.open()
+            for directory in (config.data_dir, templates.user_dir, builds.files_dir):
+                if remove_temp_files(directory):
+                    log.info("removed temporary files of interrupted writes in %s", directory)
+            await spaces.startup()
+            await execs.startup()
+            if not await firewall.check():
+                log.warning("egress firewall inactive: %s", firewall.error)
+            await nodes.startup()
+            await e2b.startup()
+            await housekeeper.startup()
+            yield
+        finally:  # also after a failed start; each step whatever the one before did, and
+            # the engine's sockets close last
+            for step in (housekeeper.shutdown, execs.shutdown, builds.shutdown, e2b.shutdown,
+                         nodes.shutdown, spaces.shutdown):
+                try:
+                    await step()
+                except Exception:  # noqa: BLE001 - the rest must still be shut down
+                    log.exception("shutdown: %s failed", getattr(step, "__qualname__", step))
+            audit.close()
+            await engine.close()
 
     async def end_terminals(app: web.Application) -> None:
         await execs.stop_following()

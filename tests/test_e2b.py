@@ -776,6 +776,20 @@ def test_template_build_failures_are_clear(e2b_served: Served, opts: Opts,
     status, body = e2b_served.request("POST", "/v3/templates", {"name": "Bad Name!"})
     assert status == 400 and set(body) == {"code", "message"}, body
 
+    with pytest.raises(BuildException) as taken:  # a template not made by a build stays
+        Template.build(Template().from_base_image().run_cmd("true"), "offline", **api)
+    assert "not made by Template.build" in str(taken.value)
+    status, body = e2b_served.request("POST", "/v3/templates", {"name": name})
+    assert status == 202, body
+    for step in ({"type": "WORKDIR", "args": ["/x\nRUN touch /pwned"]},
+                 {"type": "ENV", "args": ["A", "1\nRUN touch /pwned"]},
+                 {"type": "RUN", "args": ["true", "root\nRUN touch /pwned"]},
+                 {"type": "ADD", "args": ["http://example.com/x", "/x"]}):
+        status, reply = e2b_served.request(
+            "POST", f"/v2/templates/{name}/builds/{body['buildID']}",
+            {"fromImage": "e2bdev/base", "steps": [step]})
+        assert status == 400 and reply["code"] == 400, (step, reply)
+
 
 NO_INOTIFY_DOCKERFILE = (
     f"FROM {TEST_IMAGE}\n"
