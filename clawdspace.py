@@ -3117,9 +3117,8 @@ class Spaces:
                 if err.status == 409 and container_id is None:
                     raise Conflict("Space already exists", "space_exists") from None
                 if "unable to find user" in err.message:
-                    raise BadRequest(f"image {req.image!r} has no account {user!r} (E2B "
-                                     "sandboxes run as `user`: add it to the image with "
-                                     "`useradd -m -u 1000 user`)", "invalid_image") from None
+                    raise BadRequest(f"image {req.image!r} has no account {user!r}; add it to "
+                                     f"the image (useradd -m {user})", "invalid_image") from None
                 if gpu_ids and "device driver" in err.message:
                     raise Unavailable(f"Docker could not attach the GPU: {err.message}; "
                                       "install and configure the NVIDIA Container Toolkit",
@@ -5227,12 +5226,6 @@ class Files:
         self.root = root
         self.env = {"CLAWDSPACE_ROOT": root}  # the tree the file scripts hold to
 
-    def real_of(self, rel: str) -> str:
-        """Where a path of the tree (``/a/b``) is in the container."""
-        if self.root == "/":
-            return rel
-        return self.root if rel == "/" else self.root + rel
-
     def rel_of(self, real: str) -> str:
         return real if self.root == "/" else real[len(self.root):] or "/"
 
@@ -5254,7 +5247,8 @@ class Files:
         rel = workspace_rel(raw_path)
         components = [c for c in rel.split("/") if c]
         current = self.root
-        stat = await self.stat(container_id, self.root)
+        # The root's own stat only when it is what was asked (the loop stats the rest).
+        stat = None if components else await self.stat(container_id, self.root)
         for index, component in enumerate(components):
             last = index == len(components) - 1
             candidate = f"{current.rstrip('/')}/{component}"
@@ -5315,8 +5309,10 @@ class Files:
         result = await self.execs.run_internal(info, ExecRequest(
             argv=["sh", "-c", USER_LIST_SCRIPT, "sh", parent or "/", base], env=self.env,
             workdir=WORKSPACE, timeout=60), LIST_OUTPUT_LIMIT)
+        if result["exitCode"] != 0:  # gone meanwhile (404), or not the user's to see (403)
+            raise user_file_error(where.rel, result["exitCode"], result["stderr"])
         found = parse_listing(result["stdout"], where.rel.rpartition("/")[0])
-        if result["exitCode"] != 0 or not found:
+        if not found:
             return None
         if base == ".":
             found[0]["name"] = self.root.rpartition("/")[2] or "/"
@@ -6258,9 +6254,18 @@ def envd_token(config: Config, sandbox_id: str, container_id: str) -> str:
     sandbox also checks that the container it names is still the sandbox's, so a killed
     sandbox's token is worth nothing, even if a sandbox of the same id were made again."""
     incarnation = container_id[:12]
+    return f"{incarnation}.{node_mac(config, f'e2b-envd:{sandbox_id}:{incarnation}')}"
+
+
+def node_mac(config: Config, text: str) -> str:
+    """HMAC-SHA256 of ``text`` under the node's key (shared by the cluster), in hex."""
     secret = (config.api_key or "clawdspace-auth-disabled").encode("utf-8", "surrogateescape")
-    mac = hmac.new(secret, f"e2b-envd:{sandbox_id}:{incarnation}".encode(), hashlib.sha256)
-    return f"{incarnation}.{mac.hexdigest()}"
+    return hmac.new(secret, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
+def e2b_template(template_id: str) -> str:
+    """The Clawdspace template an E2B template id names (E2B's ``base``: ``default``)."""
+    return "default" if template_id == "base" else template_id
 
 
 def envd_token_incarnation(config: Config, sandbox_id: str, token: str) -> str | None:
@@ -6547,8 +6552,7 @@ class E2b:
         template_id = body.get("templateID") or "base"
         if not isinstance(template_id, str):
             raise BadRequest("templateID must be a string", "invalid_argument")
-        template = await self.templates.for_space("default" if template_id == "base"
-                                                  else template_id)
+        template = await self.templates.for_space(e2b_template(template_id))
         metadata = body.get("metadata") or {}
         env = body.get("envVars") or {}
         if not isinstance(metadata, dict) or not all(
@@ -6890,7 +6894,7 @@ class E2b:
                              "invalid_argument")
         async with self.spaces.audit.action("space.file.move", sandbox, {
                 "path": source.rel, "destination": target.rel, "source": "e2b"}, actor):
-            await self._run(info, ["mv", "-f", "--", source.real, target.real])
+            await self._run(info, ["mv", "-fT", "--", source.real, target.real])  # rename(2)
         return await self._entry(sandbox, target.rel, actor)
 
     # -- envd: directory watchers ---------------------------------------------------------
@@ -6939,10 +6943,11 @@ class E2b:
             is_ready = await asyncio.wait_for(self.execs.engine.stream(ready), WATCH_READY)
         except asyncio.TimeoutError:
             is_ready = False
+        except BaseException:  # cancelled: the run must not outlive the request
+            await asyncio.shield(self._end_run(running))
+            raise
         if not is_ready:
-            with contextlib.suppress(EngineError, ClawdError):
-                await self.execs.kill_exec(running.container_id, running.exec_id)
-            running.sock.close()
+            await self._end_run(running)
             why = b"; ".join([*notes, bytes(output.stderr)]).decode(
                 "utf-8", "replace").strip()[-300:]
             if "no GNU find" in why:
@@ -6968,9 +6973,9 @@ class E2b:
 
                 await self.execs.engine.stream(read)
                 ended, watcher.running, watcher.output = watcher.running, None, None
-                with contextlib.suppress(EngineError, ClawdError):  # (a line too long, too)
-                    await self.execs.kill_exec(ended.container_id, ended.exec_id)
-                ended.sock.close()
+                if ended is None:  # RemoveWatcher ended it
+                    break
+                await self._end_run(ended)  # (a line too long, too)
                 if watcher.closed or self.activity.clock() - watcher.polled > WATCH_IDLE:
                     break
                 await asyncio.sleep(WATCH_INTERVAL)
@@ -6983,14 +6988,26 @@ class E2b:
             await asyncio.shield(self._stop_watching(watcher))
 
     async def _stop_watching(self, watcher: Watcher) -> None:
+        """The watcher's end: its run ended, its polling state removed from the space."""
+        if watcher.closed and watcher.id not in self.watchers:
+            return
         watcher.closed = True
         self.watchers.pop(watcher.id, None)
         running, watcher.running = watcher.running, None
         if running is not None:
-            with contextlib.suppress(EngineError, ClawdError):
-                await self.execs.kill_exec(running.container_id, running.exec_id)
-            running.sock.shutdown(socket.SHUT_RDWR)
-            running.sock.close()
+            await self._end_run(running)
+        with contextlib.suppress(EngineError, ClawdError):
+            await self.execs.run_internal({"Id": watcher.container_id}, ExecRequest(
+                argv=["rm", "-f", "--", watcher.state_file(), f"{watcher.state_file()}.new"],
+                env={}, workdir="/", timeout=10), 4096, user=watcher.user)
+
+    async def _end_run(self, running: RunningExec) -> None:
+        """One run of WATCH_SCRIPT ended: its processes killed, its connection closed (its
+        reader, if any, then returns)."""
+        with contextlib.suppress(EngineError, ClawdError):
+            await self.execs.kill_exec(running.container_id, running.exec_id)
+        running.sock.shutdown(socket.SHUT_RDWR)
+        running.sock.close()
 
     def _watcher(self, sandbox: str, body: dict[str, Any]) -> Watcher:
         watcher = self.watchers.get(str(body.get("watcherId") or body.get("watcher_id")))
@@ -7053,6 +7070,7 @@ E2B_BUILD_PAGE = 100  # log entries one status call returns, as E2B's API
 E2B_BUILDS_KEPT = 100  # finished builds remembered
 E2B_BUILD_UPLOAD_MAX = 4 << 30  # bytes of one uploaded file archive
 E2B_BUILD_LINK_TTL = 3600  # seconds an upload link works
+E2B_BUILD_FILES_KEPT = 7 * 86400  # seconds an uploaded archive is kept after its last use
 E2B_FILES_HASH_RE = re.compile(r"[0-9a-f]{64}")
 E2B_BUILD_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
                                r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?")  # user[:group]
@@ -7184,7 +7202,8 @@ class E2bBuilds:
                                    digits[20:])), name, float(cpus) if cpus else None,
                          memory_mb << 20 if memory_mb else None)
         self.builds[build.id] = build
-        idle = [b for b in self.builds.values() if b.status != "building"]  # oldest first
+        idle = [b for b in self.builds.values()  # oldest first; none under way
+                if not b.started or b.status in ("ready", "error")]
         for old in idle[:-E2B_BUILDS_KEPT]:
             self.builds.pop(old.id, None)
         return {"templateID": name, "buildID": build.id, "public": False, "names": [name],
@@ -7196,15 +7215,13 @@ class E2bBuilds:
         return os.path.join(self.files_dir, f"{files_hash}.tar")
 
     def _link_mac(self, template: str, files_hash: str, expires: int) -> str:
-        secret = (self.config.api_key or "clawdspace-auth-disabled").encode(
-            "utf-8", "surrogateescape")
-        return hmac.new(secret, f"e2b-build-file:{template}:{files_hash}:{expires}".encode(),
-                        hashlib.sha256).hexdigest()
+        return node_mac(self.config, f"e2b-build-file:{template}:{files_hash}:{expires}")
 
     def file_link(self, template: str, files_hash: str, base_url: str) -> dict[str, Any]:
         """GET /templates/{id}/files/{hash}: present already, or where to upload it."""
         check_template_name(template)
-        if os.path.isfile(self._file_path(files_hash)):
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._file_path(files_hash))  # wanted: not pruned before its build
             return {"present": True}
         expires = int(time.time()) + E2B_BUILD_LINK_TTL
         query = urllib.parse.urlencode({"expires": expires, "signature": self._link_mac(
@@ -7264,11 +7281,27 @@ class E2bBuilds:
         build = self._build(template, build_id)
         if build.started:
             raise Conflict(f"build {build_id} was started already", "build_started")
-        with contextlib.suppress(NotFound):
-            existing = (await self.templates.get(template))[0]
-            if not (existing.image or "").startswith(f"{self.config.prefix}e2b-{template}:"):
-                raise Conflict(f"template {template!r} exists and was not made by "
-                               "Template.build; build under another name", "template_exists")
+        build.started = True  # before any await: a second start is refused meanwhile
+        try:
+            await self._start(build, body, actor)
+        except BaseException:
+            build.started = False
+            raise
+
+    def _prune_files(self) -> None:
+        """Remove the uploaded archives no build used for E2B_BUILD_FILES_KEPT seconds."""
+        horizon = time.time() - E2B_BUILD_FILES_KEPT
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.files_dir):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and \
+                            entry.stat().st_mtime < horizon:
+                        os.unlink(entry.path)
+
+    async def _start(self, build: E2bBuild, body: dict[str, Any], actor: Actor) -> None:
+        """Check a build's template name, base and steps, record it, and start it."""
+        await asyncio.get_running_loop().run_in_executor(None, self._prune_files)
+        await self._previous(build.template)  # early: the same check is made at the end
         if body.get("fromImageRegistry"):
             raise BadRequest("this node pulls nothing, so registry credentials cannot be used: "
                              "docker pull (or load) the image on the node and build from it "
@@ -7284,10 +7317,9 @@ class E2bBuilds:
             raise BadRequest("steps must be a list of at most 1000", "invalid_argument")
         dockerfile, files, step_of = self._dockerfile(base, default_user, image_user, steps)
         await self.audit.record("template.build", meta={  # before anything is built
-            "template": template, "buildId": build_id, "base": base, "steps": len(steps)},
-            actor=actor)
-        build.started = True
-        self.tasks.spawn(f"e2b build {build_id}", functools.partial(
+            "template": build.template, "buildId": build.id, "base": base,
+            "steps": len(steps)}, actor=actor)
+        self.tasks.spawn(f"e2b build {build.id}", functools.partial(
             self._run, build, base, dockerfile, files, step_of, body.get("force") is True,
             actor))
 
@@ -7300,7 +7332,7 @@ class E2bBuilds:
             if not isinstance(from_template, str):
                 raise BadRequest("fromTemplate must be a template name", "invalid_argument")
             image = (await self.templates.for_space(
-                "default" if from_template == "base" else from_template)).image \
+                e2b_template(from_template))).image \
                 or self.config.image
         elif not isinstance(image, str) or not image:
             raise BadRequest("fromImage or fromTemplate is required", "invalid_argument")
@@ -7373,7 +7405,8 @@ class E2bBuilds:
                                      "invalid_argument")
                 emit("ENV " + " ".join(f'{k}="{dockerfile_quoted(v)}"' for k, v in pairs),
                      number)
-            elif kind == "WORKDIR" and len(args) == 1 and args[0].startswith("/"):
+            elif kind == "WORKDIR" and len(args) == 1 and args[0].startswith("/") and \
+                    "\\" not in args[0]:  # a backslash would continue the line
                 emit(f"WORKDIR {args[0]}", number)
             elif kind == "USER" and len(args) == 1 and E2B_BUILD_USER_RE.fullmatch(args[0]):
                 user = args[0]
@@ -7395,6 +7428,7 @@ class E2bBuilds:
                 tar.addfile(entry, io.BytesIO(data))
                 for files_hash in sorted(set(files)):
                     tar.add(self._file_path(files_hash), arcname=f"files/{files_hash}.tar")
+                    os.utime(self._file_path(files_hash))  # used: kept a while longer
             out.seek(0)
         except BaseException:
             out.close()
@@ -7419,7 +7453,7 @@ class E2bBuilds:
                            actor: Actor) -> None:
         """Build the image (one build at a time), then write the template that names it."""
         loop = asyncio.get_running_loop()
-        tag = f"{self.config.prefix}e2b-{build.template}:{build.id[:12]}"
+        tag = f"{self.image_repo(build.template)}:{build.id[:12]}"
         async with self.lock:
             build.status = "building"
             build.log(f"building {build.template} from {base} (no network, nothing pulled)")
@@ -7427,9 +7461,9 @@ class E2bBuilds:
             if missing:
                 build.fail(f"the files of a COPY step were not uploaded ({missing[0][:12]})")
                 return
+            default = await self.templates.for_space("default")
             # Held to the memory its sandboxes get (or a default sandbox's).
-            limit = build.memory or (await self.templates.for_space("default")).memory \
-                or 2 << 30
+            limit = build.memory or default.memory or 2 << 30
             context = await loop.run_in_executor(None, self._context, dockerfile, files)
             step = ["base"]
             failure: list[str] = []
@@ -7456,21 +7490,33 @@ class E2bBuilds:
                 build.fail(f"step {step[0]} failed: {failure[-1].strip()}", step[0])
                 return
             try:
-                await self._install(build, tag, actor)
+                await self._install(build, tag, default, actor)
             except ClawdError as err:
                 build.fail(f"the template could not be written: {err.message}")
                 return
             build.status = "ready"
             build.log(f"built {tag}; Sandbox.create({build.template!r}) uses it")
 
-    async def _install(self, build: E2bBuild, image: str, actor: Actor) -> None:
+    def image_repo(self, template: str) -> str:
+        """The repository of a template's built images (tagged by build)."""
+        return f"{self.config.prefix}e2b-{template}"
+
+    async def _previous(self, template: str) -> Template | None:
+        """The template a build replaces; Conflict when one of that name was not built."""
+        try:
+            previous = (await self.templates.get(template))[0]
+        except NotFound:
+            return None
+        if not (previous.image or "").startswith(f"{self.image_repo(template)}:"):
+            raise Conflict(f"template {template!r} exists and was not made by "
+                           "Template.build; build under another name", "template_exists")
+        return previous
+
+    async def _install(self, build: E2bBuild, image: str, default: Template,
+                       actor: Actor) -> None:
         """The template of a built image: the network posture of the node's default
         template, the request's resources; the image it replaces goes if nothing uses it."""
-        try:
-            previous: Template | None = (await self.templates.get(build.template))[0]
-        except NotFound:
-            previous = None
-        default = await self.templates.for_space("default")
+        previous = await self._previous(build.template)  # a PUT meanwhile is kept
         resources: dict[str, Any] = {"image": image}
         if build.cpus:
             resources["cpus"] = build.cpus
@@ -7484,7 +7530,7 @@ class E2bBuilds:
                         "blockCidrs": list(default.block_cidrs)},
         }, sort_keys=False), actor)
         old = previous.image if previous is not None else None
-        if old and old != image and old.startswith(f"{self.config.prefix}e2b-{build.template}:"):
+        if old and old != image:
             try:
                 await self.engine.remove_image(old)
             except EngineError as err:  # in use by a sandbox: it stays until removed by hand
@@ -8260,11 +8306,18 @@ def origin_allowed(request: web.Request, allowed: frozenset[str],
         return True  # not a browser (curl, SDKs): the key is the guard
     if origin in allowed:
         return True
-    hosts = {request.host}
-    forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-    if forwarded and peer_in(request.remote, proxies):
-        hosts.add(forwarded)
+    hosts = {request.host, public_origin(request, proxies).partition("://")[2]}
     return any(origin in (f"http://{host}", f"https://{host}") for host in hosts)
+
+
+def public_origin(request: web.Request, proxies: tuple[str, ...]) -> str:
+    """``scheme://host`` as the client asked for it: a trusted proxy's X-Forwarded-Proto and
+    X-Forwarded-Host (believed from those peers only), else the request's own."""
+    scheme, host = request.scheme, request.host
+    if peer_in(request.remote, proxies):
+        host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or host
+        scheme = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or scheme
+    return f"{scheme}://{host}"
 
 
 def peer_in(address: str | None, networks: tuple[str, ...]) -> bool:
@@ -8818,7 +8871,7 @@ async def e2b_build_request(request: web.Request) -> web.Response:
 
 
 async def e2b_build_file(request: web.Request) -> web.Response:
-    base = f"{request.scheme}://{request.host}"
+    base = public_origin(request, request.app[CONFIG_KEY].trusted_proxies)
     return json_response(request.app[BUILDS_KEY].file_link(
         request.match_info["template"], request.match_info["hash"], base), status=201)
 

@@ -643,7 +643,7 @@ def test_files_exists_list_make_dir_rename_remove(shared: Shared,
 
 
 def test_watch_dir_reports_creates_writes_removes_and_stops(
-        shared: Shared, docker_api: docker.APIClient) -> None:
+        shared: Shared, e2b_served: Served, docker_api: docker.APIClient) -> None:
     root = f"{HOME}/watched-{secrets.token_hex(4)}"
     sh(docker_api, shared.container, f"mkdir -p {root}/sub")
     flat = shared.sbx.files.watch_dir(root)
@@ -674,6 +674,7 @@ def test_watch_dir_reports_creates_writes_removes_and_stops(
             handle.get_new_events()
     wait_for(lambda: "clawdspace-watch" not in " ".join(
         running_args(docker_api, shared.container)), 30, "the watchers gone from the space")
+    assert not re.search(r"watcher w-\S+ failed", e2b_served.log()), e2b_served.log()[-3000:]
     with pytest.raises(SandboxException):
         shared.sbx.files.watch_dir(f"{root}/no-such-dir")
 
@@ -762,17 +763,35 @@ def test_template_build_failures_are_clear(e2b_served: Served, opts: Opts,
     assert status == 201 and body["present"] is False, body
     link = urllib.parse.urlsplit(body["url"])
     forged = dict(urllib.parse.parse_qsl(link.query), signature="0" * 64)
-    for query, key in ((link.query, "wrong-key"), (urllib.parse.urlencode(forged), None)):
-        reply = httpx.put(f"{e2b_served.url}{link.path}?{query}", content=b"x",
-                          headers={"X-API-Key": key} if key else {})
-        assert reply.status_code == 401 if key is None else reply.status_code in (201, 401)
     reply = httpx.put(f"{e2b_served.url}{link.path}?{urllib.parse.urlencode(forged)}",
-                      content=b"x")
+                      content=b"x", headers={"X-API-Key": e2b_served.key})  # the key is no link
     assert reply.status_code == 401, reply.text
+    other = link.path.replace("0" * 64, "1" * 64)  # a link is for its one file
+    reply = httpx.put(f"{e2b_served.url}{other}?{link.query}", content=b"x")
+    assert reply.status_code == 401, reply.text
+    # An upload cut off midway stores nothing, not even a temporary file.
+    files_dir = e2b_served.data_dir / "e2b-build-files"
+
+    def stored() -> set[Path]:
+        return set(files_dir.iterdir()) if files_dir.is_dir() else set()
+
+    before = stored()
+    host, _, port = e2b_served.url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port))) as cut:
+        cut.sendall((f"PUT {link.path}?{link.query} HTTP/1.1\r\nHost: x\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n10000\r\n").encode() + b"y" * 4096)
+        wait_for(lambda: stored() != before, 30, "the upload under way")
+    wait_for(lambda: stored() == before, 30, "the cut upload's temporary file gone")
+    status, body = e2b_served.request("GET", f"/templates/{name}/files/{'0' * 64}")
+    assert body["present"] is False, body
     reply = httpx.put(f"{e2b_served.url}{link.path}?{link.query}", content=b"x")
     assert reply.status_code == 201, reply.text
     status, body = e2b_served.request("GET", f"/templates/{name}/files/{'0' * 64}")
     assert body == {"present": True}
+    stale = files_dir / f"{'0' * 64}.tar"
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)  # unused for 8 days: pruned by a build
+    Template.build(Template().from_base_image().run_cmd("true"), name, **api)
+    assert not stale.exists()
     status, body = e2b_served.request("POST", "/v3/templates", {"name": "Bad Name!"})
     assert status == 400 and set(body) == {"code", "message"}, body
 
@@ -825,6 +844,9 @@ def test_watch_dir_polls_where_the_image_has_no_inotifywait(
             wait_for(lambda: saw(("REMOVE", "a.txt")), 30, "the polled remove")
             wait_for(lambda: saw(("CREATE", "b.txt")), 30, "the polled create of the new name")
             handle.stop()
+            wait_for(lambda: sh(docker_api, box, "ls -A /tmp/.clawdspace-watch 2>/dev/null || "
+                                                 "true").strip() == "", 30,
+                     "the polling state removed")
             sbx.kill()
         finally:
             e2b_served.request("DELETE", f"/api/templates/{name}")

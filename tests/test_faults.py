@@ -12,6 +12,7 @@ import logging
 import secrets
 import subprocess
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,36 @@ async def test_template_put_on_a_full_disk_is_503(make_client: MakeClient,
     assert reply.status == 503, reply.body
     assert reply.error_code() == "disk_unavailable"
     assert list((tiny_disk / "templates").iterdir()) == []  # no temporary file left
+
+
+async def test_an_e2b_build_upload_on_a_full_disk_is_507_and_leaves_nothing(
+        make_client: MakeClient, tiny_disk: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "e2b-build-files").symlink_to(tiny_disk)  # the audit log is on a disk with room
+    api = await make_client(data_dir=str(data))
+    before = set(tiny_disk.iterdir())
+    link = await api.get(f"/templates/full/files/{'a' * 64}")
+    assert link.status == 201 and link.body["present"] is False, link.body
+    target = urllib.parse.urlsplit(link.body["url"])
+    reply = await api.call("PUT", f"{target.path}?{target.query}", key=None,
+                           data=b"x" * (1 << 20))
+    assert reply.status == 507, reply.body
+    assert set(tiny_disk.iterdir()) == before  # no temporary file left
+    again = await api.get(f"/templates/full/files/{'a' * 64}")
+    assert again.body["present"] is False
+
+
+async def test_an_e2b_upload_link_names_the_origin_a_trusted_proxy_was_asked_for(
+        make_client: MakeClient) -> None:
+    proxied = {"X-Forwarded-Host": "builds.example", "X-Forwarded-Proto": "https"}
+    behind = await make_client(trusted_proxies=("127.0.0.0/8", "::1/128"))
+    link = await behind.get(f"/templates/t1/files/{'b' * 64}", headers=proxied)
+    assert link.status == 201 and link.body["url"].startswith(
+        f"https://builds.example/templates/t1/files/{'b' * 64}?"), link.body
+    direct = await make_client()  # the same headers from a peer not trusted: ignored
+    link = await direct.get(f"/templates/t1/files/{'b' * 64}", headers=proxied)
+    assert link.status == 201 and link.body["url"].startswith("http://127.0.0.1:"), link.body
 
 
 async def test_interrupted_writes_are_swept_at_start(make_client: MakeClient,
